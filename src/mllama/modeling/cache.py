@@ -1,0 +1,77 @@
+"""Key/value cache: self-attention K/V that grow with the text, cross-attention K/V computed once per image set."""
+from __future__ import annotations
+
+import torch
+
+
+class MllamaCache:
+    """Per-layer caches, keyed by layer index.
+
+    Self-attention layers: k/v [B, kv_heads, length, head_dim]. With `max_length` (see `allocate`) the buffers are
+    preallocated and written in place; otherwise they grow by concatenation.
+    Cross-attention layers: k (after k_norm) / v [B, kv_heads, images*tiles*tokens, head_dim], stored once and
+    reused on every later step.
+    """
+
+    def __init__(self, max_length: int | None = None):
+        self.max_length = max_length
+        self.key: dict[int, torch.Tensor] = {}
+        self.value: dict[int, torch.Tensor] = {}
+        self.cross_key: dict[int, torch.Tensor] = {}
+        self.cross_value: dict[int, torch.Tensor] = {}
+        self.seq_length = 0
+
+    @classmethod
+    def allocate(cls, config, batch_size: int, max_length: int, device: torch.device | str,
+                 dtype: torch.dtype) -> "MllamaCache":
+        """A cache whose self-attention buffers hold `max_length` tokens, allocated up front."""
+        text = getattr(config, "text_config", config)
+        cache = cls(max_length)
+        shape = (batch_size, text.num_key_value_heads, max_length, text.head_dim)
+        cross = set(text.cross_attention_layers)
+        for i in range(text.num_hidden_layers):
+            if i not in cross:
+                cache.key[i] = torch.zeros(shape, device=device, dtype=dtype)
+                cache.value[i] = torch.zeros(shape, device=device, dtype=dtype)
+        return cache
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seq_length
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores this step's k/v after the cached ones; returns all k/v so far."""
+        start, end = self.seq_length, self.seq_length + k.shape[2]
+        if self.max_length is None:
+            if layer_idx in self.key:
+                k = torch.cat([self.key[layer_idx], k], dim=2)
+                v = torch.cat([self.value[layer_idx], v], dim=2)
+            self.key[layer_idx], self.value[layer_idx] = k, v
+            return k, v
+        if end > self.max_length:
+            raise ValueError(f"the cache holds {self.max_length} tokens; this step would need {end}")
+        self.key[layer_idx][:, :, start:end] = k
+        self.value[layer_idx][:, :, start:end] = v
+        return self.key[layer_idx][:, :, :end], self.value[layer_idx][:, :, :end]
+
+    def update_cross(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores vision k/v; images given on a later call are appended to the earlier ones (multi-turn)."""
+        if layer_idx in self.cross_key:
+            k = torch.cat([self.cross_key[layer_idx], k], dim=2)
+            v = torch.cat([self.cross_value[layer_idx], v], dim=2)
+        self.cross_key[layer_idx], self.cross_value[layer_idx] = k, v
+        return k, v
+
+    def has_cross(self, layer_idx: int) -> bool:
+        return layer_idx in self.cross_key
+
+    def cross_length(self) -> int:
+        return next(iter(self.cross_key.values())).shape[2] if self.cross_key else 0
+
+    def advance(self, num_tokens: int) -> None:
+        self.seq_length += num_tokens
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keeps the batch rows in `index` (in that order), e.g. to drop finished sequences."""
+        for store in (self.key, self.value, self.cross_key, self.cross_value):
+            for i in store:
+                store[i] = store[i].index_select(0, index.to(store[i].device))

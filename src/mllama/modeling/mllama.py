@@ -1,0 +1,229 @@
+"""The composite models (vision tower + projector + text decoder + lm_head) and loading/saving for all five."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MllamaConfig, MllamaTextConfig
+from .base import MllamaPreTrainedModel
+from .outputs import ModelOutput
+from .text import MllamaTextModel
+from .vision import MllamaVisionModel
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, image_token_id: int | None = None,
+                   num_items_in_batch: int | None = None) -> torch.Tensor:
+    """Next-token cross-entropy: position t predicts labels[t+1]; -100 is ignored.
+
+    Labels outside the lm_head's range (the <|image|> token is one: it has an input embedding but no output
+    row) are refused with a message rather than left to fail inside the kernel.
+    """
+    vocab = logits.shape[-1]
+    labels = labels.to(logits.device)
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        values = sorted(set(labels[bad].tolist()))[:5]
+        hint = (f"; {image_token_id} is the <|image|> token, which the model never predicts: set those labels "
+                f"to -100" if image_token_id in values else "")
+        raise ValueError(f"labels contain ids {values} outside 0..{vocab - 1} (or -100 to ignore){hint}")
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(logits.float().reshape(-1, vocab), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+    return loss / num_items_in_batch if num_items_in_batch is not None else loss
+
+
+def _keep_logits(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    if isinstance(logits_to_keep, int):
+        return hidden if logits_to_keep == 0 else hidden[:, -logits_to_keep:]
+    return hidden[:, logits_to_keep]
+
+
+class _EmbeddingsMixin:
+    """Input/output embedding access and resizing shared by the two models with an lm_head."""
+
+    def _text_config(self) -> MllamaTextConfig:
+        return getattr(self.config, "text_config", self.config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.lm_head.out_features
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new: nn.Linear) -> None:
+        self.lm_head = new
+
+    def _get_resized_embeddings(self, old: nn.Embedding, new_num_tokens: int, mean_resizing: bool = True) -> nn.Embedding:
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=old.padding_idx
+                           if old.padding_idx is not None and old.padding_idx < new_num_tokens else None,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        self._fill_resized(old.weight, new.weight, mean_resizing)
+        return new
+
+    def _get_resized_lm_head(self, old_lm_head: nn.Linear, new_num_tokens: int | None = None,
+                             transposed: bool = False, mean_resizing: bool = True) -> nn.Linear:
+        """A copy of `old_lm_head` with `new_num_tokens` output rows; new rows are the mean of the old ones
+        (transformers samples them around that mean with 1e-9 of the covariance) or random with
+        mean_resizing=False."""
+        if new_num_tokens is None:
+            return old_lm_head
+        new = nn.Linear(old_lm_head.in_features, new_num_tokens, bias=old_lm_head.bias is not None,
+                        device=old_lm_head.weight.device, dtype=old_lm_head.weight.dtype)
+        self._fill_resized(old_lm_head.weight, new.weight, mean_resizing)
+        if old_lm_head.bias is not None:
+            self._fill_resized(old_lm_head.bias[:, None], new.bias[:, None], mean_resizing)
+        return new
+
+    def _fill_resized(self, old: torch.Tensor, new: torch.Tensor, mean_resizing: bool) -> None:
+        keep = min(old.shape[0], new.shape[0])
+        with torch.no_grad():
+            new[:keep] = old[:keep]
+            if new.shape[0] > keep:
+                if mean_resizing:
+                    new[keep:] = old.float().mean(dim=0).to(new.dtype)
+                else:
+                    new[keep:] = torch.randn_like(new[keep:]) * self._text_config().initializer_range
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resizes the input embeddings and the (untied) lm_head to `new_num_tokens` rows."""
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None:
+            new_num_tokens = embeddings.num_embeddings
+        if pad_to_multiple_of:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        self.set_input_embeddings(self._get_resized_embeddings(embeddings, new_num_tokens, mean_resizing))
+        self.set_output_embeddings(self._get_resized_lm_head(self.lm_head, new_num_tokens,
+                                                             mean_resizing=mean_resizing))
+        self._text_config().vocab_size = new_num_tokens
+        return self.get_input_embeddings()
+
+
+class MllamaForCausalLM(_EmbeddingsMixin, MllamaPreTrainedModel):
+    """The text decoder with its lm_head; loads only the text weights of a full Mllama checkpoint."""
+
+    config_class = MllamaTextConfig
+
+    def __init__(self, config: MllamaTextConfig):
+        if isinstance(config, MllamaConfig):
+            config = config.text_config
+        super().__init__(config)
+        self.model = MllamaTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cross_attention_states=None,
+                cross_attention_mask=None, full_text_row_masked_out_mask=None, cache=None, inputs_embeds=None,
+                labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, past_key_values=None,
+                output_hidden_states: bool = False, num_items_in_batch=None, **unused) -> ModelOutput:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask,
+                         full_text_row_masked_out_mask=full_text_row_masked_out_mask,
+                         cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(_keep_logits(out.last_hidden_state, logits_to_keep)).float()
+        loss = causal_lm_loss(logits, labels, None, num_items_in_batch) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+
+
+class MllamaModel(MllamaPreTrainedModel):
+    """Vision tower, projector and text decoder; returns the decoder's last hidden state."""
+
+    config_class = MllamaConfig
+    published_layout = True
+
+    def __init__(self, config: MllamaConfig):
+        super().__init__(config)
+        self.vision_model = MllamaVisionModel(config.vision_config)
+        self.language_model = MllamaTextModel(config.text_config)
+        self.multi_modal_projector = nn.Linear(config.vision_config.vision_output_dim,
+                                               config.text_config.hidden_size, bias=True)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.embed_tokens = value
+
+    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                      aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        """Pixels [B, N, T, 3, H, W] -> projected vision tokens [B, N*T*1601, hidden], image-major."""
+        vision = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
+        projected = self.multi_modal_projector(vision)                       # [B, N, T, 1601, hidden]
+        return projected.reshape(projected.shape[0], -1, projected.shape[-1])
+
+    def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
+                attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
+                cache=None, inputs_embeds=None, use_cache=None, past_key_values=None,
+                output_hidden_states: bool = False, **unused) -> ModelOutput:
+        if pixel_values is not None and cross_attention_states is not None:
+            raise ValueError("pass pixel_values or cross_attention_states, not both")
+        if pixel_values is not None:
+            if pixel_values.dim() != 6:
+                raise ValueError(f"pixel_values must be [batch, images, tiles, 3, height, width], got shape "
+                                 f"{list(pixel_values.shape)}")
+            if aspect_ratio_ids is None or aspect_ratio_mask is None:
+                raise ValueError("pixel_values need aspect_ratio_ids and aspect_ratio_mask (the processor returns "
+                                 "all three)")
+            if cross_attention_mask is not None and cross_attention_mask.shape[2] != pixel_values.shape[1]:
+                raise ValueError(f"cross_attention_mask covers {cross_attention_mask.shape[2]} images per sample "
+                                 f"but pixel_values has {pixel_values.shape[1]}")
+            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   cross_attention_states=cross_attention_states,
+                                   cross_attention_mask=cross_attention_mask,
+                                   cache=cache if cache is not None else past_key_values,
+                                   inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   output_hidden_states=output_hidden_states)
+
+
+class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel):
+    """Images + text in, next-token logits out."""
+
+    config_class = MllamaConfig
+    published_layout = True
+
+    def __init__(self, config: MllamaConfig):
+        super().__init__(config)
+        self.model = MllamaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    @property
+    def vision_model(self) -> MllamaVisionModel:
+        return self.model.vision_model
+
+    @property
+    def language_model(self) -> MllamaTextModel:
+        return self.model.language_model
+
+    def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
+                attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
+                cache=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep: int | torch.Tensor = 0, past_key_values=None, output_hidden_states: bool = False,
+                num_items_in_batch=None, **unused) -> ModelOutput:
+        out = self.model(input_ids=input_ids, pixel_values=pixel_values, aspect_ratio_mask=aspect_ratio_mask,
+                         aspect_ratio_ids=aspect_ratio_ids, attention_mask=attention_mask,
+                         cross_attention_mask=cross_attention_mask, cross_attention_states=cross_attention_states,
+                         position_ids=position_ids, cache=cache if cache is not None else past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(_keep_logits(out.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, self.config.image_token_index, num_items_in_batch)
+        return ModelOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)

@@ -1,0 +1,318 @@
+"""The text decoder: Llama 3.1 self-attention layers with gated cross-attention layers inserted among them.
+
+Parameter names are the checkpoint's (`language_model.model.` prefix on the Hub).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MllamaTextConfig
+from .base import MllamaPreTrainedModel
+from .cache import MllamaCache
+from .outputs import ModelOutput
+
+
+class MllamaTextRMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the order Meta's and transformers' RMSNorm share.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: MllamaTextConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, with the llama3 (or linear) scaling of the config."""
+    params = config.rope_parameters
+    dim = config.head_dim
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv = 1.0 / (params["rope_theta"] ** exponent)
+    kind = params["rope_type"]
+    if kind == "linear":
+        inv = inv / params["factor"]
+    elif kind == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_ctx = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > old_ctx / low, inv / factor, torch.where(wavelen < old_ctx / high, inv, blended))
+    return inv
+
+
+class MllamaRotaryEmbedding(nn.Module):
+    def __init__(self, config: MllamaTextConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset_buffers(self, device: torch.device | str) -> None:
+        self.inv_freq = rope_inv_freq(self.config, device)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids.float()[..., None] * self.inv_freq           # [B, S, head_dim/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]                     # [B, 1, S, head_dim] fp32
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Half-split layout (the conversion to HF permuted q/k rows so); rotated in fp32 as Meta does.
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class MllamaTextMLP(nn.Module):
+    def __init__(self, config: MllamaTextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MllamaTextSelfAttention(nn.Module):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        dim = config.hidden_size
+        self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: MllamaCache | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MllamaTextCrossAttention(nn.Module):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.config = config
+        dim = config.hidden_size
+        self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+        self.q_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = MllamaTextRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def project_kv(self, cross_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vision tokens [B, K, dim] -> k (after k_norm), v, each [B, kv_heads, K, head_dim]."""
+        b, n, _ = cross_states.shape
+        k = self.k_norm(self.k_proj(cross_states).view(b, n, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(cross_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x: torch.Tensor, cross_states: torch.Tensor | None, mask: torch.Tensor | None,
+                row_mask: torch.Tensor | None, cache: MllamaCache | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        if cross_states is not None:
+            k, v = self.project_kv(cross_states)
+            if cache is not None:
+                k, v = cache.update_cross(self.layer_idx, k, v)
+        else:
+            k, v = cache.cross_key[self.layer_idx], cache.cross_value[self.layer_idx]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        if row_mask is not None and self.config.compat == "meta":
+            # Meta zeroes the attention output of rows that see no image; transformers does not (#39379).
+            out = out * row_mask
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MllamaSelfAttentionDecoderLayer(nn.Module):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MllamaTextSelfAttention(config, layer_idx)
+        self.mlp = MllamaTextMLP(config)
+        self.input_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: MllamaCache | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MllamaCrossAttentionDecoderLayer(nn.Module):
+    def __init__(self, config: MllamaTextConfig, layer_idx: int):
+        super().__init__()
+        self.cross_attn = MllamaTextCrossAttention(config, layer_idx)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.mlp = MllamaTextMLP(config)
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+        self.input_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cross_states: torch.Tensor | None, mask: torch.Tensor | None,
+                row_mask: torch.Tensor | None, cache: MllamaCache | None) -> torch.Tensor:
+        h = self.cross_attn(self.input_layernorm(x), cross_states, mask, row_mask, cache)
+        x = x + self.cross_attn_attn_gate.tanh() * h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if row_mask is not None:
+            h = row_mask[:, 0] * h
+        return x + self.cross_attn_mlp_gate.tanh() * h
+
+
+def prepare_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int,
+                                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile 0/1 mask [B, S, N, T] -> additive mask [B, 1, S, N*T*tokens] and row mask [B, 1, S, 1].
+
+    Rows that see no image get an all-zero additive row (a finite softmax) and row mask 0: their attention
+    output (Meta) and MLP output (both) are then zeroed by the caller.
+    """
+    b, s = mask.shape[:2]
+    visible = mask.bool().repeat_interleave(tokens_per_tile, dim=3).reshape(b, 1, s, -1)
+    row_mask = visible.any(dim=-1, keepdim=True)
+    additive = torch.zeros(visible.shape, dtype=dtype, device=mask.device)
+    additive.masked_fill_(~visible & row_mask, torch.finfo(dtype).min)
+    return additive, row_mask.to(dtype)
+
+
+def self_attention_mask(attention_mask: torch.Tensor | None, batch: int, query_len: int, past_len: int,
+                        dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """Additive causal + padding mask [B, 1, S, past+S], or None when nothing needs masking."""
+    total = past_len + query_len
+    if attention_mask is not None:
+        if attention_mask.shape[-1] < total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and the "
+                             f"input span {total}: pass a mask over past and new tokens")
+        keep = attention_mask[:, :total].to(device=device).bool()
+        if query_len == 1 and bool(keep.all()):
+            return None
+    elif query_len == 1:
+        return None
+    q_pos = torch.arange(past_len, total, device=device)
+    allowed = torch.arange(total, device=device)[None, :] <= q_pos[:, None]         # [S, total]
+    allowed = allowed[None].expand(batch, -1, -1)
+    if attention_mask is not None:
+        allowed = allowed & keep[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+class MllamaTextModel(MllamaPreTrainedModel):
+    config_class = MllamaTextConfig
+
+    def __init__(self, config: MllamaTextConfig):
+        super().__init__(config)
+        self.vocab_size = config.vocab_size
+        # 8 extra rows: Meta's learnable embeddings; row vocab_size is the <|image|> token.
+        num_embeddings = config.vocab_size + 8
+        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < num_embeddings else None
+        self.embed_tokens = nn.Embedding(num_embeddings, config.hidden_size, padding_idx=pad)
+        cross = set(config.cross_attention_layers)
+        self.layers = nn.ModuleList(
+            MllamaCrossAttentionDecoderLayer(config, i) if i in cross else MllamaSelfAttentionDecoderLayer(config, i)
+            for i in range(config.num_hidden_layers))
+        self.norm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MllamaRotaryEmbedding(config)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        rows = self.embed_tokens.num_embeddings
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= rows):
+            bad = input_ids[(input_ids < 0) | (input_ids >= rows)][:5].tolist()
+            raise ValueError(f"input_ids contain ids {bad} outside the embedding table: valid ids are 0..{rows - 1}")
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        full_text_row_masked_out_mask: torch.Tensor | None = None,
+        cache: MllamaCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        past_key_values: MllamaCache | None = None,
+        output_hidden_states: bool = False,
+        **unused,
+    ) -> ModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = MllamaCache()
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if inputs_embeds is None:
+            if past_len == 0:
+                self._check_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
+        x = inputs_embeds
+        b, s = x.shape[:2]
+        if position_ids is None:
+            position_ids = torch.arange(past_len, past_len + s, device=x.device)[None].expand(b, -1)
+        cos, sin = self.rotary_emb(position_ids.to(x.device))
+        self_mask = self_attention_mask(attention_mask, b, s, past_len, x.dtype, x.device)
+
+        cross_mask, row_mask = self._cross_masks(cross_attention_mask, full_text_row_masked_out_mask,
+                                                 cross_attention_states, cache, past_len, s, x.dtype)
+        hidden_states = [] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(x)
+            if isinstance(layer, MllamaCrossAttentionDecoderLayer):
+                if cross_attention_states is None and (cache is None or not cache.has_cross(i)):
+                    continue  # text only: no image anywhere, so the layer is the identity
+                x = layer(x, cross_attention_states, cross_mask, row_mask, cache)
+            else:
+                x = layer(x, cos, sin, self_mask, cache)
+        x = self.norm(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        if cache is not None:
+            cache.advance(s)
+        return ModelOutput(last_hidden_state=x, cache=cache if use_cache else None,
+                           hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+
+    def _cross_masks(self, mask, row_mask, cross_states, cache, past_len, s, dtype):
+        if mask is None or mask.is_floating_point():
+            return mask, row_mask  # already prepared (transformers' MllamaTextModel convention) or absent
+        if mask.shape[1] > s:  # a mask over the whole sequence: keep the rows of this step
+            mask = mask[:, past_len:past_len + s]
+        if mask.shape[1] != s:
+            raise ValueError(f"cross_attention_mask has {mask.shape[1]} rows for {s} new tokens")
+        if cross_states is not None:
+            kv_len = cross_states.shape[1] + (cache.cross_length() if cache is not None else 0)
+        elif cache is not None and cache.cross_length():
+            kv_len = cache.cross_length()
+        else:
+            return None, None  # no image anywhere: cross layers are skipped
+        images_tiles = mask.shape[2] * mask.shape[3]
+        if kv_len % images_tiles:
+            raise ValueError(f"cross_attention_mask covers {mask.shape[2]} images x {mask.shape[3]} tiles, which "
+                             f"does not divide the {kv_len} vision tokens given")
+        return prepare_cross_attention_mask(mask.to(cross_states.device if cross_states is not None
+                                                    else self.norm.weight.device), kv_len // images_tiles, dtype)

@@ -1,0 +1,210 @@
+"""The vision encoder: a ViT over up to 4 tiles of one image, attended jointly, with aspect-ratio embeddings.
+
+Parameter names are the checkpoint's (`vision_model.` prefix on the Hub).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MllamaVisionConfig
+from .base import MllamaPreTrainedModel
+from .outputs import ModelOutput
+
+
+class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
+    """One row per aspect-ratio id (row 0 = padding image) holding an embedding for each of the T tiles."""
+
+    def __init__(self, config: MllamaVisionConfig, is_gated: bool = True):
+        super().__init__()
+        self.max_num_tiles = config.max_num_tiles
+        self.hidden_size = config.hidden_size
+        self.is_gated = is_gated
+        self.embedding = nn.Embedding(config.max_aspect_ratio_id + 1, self.max_num_tiles * self.hidden_size)
+        if is_gated:
+            self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden_state: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        # hidden_state [B*N, T, tokens, D]; the tile's embedding is added to every token of that tile
+        emb = self.embedding(aspect_ratio_ids).reshape(-1, self.max_num_tiles, 1, self.hidden_size)
+        if self.is_gated:
+            emb = emb * self.gate.tanh()
+        return hidden_state + emb
+
+
+class MllamaPrecomputedPositionEmbedding(nn.Module):
+    """Per-token positional embedding, blended by a gate with a per-(aspect ratio, tile, token) embedding."""
+
+    def __init__(self, config: MllamaVisionConfig):
+        super().__init__()
+        self.max_num_tiles = config.max_num_tiles
+        self.num_patches = config.num_patches
+        self.hidden_size = config.hidden_size
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.embedding = nn.Parameter(torch.zeros(self.num_patches, self.hidden_size))
+        self.tile_embedding = nn.Embedding(config.max_aspect_ratio_id + 1,
+                                           self.max_num_tiles * self.num_patches * self.hidden_size)
+
+    def forward(self, hidden_state: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        # hidden_state [B*N, T, 1601, D]
+        gate = self.gate.tanh()
+        hidden_state = hidden_state + (1 - gate) * self.embedding
+        tile = self.tile_embedding(aspect_ratio_ids).reshape(-1, self.max_num_tiles, self.num_patches,
+                                                             self.hidden_size)
+        return hidden_state + gate * tile
+
+
+class MllamaVisionAttention(nn.Module):
+    def __init__(self, config: MllamaVisionConfig):
+        super().__init__()
+        self.num_heads = config.attention_heads
+        self.head_dim = config.head_dim
+        dim = config.hidden_size
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MllamaVisionMLP(nn.Module):
+    def __init__(self, config: MllamaVisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MllamaVisionEncoderLayer(nn.Module):
+    def __init__(self, config: MllamaVisionConfig, is_gated: bool = False):
+        super().__init__()
+        self.is_gated = is_gated
+        self.self_attn = MllamaVisionAttention(config)
+        self.mlp = MllamaVisionMLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        if is_gated:
+            self.gate_attn = nn.Parameter(torch.zeros(1))
+            self.gate_ffn = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), mask)
+        x = x + (self.gate_attn.tanh() * h if self.is_gated else h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.gate_ffn.tanh() * h if self.is_gated else h)
+
+
+class MllamaVisionEncoder(nn.Module):
+    def __init__(self, config: MllamaVisionConfig, num_layers: int, is_gated: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, is_gated) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: tuple[int, ...] = (),
+                keep_outputs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Runs all layers; also returns the states at the indices in `keep`: each listed layer's input
+        (Meta's rule, which the weights were trained with) or, with keep_outputs, its output (transformers)."""
+        kept = []
+        for i, layer in enumerate(self.layers):
+            if i in keep and not keep_outputs:
+                kept.append(x)
+            x = layer(x, mask)
+            if i in keep and keep_outputs:
+                kept.append(x)
+        return x, kept
+
+
+def vision_attention_mask(aspect_ratio_mask: torch.Tensor, num_tokens: int, num_pad: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B*N, 1, T*L, T*L] that blocks only (padding query, padding key) pairs.
+
+    Padding = the `num_pad` tokens appended to each tile, and every token of a tile beyond the image's tiles.
+    Real tokens attend to padding (Meta's encoder does; the weights were trained so), padding attends to real.
+    """
+    bn, tiles = aspect_ratio_mask.shape
+    valid = aspect_ratio_mask.bool()[:, :, None].expand(bn, tiles, num_tokens + num_pad).clone()
+    if num_pad:
+        valid[:, :, num_tokens:] = False
+    invalid = ~valid.reshape(bn, -1)
+    blocked = invalid[:, :, None] & invalid[:, None, :]
+    mask = torch.zeros(blocked.shape, dtype=dtype, device=aspect_ratio_mask.device)
+    return mask.masked_fill_(blocked, torch.finfo(dtype).min).unsqueeze(1)
+
+
+class MllamaVisionModel(MllamaPreTrainedModel):
+    config_class = MllamaVisionConfig
+
+    def __init__(self, config: MllamaVisionConfig):
+        super().__init__(config)
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.max_num_tiles = config.max_num_tiles
+        self.hidden_size = config.hidden_size
+        self.num_patches = config.num_patches
+        self.intermediate_layers_indices = tuple(config.intermediate_layers_indices)
+
+        self.patch_embedding = nn.Conv2d(config.num_channels, self.hidden_size, kernel_size=self.patch_size,
+                                         stride=self.patch_size, padding="valid", bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(self.hidden_size))
+        self.gated_positional_embedding = MllamaPrecomputedPositionEmbedding(config)
+        self.pre_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(config, is_gated=True)
+        self.post_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(config, is_gated=True)
+        self.layernorm_pre = nn.LayerNorm(self.hidden_size)
+        self.layernorm_post = nn.LayerNorm(self.hidden_size)
+        self.transformer = MllamaVisionEncoder(config, config.num_hidden_layers, is_gated=False)
+        self.global_transformer = MllamaVisionEncoder(config, config.num_global_layers, is_gated=True)
+
+    @property
+    def num_pad(self) -> int:
+        # Each tile's token count is padded up to a multiple of 8 (1601 -> 1608), as in Meta's encoder.
+        return (8 - self.num_patches % 8) % 8
+
+    def embed(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """Tiles -> [B*N, T, L, D] tokens after layernorm_pre, with the zero padding tokens appended."""
+        b, n, t, c, h, w = pixel_values.shape
+        if t != self.max_num_tiles:
+            raise ValueError(f"pixel_values has {t} tiles per image; this model expects max_num_tiles="
+                             f"{self.max_num_tiles}")
+        if h != self.image_size or w != self.image_size:
+            raise ValueError(f"pixel_values tiles are {h}x{w}; this model expects {self.image_size}x"
+                             f"{self.image_size}")
+        weight = self.patch_embedding.weight
+        x = self.patch_embedding(pixel_values.reshape(b * n * t, c, h, w).to(weight.device, weight.dtype))
+        x = x.flatten(2).transpose(1, 2)                                    # [B*N*T, P*P, D]
+        ids = aspect_ratio_ids.reshape(b * n, 1).to(weight.device)
+        x = self.pre_tile_positional_embedding(x.reshape(b * n, t, -1, self.hidden_size), ids)
+        cls = self.class_embedding.to(x.dtype).expand(b * n * t, 1, self.hidden_size)
+        x = torch.cat([cls, x.reshape(b * n * t, -1, self.hidden_size)], dim=1)   # [B*N*T, 1601, D]
+        x = self.gated_positional_embedding(x.reshape(b * n, t, self.num_patches, self.hidden_size), ids)
+        x = self.layernorm_pre(x)
+        return F.pad(x, (0, 0, 0, self.num_pad))                           # [B*N, T, 1608, D]
+
+    def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                aspect_ratio_mask: torch.Tensor, **unused) -> ModelOutput:
+        b, n, t = pixel_values.shape[:3]
+        x = self.embed(pixel_values, aspect_ratio_ids)
+        length = x.shape[2]
+        ids = aspect_ratio_ids.reshape(b * n, 1).to(x.device)
+        mask = vision_attention_mask(aspect_ratio_mask.reshape(b * n, t).to(x.device), self.num_patches,
+                                     self.num_pad, x.dtype)
+        x, kept = self.transformer(x.reshape(b * n, t * length, self.hidden_size), mask,
+                                   keep=self.intermediate_layers_indices,
+                                   keep_outputs=self.config.compat == "transformers")
+        x = self.layernorm_post(x)
+        x = self.post_tile_positional_embedding(x.reshape(b * n, t, length, self.hidden_size), ids)
+        x, _ = self.global_transformer(x.reshape(b * n, t * length, self.hidden_size), mask)
+        x = x.reshape(b * n, t, length, self.hidden_size)[:, :, :self.num_patches]
+        # Intermediate features are interleaved: feature index = channel * len(kept) + which layer.
+        inter = torch.stack(kept, dim=-1).reshape(b * n, t, length, -1)[:, :, :self.num_patches]
+        out = torch.cat([x, inter], dim=-1).reshape(b, n, t, self.num_patches, -1)   # [B, N, T, 1601, 7680]
+        return ModelOutput(last_hidden_state=out)
+

@@ -1,0 +1,286 @@
+"""Finding checkpoints (local folder or Hub), mapping their tensor names, streaming them in, and saving.
+
+Names: every key is first brought to one canonical form, the names of transformers 5's in-memory
+`MllamaForConditionalGeneration` (`model.vision_model.`, `model.language_model.`, `model.multi_modal_projector.`,
+`lm_head.`); each model class then says which canonical prefixes it holds and under which of its own names.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model")
+_TEXT_ROOTS = ("embed_tokens.", "layers.", "norm.", "rotary_emb.")
+_VISION_ROOTS = ("patch_embedding.", "class_embedding", "gated_positional_embedding.",
+                 "pre_tile_positional_embedding.", "post_tile_positional_embedding.", "layernorm_pre.",
+                 "layernorm_post.", "transformer.", "global_transformer.")
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be found, read or matched to the model; the message is one line for users."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Locating files
+
+
+def _hub_errors():
+    from huggingface_hub import errors
+
+    return errors
+
+
+def resolve_folder(name_or_path: str | os.PathLike, *, token: str | bool | None = None, revision: str | None = None,
+                   cache_dir: str | None = None, local_files_only: bool = False,
+                   allow_patterns: Iterable[str] = CHECKPOINT_FILES, **unused) -> Path:
+    """A local folder as is, or a Hub repo id downloaded (or found in the cache) as a snapshot folder."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a Hub repo id like "
+                              f"'meta-llama/Llama-3.2-11B-Vision-Instruct'")
+    from huggingface_hub import snapshot_download
+
+    errors = _hub_errors()
+    try:
+        folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                   local_files_only=local_files_only, allow_patterns=list(allow_patterns))
+    except errors.GatedRepoError:
+        raise CheckpointError(f"{name} is gated: accept its license on huggingface.co and set HF_TOKEN "
+                              f"(or run `huggingface-cli login`)") from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointError(f"{name} was not found on the Hub (or is private: set HF_TOKEN)") from None
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(f"revision {revision!r} of {name} does not exist") from None
+    except errors.LocalEntryNotFoundError:
+        raise CheckpointError(f"{name} is not in the local cache and the Hub cannot be reached "
+                              f"(offline or HF_HUB_OFFLINE=1): download it first or pass a local folder") from None
+    except (errors.HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"could not download {name}: {first}") from None
+    return Path(folder)
+
+
+def resolve_file(name_or_path: str | os.PathLike, filename: str, **kwargs) -> Path:
+    folder = resolve_folder(name_or_path, allow_patterns=(filename,), **kwargs) \
+        if not Path(name_or_path).expanduser().is_dir() else Path(name_or_path).expanduser()
+    path = folder / filename
+    if not path.is_file():
+        raise CheckpointError(f"{name_or_path} has no {filename}")
+    return path
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from its index when it is sharded."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder} lacks the shards {missing[:3]} listed in model.safetensors.index.json")
+        return [folder / f for f in files]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    raise CheckpointError(f"{folder} has no safetensors weights (model.safetensors or an index); "
+                          f"Meta's consolidated.pth checkpoints must be converted first")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Names
+
+
+def canonical_key(key: str) -> str:
+    """Any supported checkpoint name -> transformers 5 in-memory name of MllamaForConditionalGeneration."""
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("vision_model.", "model.vision_model."),
+                     ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    if key.startswith("language_model."):  # a saved MllamaModel
+        return "model." + key
+    if key.startswith("model.") and key[6:].startswith(_TEXT_ROOTS):  # a saved MllamaForCausalLM
+        return "model.language_model." + key[6:]
+    if key.startswith(_TEXT_ROOTS):  # a saved MllamaTextModel
+        return "model.language_model." + key
+    if key.startswith(_VISION_ROOTS):  # a saved MllamaVisionModel
+        return "model.vision_model." + key
+    return key
+
+
+def published_key(canonical: str) -> str:
+    """Canonical name -> the layout of the published Hub checkpoints."""
+    for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                     ("model.vision_model.", "vision_model."),
+                     ("model.multi_modal_projector.", "multi_modal_projector.")):
+        if canonical.startswith(new):
+            return old + canonical[len(new):]
+    return canonical
+
+
+# Per model class: (canonical prefix, own prefix) pairs; canonical keys outside them belong to other parts of a
+# full Mllama checkpoint and are skipped (e.g. the vision tower when loading MllamaForCausalLM).
+CLASS_PREFIXES = {
+    "MllamaForConditionalGeneration": (("model.", "model."), ("lm_head.", "lm_head.")),
+    "MllamaModel": (("model.", ""),),
+    "MllamaForCausalLM": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    "MllamaTextModel": (("model.language_model.", ""),),
+    "MllamaVisionModel": (("model.vision_model.", ""),),
+}
+_KNOWN_PREFIXES = ("model.vision_model.", "model.language_model.", "model.multi_modal_projector.", "lm_head.")
+
+
+def own_key(class_name: str, canonical: str) -> str | None:
+    for src, dst in CLASS_PREFIXES[class_name]:
+        if canonical.startswith(src):
+            return dst + canonical[len(src):]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Progress:
+    """A one-line bar on a terminal; silent when stderr is not a tty."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = total > 1 and sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def step(self) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            filled = width * self.done // self.total
+            elapsed = time.monotonic() - self.start
+            sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                             f"shards {elapsed:.0f}s")
+            if self.done == self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=module._parameters[attr].requires_grad)
+    else:
+        module._buffers[attr] = tensor
+
+
+def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype | None) -> None:
+    """Streams tensors from memory-mapped safetensors into `model` (built on the meta device), one at a time,
+    straight to `device` and `dtype`: host memory never holds more than one tensor beyond the result."""
+    from safetensors import safe_open
+    from safetensors import SafetensorsError
+
+    class_name = type(model).__name__
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    progress = _Progress(len(files), "Loading weights")
+    open_device = str(device) if device.type in ("cuda", "cpu") else "cpu"
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="pt", device=open_device)
+        except (SafetensorsError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        with handle:
+            for key in handle.keys():
+                canonical = canonical_key(key)
+                name = own_key(class_name, canonical)
+                if name is None:
+                    if not canonical.startswith(_KNOWN_PREFIXES):
+                        unexpected.append(key)
+                    continue
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed from the config
+                if name not in expected:
+                    unexpected.append(key)
+                    continue
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as e:  # safetensors raises its own error types for damaged data
+                    raise CheckpointError(f"tensor {key} in {file.name} cannot be read: {e}") from None
+                if tensor.shape != expected[name]:
+                    raise CheckpointError(f"tensor {key} in {file.name} has shape {list(tensor.shape)}, the model "
+                                          f"expects {list(expected[name])} for {name} (config does not match "
+                                          f"the weights?)")
+                target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+                _set_tensor(model, name, tensor.to(device=device, dtype=target_dtype))
+                seen.add(name)
+        progress.step()
+    if unexpected:
+        raise CheckpointError(f"the checkpoint has {len(unexpected)} tensors that {class_name} does not have, "
+                              f"e.g. {unexpected[:3]}")
+    missing = sorted(set(expected) - seen - {n for n in expected if n.endswith("rotary_emb.inv_freq")})
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors of {class_name}, e.g. {missing[:3]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?I?B)\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    match = _SIZE.match(size)
+    if not match:
+        raise ValueError(f"max_shard_size must be bytes or like '5GB', got {size!r}")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(number * scale)
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str = "5GB") -> None:
+    """Writes `state` (already in checkpoint names) as safetensors shards plus model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        old.unlink()
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = fname
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
