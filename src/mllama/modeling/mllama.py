@@ -52,6 +52,12 @@ class _EmbeddingsMixin:
     def vocab_size(self) -> int:
         return self.lm_head.out_features
 
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Prompt + new tokens; see mllama.generation.generate for the arguments."""
+        from ..generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 

@@ -1,0 +1,365 @@
+"""Generation on top of the model: prefill once, then one token per step on a preallocated cache.
+
+The vision encoder runs once per request (in the prefill), the cross-attention K/V are computed once and kept in
+the cache, and the self-attention cache is allocated for the whole request up front.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .modeling.cache import MllamaCache
+
+_IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+def _as_tuple(ids: Any) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if isinstance(ids, int):
+        return (ids,)
+    return tuple(int(i) for i in ids)
+
+
+def resolve_params(model, kwargs: dict, prompt_len: int = 0) -> SamplingParams:
+    """Explicit arguments, else the checkpoint's generation_config.json, else the text config, else defaults."""
+    defaults = dict(getattr(model, "generation_config", None) or {})
+    text = getattr(model.config, "text_config", model.config)
+
+    def pick(name, fallback):
+        value = kwargs.pop(name, None)
+        if value is None:
+            value = defaults.get(name)
+        return fallback if value is None else value
+
+    max_length = kwargs.pop("max_length", None)
+    if kwargs.get("max_new_tokens") is None and max_length is not None:
+        kwargs["max_new_tokens"] = max_length - prompt_len  # transformers' max_length counts the prompt
+    params = SamplingParams(
+        max_new_tokens=int(pick("max_new_tokens", 20)),
+        min_new_tokens=int(pick("min_new_tokens", 0)),
+        do_sample=bool(pick("do_sample", False)),
+        temperature=float(pick("temperature", 1.0)),
+        top_p=float(pick("top_p", 1.0)),
+        top_k=int(pick("top_k", 0)),
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        eos_token_id=_as_tuple(pick("eos_token_id", text.eos_token_id)),
+        pad_token_id=pick("pad_token_id", text.pad_token_id),
+        stop_strings=tuple([s] if isinstance(s := kwargs.pop("stop_strings", None) or (), str) else s),
+    )
+    params.validate()
+    return params
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logit processing (the order transformers uses: penalty, min-length, then temperature, top-k, top-p)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Tokens already in the sequence: positive logits divided by `penalty`, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    scores = logits.gather(1, seen)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return logits.scatter(1, seen, scores)
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Sampling distribution as logits: scaled by temperature, everything outside top-k and outside the
+    smallest set whose probability reaches top_p set to -inf (at least one token always stays)."""
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    logits = logits.float()
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if new_count < params.min_new_tokens and params.eos_token_id:
+        logits[:, list(params.eos_token_id)] = float("-inf")
+    if not params.do_sample:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length >= 1, got shape {list(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {list(attention_mask.shape)} differs from input_ids "
+                         f"{list(input_ids.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("the batch is right-padded (a row's last token is padding): generation continues every "
+                         "row from its last position, so pad on the left (processor/tokenizer padding_side='left')")
+    if bool((attention_mask.sum(-1) == 0).any()):
+        raise ValueError("a row of attention_mask is all zeros: every prompt needs at least one token")
+    return attention_mask
+
+
+def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, attention_mask=None,
+                 cross_attention_mask=None, generator: torch.Generator | None = None,
+                 stop_checker=None, **model_inputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yields (tokens [B], finished [B]) once per new token. Finished rows get pad tokens from then on."""
+    device = model.device
+    input_ids = input_ids.to(device)
+    attention_mask = _check_inputs(input_ids, attention_mask if attention_mask is None else attention_mask.to(device))
+    input_ids = input_ids if input_ids.dim() == 2 else input_ids[None]
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + params.max_new_tokens
+    limit = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", None)
+    if limit is not None and total > limit:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                         f"model's context of {limit} tokens")
+    cache = MllamaCache.allocate(model.config, batch, total, device, model.dtype)
+    mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
+    mask[:, :prompt_len] = attention_mask
+    # Positions count real tokens only, so left padding does not shift the prompt (pads get position 0).
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {k: v.to(device) for k, v in model_inputs.items() if isinstance(v, torch.Tensor)}
+    if cross_attention_mask is not None:
+        cross_attention_mask = cross_attention_mask.to(device)
+        extra["cross_attention_mask"] = cross_attention_mask
+    pad = params.pad_token_id if params.pad_token_id is not None else (params.eos_token_id or (0,))[0]
+    eos = torch.tensor(params.eos_token_id, device=device, dtype=torch.long)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    seen = input_ids
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, cache=cache,
+                    use_cache=True, logits_to_keep=1, **extra)
+        last_position = positions[:, -1:]
+        step_cross = cross_attention_mask[:, -1:] if cross_attention_mask is not None else None
+        for step in range(params.max_new_tokens):
+            tokens = next_tokens(out.logits[:, -1], seen, params, step, generator)
+            tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
+            if eos.numel():
+                finished = finished | torch.isin(tokens, eos)
+            seen = torch.cat([seen, tokens[:, None]], dim=1)
+            if stop_checker is not None:
+                finished = finished | stop_checker(seen[:, prompt_len:]).to(device)
+            yield tokens, finished
+            if bool(finished.all()) or step + 1 == params.max_new_tokens:
+                return
+            last_position = last_position + 1
+            cur = prompt_len + step + 1
+            # Each new token sees the images the last prompt token saw (transformers' rule as well).
+            out = model(input_ids=tokens[:, None], attention_mask=mask[:, :cur], position_ids=last_position,
+                        cache=cache, use_cache=True, cross_attention_mask=step_cross)
+
+
+class StopStrings:
+    """Marks rows finished once their generated text contains one of the stop strings."""
+
+    def __init__(self, tokenizer, stop_strings: Iterable[str]):
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer: pass tokenizer=processor.tokenizer (or the processor)")
+        self.tokenizer = tokenizer
+        self.stop_strings = tuple(stop_strings)
+        self.window = max(len(s) for s in self.stop_strings) + 8
+
+    def __call__(self, generated: torch.Tensor) -> torch.Tensor:
+        done = []
+        for row in generated.tolist():
+            text = self.tokenizer.decode(row[-self.window:], skip_special_tokens=False)
+            done.append(any(s in text for s in self.stop_strings))
+        return torch.tensor(done)
+
+
+def _make_generator(seed: int | None, generator: torch.Generator | None, device: torch.device):
+    if generator is not None:
+        return generator
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def generate(model, input_ids: torch.Tensor | None = None, *, streamer=None, tokenizer=None, seed: int | None = None,
+             generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    """Prompt + new tokens [B, prompt_len + new], rows that finished early padded with pad_token_id."""
+    if input_ids is None:
+        raise ValueError("generate needs input_ids (the processor returns them)")
+    if hasattr(tokenizer, "tokenizer"):  # a processor was given
+        tokenizer = tokenizer.tokenizer
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    params = resolve_params(model, kwargs, input_ids.shape[-1])
+    for key in ("use_cache", "return_dict_in_generate", "output_scores", "num_beams", "synced_gpus"):
+        value = kwargs.pop(key, None)
+        if key == "num_beams" and value not in (None, 1):
+            raise ValueError("beam search is not supported: use num_beams=1 (greedy or sampling)")
+    model_inputs = {k: v for k, v in kwargs.items() if k in _IMAGE_KEYS + ("attention_mask", "cross_attention_mask")}
+    unknown = sorted(set(kwargs) - set(model_inputs))
+    if unknown:
+        raise ValueError(f"generate got unknown arguments {unknown}")
+    stop = StopStrings(tokenizer, params.stop_strings) if params.stop_strings else None
+    gen = _make_generator(seed, generator, model.device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    pieces = []
+    for tokens, _ in decode_steps(model, input_ids, params, generator=gen, stop_checker=stop, **model_inputs):
+        pieces.append(tokens)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+    if streamer is not None:
+        streamer.end()
+    return torch.cat([input_ids.to(model.device), torch.stack(pieces, dim=1)], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming text
+
+
+class TextDecoder:
+    """Turns a growing list of token ids into new text pieces, holding back text that ends in an incomplete
+    UTF-8 sequence (a multi-byte character split across tokens decodes to U+FFFD until it is complete)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.emitted = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+
+class TextIteratorStreamer:
+    """Pass as `streamer=` to `generate` (running in another thread) and iterate over the text pieces of the
+    first sequence of the batch as they are produced."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = True, skip_special_tokens: bool = True,
+                 timeout: float | None = None):
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        self.skip_prompt = skip_prompt
+        self.decoder = TextDecoder(self.tokenizer, skip_special_tokens)
+        self.queue: queue.Queue = queue.Queue()
+        self.timeout = timeout
+        self._prompt_seen = False
+        self._finished = False
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value[0] if value.dim() > 1 and value.shape[0] >= 1 else value
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            if self.skip_prompt:
+                return
+            ids = ids.reshape(-1)
+        if self._finished:
+            return
+        for token in ids.reshape(-1).tolist():
+            piece = self.decoder.push(token)
+            if piece:
+                self.queue.put(piece)
+
+    def end(self) -> None:
+        rest = self.decoder.flush()
+        if rest:
+            self.queue.put(rest)
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            piece = self.queue.get(timeout=self.timeout)
+            if piece is None:
+                return
+            yield piece
+
+
+class TextStreamer(TextIteratorStreamer):
+    """Prints the text of the first sequence to stdout as it is generated."""
+
+    def __init__(self, tokenizer, skip_prompt: bool = True, skip_special_tokens: bool = True, file=None):
+        super().__init__(tokenizer, skip_prompt, skip_special_tokens)
+        import sys
+
+        self.file = file or sys.stdout
+
+    def put(self, value: torch.Tensor) -> None:
+        super().put(value)
+        while not self.queue.empty():
+            piece = self.queue.get()
+            if piece is not None:
+                print(piece, end="", file=self.file, flush=True)
+
+    def end(self) -> None:
+        rest = self.decoder.flush()
+        print(rest, file=self.file, flush=True)
+
+
+def stream(model, tokenizer, **kwargs) -> Iterator[str]:
+    """Generates in a background thread and yields text pieces of the first sequence as they come."""
+    streamer = TextIteratorStreamer(tokenizer)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            generate(model, streamer=streamer, tokenizer=tokenizer, **kwargs)
+        except BaseException as e:  # re-raised in the consumer's thread
+            errors.append(e)
+            streamer.queue.put(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]

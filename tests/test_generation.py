@@ -1,0 +1,152 @@
+"""generate(): greedy tokens equal transformers' (with Meta's fixes), sampling semantics, streaming."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import oracle
+from conftest import BOS, IMAGE, PAD, cross_mask, randomize, tiny_config
+from test_parity import RATIOS, make_inputs
+from mllama import MllamaForCausalLM, MllamaForConditionalGeneration
+from mllama.generation import SamplingParams, filter_logits, apply_repetition_penalty
+
+GEN_CASES = {
+    "image_first": ([[IMAGE, BOS, 10, 11, 12, 13]], [[6]]),
+    "text_before_image": ([[BOS, 5, 6, 7, IMAGE, 8, 9, 10]], [[2]]),
+    "two_images": ([[BOS, IMAGE, 5, 6, IMAGE, 7]], [[3, 1]]),
+    "text_only": ([[BOS, 5, 6, 7, 8, 9]], None),
+    # left-padded batch: 1 image, 2 images, and a text-only sample in the same batch
+    "left_padded_batch": ([[PAD, PAD, BOS, IMAGE, 5, 6, 7, 8], [BOS, 5, IMAGE, 6, IMAGE, 7, 8, 9],
+                           [PAD, PAD, PAD, BOS, 11, 12, 13, 14]], [[6], [1, 2], []]),
+}
+
+
+@pytest.fixture(scope="module", params=["tiny", "real_tile"])
+def pair(request):
+    config = tiny_config(image_size=28 if request.param == "tiny" else 560)
+    config.vision_config.attention_heads = 2
+    ours = randomize(MllamaForConditionalGeneration.from_config(config), seed=11, std=0.15).eval()
+    return ours, oracle.hf_model(ours)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return randomize(MllamaForConditionalGeneration.from_config(tiny_config()), seed=11, std=0.15).eval()
+
+
+@pytest.mark.parametrize("case", list(GEN_CASES))
+def test_greedy_tokens_equal_transformers(pair, case):
+    ours, theirs = pair
+    ids, ratios = GEN_CASES[case]
+    inputs = make_inputs(ids, ratios, ours.config.vision_config.image_size)
+    with torch.no_grad(), oracle.meta_fixes():
+        expected = theirs.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=PAD)
+    got = ours.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=2, pad_token_id=PAD)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)
+    assert got.shape[1] == len(ids[0]) + 24 or bool((got[:, len(ids[0]):] == 2).any())
+
+
+def test_causal_lm_generates_like_the_full_model_on_text(tiny):
+    ours = tiny
+    lm = MllamaForCausalLM(ours.config.text_config).eval()
+    lm.model.load_state_dict(ours.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(ours.lm_head.state_dict())
+    inputs = make_inputs(*GEN_CASES["text_only"], 28)
+    assert torch.equal(lm.generate(**inputs, max_new_tokens=8), ours.generate(**inputs, max_new_tokens=8))
+
+
+def test_no_work_is_redone_per_step(tiny, monkeypatch):
+    """The vision encoder runs once, cross K/V are projected once, the cache is allocated once."""
+    ours = tiny
+    calls = {"vision": 0, "kv": 0}
+    vision_forward = type(ours.model.vision_model).forward
+    monkeypatch.setattr(type(ours.model.vision_model), "forward",
+                        lambda self, *a, **k: calls.__setitem__("vision", calls["vision"] + 1) or vision_forward(self, *a, **k))
+    from mllama.modeling import text
+
+    project = text.MllamaTextCrossAttention.project_kv
+    monkeypatch.setattr(text.MllamaTextCrossAttention, "project_kv",
+                        lambda self, x: calls.__setitem__("kv", calls["kv"] + 1) or project(self, x))
+    inputs = make_inputs(*GEN_CASES["two_images"], ours.config.vision_config.image_size)
+    out = ours.generate(**inputs, max_new_tokens=6, min_new_tokens=6)
+    assert out.shape[1] == len(GEN_CASES["two_images"][0][0]) + 6
+    assert calls == {"vision": 1, "kv": len(ours.config.text_config.cross_attention_layers)}
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    ours = tiny
+    inputs = make_inputs(*GEN_CASES["image_first"], ours.config.vision_config.image_size)
+    kw = dict(do_sample=True, temperature=1.5, max_new_tokens=12, min_new_tokens=12)
+    a = ours.generate(**inputs, seed=123, **kw)
+    b = ours.generate(**inputs, generator=torch.Generator().manual_seed(123), **kw)
+    c = ours.generate(**inputs, seed=124, **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_filtered_distribution_follows_temperature_top_k_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    # top_k=2 keeps the two largest, renormalised
+    p = filter_logits(logits, 1.0, 2, 1.0).softmax(-1)
+    assert torch.allclose(p, torch.tensor([[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]]), atol=1e-6)
+    # top_p=0.8: smallest set reaching 0.8 = {0.5, 0.2, 0.15} (0.85)
+    p = filter_logits(logits, 1.0, 0, 0.8).softmax(-1)
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85, atol=1e-6)
+    # top_p smaller than the largest probability still keeps one token
+    p = filter_logits(logits, 1.0, 0, 0.1).softmax(-1)
+    assert torch.allclose(p, torch.tensor([[1.0, 0, 0, 0, 0]]))
+    # temperature 2 = square root of the probabilities, renormalised
+    p = filter_logits(logits, 2.0, 0, 1.0).softmax(-1)
+    expected = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).sqrt()
+    assert torch.allclose(p, expected / expected.sum(), atol=1e-6)
+    # empirical check through multinomial: frequencies match the filtered distribution
+    gen = torch.Generator().manual_seed(0)
+    probs = filter_logits(logits, 1.0, 3, 1.0).softmax(-1)
+    draws = torch.multinomial(probs.expand(20000, -1), 1, generator=gen).flatten()
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert torch.allclose(freq, probs[0], atol=0.015) and freq[3:].sum() == 0
+
+
+def test_repetition_penalty_matches_its_definition():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+
+
+def test_eos_min_new_tokens_and_padding(tiny):
+    ours = tiny
+    inputs = make_inputs(*GEN_CASES["left_padded_batch"], ours.config.vision_config.image_size)
+    greedy = ours.generate(**inputs, max_new_tokens=5, eos_token_id=None)
+    first = greedy[:, 8]
+    # make the first greedy token of row 0 an EOS: row 0 stops, its later tokens are pad
+    out = ours.generate(**inputs, max_new_tokens=5, eos_token_id=[int(first[0]), 999], pad_token_id=PAD)
+    assert out[0, 8] == first[0] and (out[0, 9:] == PAD).all()
+    # min_new_tokens forbids that EOS in the first 3 steps
+    out = ours.generate(**inputs, max_new_tokens=5, min_new_tokens=3, eos_token_id=int(first[0]))
+    assert (out[:, 8:11] != first[0]).all()
+
+
+def test_bad_generation_arguments_are_clear(tiny):
+    ours = tiny
+    inputs = make_inputs(*GEN_CASES["image_first"], ours.config.vision_config.image_size)
+    with pytest.raises(ValueError, match="top_p"):
+        ours.generate(**inputs, top_p=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        ours.generate(**inputs, do_sample=True, temperature=0)
+    with pytest.raises(ValueError, match="context"):
+        ours.generate(**inputs, max_new_tokens=10_000)
+    right = make_inputs([[BOS, 5, 6, PAD]], None, 28)
+    with pytest.raises(ValueError, match="right-padded.*left"):
+        ours.generate(**right)
+    with pytest.raises(ValueError, match="unknown arguments.*foo"):
+        ours.generate(**inputs, foo=1)
+
+
+def test_generation_config_defaults_are_used(tiny):
+    ours = tiny
+    inputs = make_inputs(*GEN_CASES["text_only"], 28)
+    ours.generation_config.update(max_new_tokens=3, eos_token_id=[], do_sample=False)
+    try:
+        assert ours.generate(**inputs).shape[1] == 6 + 3
+    finally:
+        ours.generation_config.clear()
