@@ -67,3 +67,21 @@ def cross_mask(ids: list[list[int]], num_tiles: list[list[int]], max_tiles: int 
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory):
     return tmp_path_factory.mktemp("mllama")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_model_path():
+    """Meta's Llama 3 tokenizer.model, shipped inside the llama-models wheel (a test-only dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_models")
+    assert spec is not None, "llama-models is a test dependency: pip install --no-deps llama-models"
+    return Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tokenizer_model_path):
+    """A tiny random checkpoint with the real tokenizer and instruct template (what `mllama create-tiny` writes)."""
+    from mllama.cli import create_tiny
+
+    return create_tiny(tmp_path_factory.mktemp("tiny-ckpt"), tokenizer_model_path)

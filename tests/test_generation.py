@@ -150,3 +150,47 @@ def test_generation_config_defaults_are_used(tiny):
         assert ours.generate(**inputs).shape[1] == 6 + 3
     finally:
         ours.generation_config.clear()
+
+
+def test_streaming_is_correct_on_multibyte_boundaries(tiny_checkpoint):
+    from mllama import MllamaTokenizer
+    from mllama.generation import TextDecoder
+
+    tokenizer = MllamaTokenizer.from_pretrained(tiny_checkpoint)
+    text = "naïve café 🙂 世界 👩‍👩‍👧 ∑x² — done"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # some characters span several byte-level tokens
+    decoder = TextDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_yields_what_generate_returns(tiny_checkpoint):
+    from mllama import AutoProcessor
+    from mllama.generation import stream
+
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    inputs = processor(text="Once upon a time", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=15, do_sample=False)
+    expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    pieces = list(stream(model, processor, **inputs, max_new_tokens=15, do_sample=False))
+    assert "".join(pieces) == expected and len(pieces) > 1
+
+
+def test_stop_strings_end_generation(tiny_checkpoint):
+    from mllama import AutoProcessor
+
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    inputs = processor(text="Once upon a time", return_tensors="pt")
+    prompt_len = inputs["input_ids"].shape[1]
+    full = model.generate(**inputs, max_new_tokens=15, do_sample=False)
+    text = processor.decode(full[0, prompt_len:])
+    stop = processor.decode(full[0, prompt_len + 4:prompt_len + 5])
+    cut = model.generate(**inputs, max_new_tokens=15, do_sample=False, stop_strings=[stop], tokenizer=processor)
+    assert cut.shape[1] <= prompt_len + 5 and torch.equal(cut[0], full[0, :cut.shape[1]])
+    assert stop in processor.decode(cut[0, prompt_len:]) and text
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(**inputs, stop_strings=["x"])

@@ -1,0 +1,387 @@
+"""The `mllama` command: generate, chat, info, download, create-tiny."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
+
+
+class CliError(Exception):
+    """An error whose message is shown to the user as one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return "auto"
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise CliError(f"--dtype {name!r} is not a dtype: use auto, bfloat16, float16 or float32")
+    return value
+
+
+def load(model_id: str, dtype: str, device: str, text_only: bool = False):
+    from .modeling.mllama import MllamaForCausalLM, MllamaForConditionalGeneration
+    from .processing.processor import AutoProcessor
+
+    cls = MllamaForCausalLM if text_only else MllamaForConditionalGeneration
+    model = cls.from_pretrained(model_id, dtype=_dtype(dtype), device_map=device)
+    processor = AutoProcessor.from_pretrained(model_id)
+    return model, processor
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            kw[name] = value
+    if args.greedy:
+        kw["do_sample"] = False
+    elif args.sample or args.temperature is not None or args.top_p is not None or args.top_k is not None:
+        kw["do_sample"] = True
+    return kw
+
+
+def _has_chat_template(processor) -> bool:
+    return bool(getattr(processor, "chat_template", None))
+
+
+def _message(text: str, images: list) -> dict:
+    content = [{"type": "image", "image": image} for image in images]
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def _stream(model, processor, inputs) -> str:
+    from .generation import stream
+
+    pieces = []
+    for piece in stream(model, processor.tokenizer, **inputs):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(pieces)
+
+
+def _load_images(paths: list[str]) -> list:
+    from .processing.image_io import load_image
+
+    return [load_image(p, position=f"--image {i + 1} ({p})") for i, p in enumerate(paths)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    images = _load_images(args.image)
+    model, processor = load(args.model, args.dtype, args.device)
+    if _has_chat_template(processor) and not args.raw:
+        inputs = processor.apply_chat_template([_message(args.prompt, images)], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True, return_tensors="pt")
+    else:
+        prompt = args.prompt
+        if images and "<|image|>" not in prompt:
+            prompt = "<|image|>" * len(images) + prompt
+        inputs = processor(text=prompt, images=images or None, return_tensors="pt")
+    _stream(model, processor, {**dict(inputs.to(model.device)), **_sampling(args)})
+
+
+CHAT_HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model, processor = load(args.model, args.dtype, args.device)
+    if not _has_chat_template(processor):
+        raise CliError(f"{args.model} has no chat template: use `mllama generate` with a base model")
+    messages: list[dict] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    pending: list = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(CHAT_HELP)
+    while True:
+        if interactive:
+            sys.stdout.write("> ")
+            sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages, pending = messages[:1] if args.system else [], []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                pending += _load_images([path]) if path else []
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+            else:
+                print(f"(image attached: {path})")
+            continue
+        if line.startswith("/"):
+            print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        turn = messages + [_message(line, pending)]
+        try:
+            inputs = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt")
+        except ValueError as e:  # e.g. the template's rule against a system message with images
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        reply = _stream(model, processor, {**dict(inputs.to(model.device)), **_sampling(args)})
+        messages = turn + [{"role": "assistant", "content": reply}]
+        pending = []
+
+
+def _count_parameters(config) -> dict[str, int]:
+    import torch
+
+    from .modeling.mllama import MllamaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    parts = {"vision": model.model.vision_model, "projector": model.model.multi_modal_projector,
+             "text": model.model.language_model, "lm_head": model.lm_head}
+    counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .config import PRESETS, MllamaConfig
+    from .weights import resolve_file
+
+    if args.model in PRESETS:
+        config = PRESETS[args.model]()
+    else:
+        config = MllamaConfig.from_json_file(resolve_file(args.model, "config.json"))
+    text, vision = config.text_config, config.vision_config
+    counts = _count_parameters(config)
+    gib = 2**30
+    self_layers = text.num_hidden_layers - len(text.cross_attention_layers)
+    kv_per_token = 2 * self_layers * text.num_key_value_heads * text.head_dim * 2
+    cross_per_image = (2 * len(text.cross_attention_layers) * text.num_key_value_heads * text.head_dim * 2
+                       * vision.max_num_tiles * vision.num_patches)
+    info = {
+        "model": args.model,
+        "text": {"hidden_size": text.hidden_size, "layers": text.num_hidden_layers,
+                 "cross_attention_layers": text.cross_attention_layers, "heads": text.num_attention_heads,
+                 "kv_heads": text.num_key_value_heads, "intermediate_size": text.intermediate_size,
+                 "vocab_size": text.vocab_size, "context": text.max_position_embeddings,
+                 "rope": text.rope_parameters},
+        "vision": {"tile": vision.image_size, "patch": vision.patch_size, "max_tiles": vision.max_num_tiles,
+                   "tokens_per_tile": vision.num_patches, "hidden_size": vision.hidden_size,
+                   "layers": f"{vision.num_hidden_layers} local + {vision.num_global_layers} global"},
+        "parameters": counts,
+        "weights_gib": {"bfloat16": counts["total"] * 2 / gib, "float16": counts["total"] * 2 / gib,
+                        "float32": counts["total"] * 4 / gib},
+        "cache_bf16": {"self_attention_kib_per_token": kv_per_token / 1024,
+                       "cross_attention_mib_per_image": cross_per_image / 2**20},
+        "compat": config.compat,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{args.model}")
+    print(f"  text:   {text.hidden_size} wide, {text.num_hidden_layers} layers ({self_layers} self-attention + "
+          f"{len(text.cross_attention_layers)} cross-attention at {text.cross_attention_layers}), "
+          f"{text.num_attention_heads} heads / {text.num_key_value_heads} kv heads, context "
+          f"{text.max_position_embeddings}, rope {text.rope_parameters.get('rope_type')}")
+    print(f"  vision: {vision.image_size}px tiles of {vision.patch_size}px patches, up to {vision.max_num_tiles} tiles, "
+          f"{vision.num_patches} tokens per tile, {vision.hidden_size} wide, {info['vision']['layers']} layers")
+    print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    print("  weights: " + ", ".join(f"{k} {v:.1f} GiB" for k, v in info["weights_gib"].items()))
+    print(f"  cache (bf16): {kv_per_token / 1024:.0f} KiB per text token, {cross_per_image / 2**20:.1f} MiB per image")
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from .weights import resolve_folder
+
+    folder = resolve_folder(args.model, revision=args.revision)
+    print(folder)
+
+
+TINY_PREPROCESSOR = {
+    "image_processor_type": "MllamaImageProcessor", "do_convert_rgb": True, "do_resize": True, "do_rescale": True,
+    "do_normalize": True, "do_pad": True, "max_image_tiles": 4, "resample": 2,
+    "rescale_factor": 1 / 255, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+
+def _find_tokenizer_model(explicit: str | None) -> Path:
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise CliError(f"--tokenizer {explicit}: no such file")
+        return path
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llama_models")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / "llama3" / "tokenizer.model"
+        if candidate.is_file():
+            return candidate
+    raise CliError("create-tiny needs Meta's Llama 3 tokenizer.model: pass --tokenizer PATH, or "
+                   "`pip install --no-deps llama-models`, which ships it")
+
+
+def create_tiny(folder: str | os.PathLike, tokenizer_model: str | os.PathLike, seed: int = 0,
+                tile: int = 56) -> Path:
+    """A small random Mllama checkpoint with the real tokenizer and the instruct chat template."""
+    import torch
+
+    from .config import MllamaConfig
+    from .modeling.mllama import MllamaForConditionalGeneration
+    from .processing.convert_tiktoken import convert
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = MllamaConfig(
+        vision_config=dict(image_size=tile, patch_size=14, hidden_size=32, attention_heads=2, intermediate_size=64,
+                           num_hidden_layers=4, num_global_layers=2, intermediate_layers_indices=[1, 3],
+                           vision_output_dim=96),
+        text_config=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                         num_hidden_layers=5, cross_attention_layers=[2], max_position_embeddings=4096,
+                         eos_token_id=[128001, 128008, 128009],
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration.from_config(config)
+    with torch.no_grad():  # non-zero gates, so that images change the output
+        for name, p in model.named_parameters():
+            if "gate" in name.rsplit(".", 1)[-1]:
+                p.fill_(0.5)
+    model.generation_config.update(bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                                   pad_token_id=128004, do_sample=False)
+    model.save_pretrained(folder)
+    convert(tokenizer_model, folder, instruct=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {**TINY_PREPROCESSOR, "size": {"height": tile, "width": tile}}, indent=2) + "\n")
+    return folder
+
+
+def cmd_create_tiny(args: argparse.Namespace) -> None:
+    folder = create_tiny(args.dir, _find_tokenizer_model(args.tokenizer), seed=args.seed)
+    print(f"wrote a tiny random checkpoint to {folder}; try: mllama generate --model {folder} --prompt 'Hello'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument parsing
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="greedy decoding")
+    mode.add_argument("--sample", action="store_true", help="sample (default: the checkpoint's generation config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision in plain PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text for a prompt and images, streamed to the terminal")
+    _add_model_args(p)
+    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="no chat template: the prompt is given to the model as is")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the instruct template")
+    _add_model_args(p)
+    p.add_argument("--system", help="system message (text-only conversations; the template forbids it with images)")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="config summary, parameter counts, memory per dtype")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="Hub id, folder, or a preset: 11b, 11b-instruct, "
+                   "90b, 90b-instruct")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("download", help="download a checkpoint from the Hub (HF_TOKEN for gated repos)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--revision")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("create-tiny", help="write a small random checkpoint with the real tokenizer, for offline use")
+    p.add_argument("dir")
+    p.add_argument("--tokenizer", help="Meta's tokenizer.model (default: the one in the llama-models package)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_create_tiny)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except Exception as e:  # every failure ends as one line; MLLAMA_DEBUG=1 shows the traceback
+        if os.environ.get("MLLAMA_DEBUG"):
+            raise
+        print(f"mllama: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _one_line(e: BaseException) -> str:
+    import torch
+
+    oom = isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+    if oom:
+        return ("out of memory while loading or running the model: try --dtype bfloat16, a smaller model, or "
+                "another --device")
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, FileNotFoundError) and e.filename:
+        text = f"no such file: {e.filename}"
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

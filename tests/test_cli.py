@@ -1,0 +1,163 @@
+"""The `mllama` entry point, run in a subprocess as a user would."""
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+MLLAMA = str(Path(sys.executable).parent / "mllama")
+
+
+def run(*args, stdin: str | None = None, env: dict | None = None, timeout: int = 240):
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("MLLAMA_DEBUG", None)
+    return subprocess.run([MLLAMA, *args], input=stdin, capture_output=True, text=True, env=full_env,
+                          timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mllama: error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "cat.png"
+    Image.radial_gradient("L").convert("RGB").resize((90, 60)).save(path)
+    return path
+
+
+def test_create_tiny_writes_a_loadable_checkpoint(tmp_path, tokenizer_model_path):
+    result = run("create-tiny", str(tmp_path / "tiny"), "--tokenizer", str(tokenizer_model_path))
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "preprocessor_config.json", "generation_config.json"):
+        assert (tmp_path / "tiny" / name).is_file(), name
+
+
+def test_generate_streams_what_generate_returns(tiny_checkpoint, image_path):
+    from mllama import AutoProcessor, MllamaForConditionalGeneration
+
+    result = run("generate", "--model", str(tiny_checkpoint), "--image", str(image_path), "--prompt",
+                 "Describe the picture.", "--max-new-tokens", "12", "--greedy")
+    assert result.returncode == 0, result.stderr
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(image_path)},
+                                             {"type": "text", "text": "Describe the picture."}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert result.stdout == expected + "\n"
+
+
+def test_generate_raw_prompt_and_sampling_flags(tiny_checkpoint, image_path):
+    a = run("generate", "--model", str(tiny_checkpoint), "--raw", "--image", str(image_path), "--prompt", "A photo of",
+            "--max-new-tokens", "8", "--temperature", "1.3", "--top-k", "50", "--seed", "7")
+    b = run("generate", "--model", str(tiny_checkpoint), "--raw", "--image", str(image_path), "--prompt", "A photo of",
+            "--max-new-tokens", "8", "--temperature", "1.3", "--top-k", "50", "--seed", "7")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_chat_through_stdin(tiny_checkpoint, image_path):
+    from mllama import AutoProcessor, MllamaForConditionalGeneration
+
+    script = f"/image {image_path}\nWhat is in this image?\nAnd the colours?\n/image /no/such.png\n/exit\n"
+    result = run("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "6", "--greedy", stdin=script)
+    assert result.returncode == 0, result.stderr
+    assert "/no/such.png" in result.stderr  # a bad /image keeps the chat going
+    # the same two turns through the Python API: the history carries the image and the first reply
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    messages, replies = [], []
+    for i, text in enumerate(["What is in this image?", "And the colours?"]):
+        content = ([{"type": "image", "path": str(image_path)}] if i == 0 else []) + [{"type": "text", "text": text}]
+        messages.append({"role": "user", "content": content})
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        replies.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        messages.append({"role": "assistant", "content": replies[-1]})
+    assert result.stdout == f"(image attached: {image_path})\n{replies[0]}\n{replies[1]}\n"
+
+
+def test_chat_system_message_with_image_is_reported(tiny_checkpoint, image_path):
+    script = f"/image {image_path}\nhello\n"
+    result = run("chat", "--model", str(tiny_checkpoint), "--system", "Be brief.", "--max-new-tokens", "3",
+                 stdin=script)
+    assert result.returncode == 0
+    assert "incompatible with system messages" in result.stderr
+
+
+def test_info_on_a_folder_and_a_preset(tiny_checkpoint):
+    result = run("info", str(tiny_checkpoint))
+    assert result.returncode == 0, result.stderr
+    assert "parameters:" in result.stdout and "cross-attention at [2]" in result.stdout
+    result = run("info", "11b-instruct")
+    assert "total 10,670,220,835" in result.stdout
+    assert "bfloat16 19.9 GiB" in result.stdout
+
+
+def test_missing_files_and_bad_arguments(tiny_checkpoint, tmp_path):
+    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "none.png"),
+                              "--prompt", "x"), "none.png")
+    assert_one_line_error(run("generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"), "nothing")
+    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--dtype", "float99"),
+                          "float99")
+    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--top-p", "3"), "top_p")
+    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--device", "cuda"),
+                          "CUDA")
+    assert_one_line_error(run("create-tiny", str(tmp_path / "t"), "--tokenizer", str(tmp_path / "tok.model")),
+                          "tok.model")
+    usage = run("generate", "--max-new-tokens", "x")
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+
+
+def test_unreachable_hub_repo_is_one_line():
+    assert_one_line_error(run("info", "some-org/some-model"), "some-org/some-model")
+
+
+class _GatedHub(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(403)
+        self.send_header("X-Error-Code", "GatedRepo")
+        self.send_header("X-Error-Message", "Access to model is restricted")
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"error": "Access to model is restricted"}')
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def fake_hub():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _GatedHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_gated_hub_repo_is_one_line(tmp_path):
+    with fake_hub() as endpoint:
+        result = run("download", "meta-llama/Llama-3.2-11B-Vision-Instruct",
+                     env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path)})
+    assert_one_line_error(result, "gated", "HF_TOKEN")
