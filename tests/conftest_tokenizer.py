@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-TEMPLATE_PATH = Path("/work/shared/data/llama32-vision-instruct-chat-template.jinja")
+# A copy of ../shared/data/llama32-vision-instruct-chat-template.jinja, the published instruct template.
+TEMPLATE_PATH = Path(__file__).resolve().parent / "data/llama32-vision-instruct-chat-template.jinja"
 PACKAGED_TEMPLATE = Path(__file__).resolve().parents[1] / "src/mllama/data/llama32-vision-instruct-chat-template.jinja"
 
 # Meta's Tokenizer.pat_str.

@@ -150,7 +150,7 @@ def test_converter_layout(tokenizer_dir):
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == \
         ("<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
     assert (tokenizer_dir / "chat_template.jinja").read_text() == \
-        Path("/work/shared/data/llama32-vision-instruct-chat-template.jinja").read_text()
+        (Path(__file__).resolve().parent / "data/llama32-vision-instruct-chat-template.jinja").read_text()
 
 
 def test_converter_matches_transformers_tiktoken_converter(tokenizer_dir):
