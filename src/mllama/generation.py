@@ -13,6 +13,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .modeling.cache import MllamaCache
+from .modeling.outputs import ModelOutput
 
 _IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 
@@ -148,8 +149,12 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
 
 def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, attention_mask=None,
                  cross_attention_mask=None, generator: torch.Generator | None = None,
-                 stop_checker=None, **model_inputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yields (tokens [B], finished [B]) once per new token. Finished rows get pad tokens from then on."""
+                 stop_checker=None, fast: bool | None = None,
+                 **model_inputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yields (tokens [B], finished [B]) once per new token. Finished rows get pad tokens from then on.
+
+    fast (default: on CUDA) runs the decode steps through engine.fast.FastDecoder (fused projections, CUDA
+    graph) and looks at the finished flags on the host only every few steps; the tokens are the same."""
     device = model.device
     input_ids = input_ids.to(device)
     attention_mask = _check_inputs(input_ids, attention_mask if attention_mask is None else attention_mask.to(device))
@@ -173,11 +178,17 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
     eos = torch.tensor(params.eos_token_id, device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     seen = input_ids
+    fast = device.type == "cuda" if fast is None else fast
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1, **extra)
         last_position = positions[:, -1:]
         step_cross = cross_attention_mask[:, -1:] if cross_attention_mask is not None else None
+        stepper = None
+        if fast:
+            from .engine.fast import FastDecoder
+
+            stepper = FastDecoder(model, cache, mask, step_cross)
         for step in range(params.max_new_tokens):
             tokens = next_tokens(out.logits[:, -1], seen, params, step, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
@@ -187,10 +198,15 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
             if stop_checker is not None:
                 finished = finished | stop_checker(seen[:, prompt_len:]).to(device)
             yield tokens, finished
-            if bool(finished.all()) or step + 1 == params.max_new_tokens:
+            if step + 1 == params.max_new_tokens:
+                return
+            if (stepper is None or step % 8 == 7 or stop_checker is not None) and bool(finished.all()):
                 return
             last_position = last_position + 1
             cur = prompt_len + step + 1
+            if stepper is not None:
+                out = ModelOutput(logits=stepper(tokens, last_position, cur - 1)[:, None])
+                continue
             # Each new token sees the images the last prompt token saw (transformers' rule as well).
             out = model(input_ids=tokens[:, None], attention_mask=mask[:, :cur], position_ids=last_position,
                         cache=cache, use_cache=True, cross_attention_mask=step_cross)
@@ -223,7 +239,7 @@ def _make_generator(seed: int | None, generator: torch.Generator | None, device:
 
 
 def generate(model, input_ids: torch.Tensor | None = None, *, streamer=None, tokenizer=None, seed: int | None = None,
-             generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+             generator: torch.Generator | None = None, fast: bool | None = None, **kwargs) -> torch.Tensor:
     """Prompt + new tokens [B, prompt_len + new], rows that finished early padded with pad_token_id."""
     if input_ids is None:
         raise ValueError("generate needs input_ids (the processor returns them)")
@@ -244,14 +260,19 @@ def generate(model, input_ids: torch.Tensor | None = None, *, streamer=None, tok
     gen = _make_generator(seed, generator, model.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    pieces = []
-    for tokens, _ in decode_steps(model, input_ids, params, generator=gen, stop_checker=stop, **model_inputs):
+    pieces, done = [], []
+    for tokens, finished in decode_steps(model, input_ids, params, generator=gen, stop_checker=stop, fast=fast,
+                                         **model_inputs):
         pieces.append(tokens)
+        done.append(finished.all())
         if streamer is not None:
             streamer.put(tokens.cpu())
     if streamer is not None:
         streamer.end()
-    return torch.cat([input_ids.to(model.device), torch.stack(pieces, dim=1)], dim=1)
+    # The fast path looks at the finished flags only every few steps: drop the steps after all rows finished.
+    all_done = torch.stack(done).nonzero()
+    keep = int(all_done[0, 0]) + 1 if all_done.numel() else len(pieces)
+    return torch.cat([input_ids.to(model.device), torch.stack(pieces[:keep], dim=1)], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -266,7 +266,10 @@ def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_size: i
         if shards[-1] and size + nbytes > limit:
             shards.append({})
             size = 0
-        shards[-1][name] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.untyped_storage().nbytes() != nbytes:  # a view into a fused matrix: safetensors wants its own
+            tensor = tensor.clone()
+        shards[-1][name] = tensor
         size += nbytes
     for old in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
         old.unlink()
