@@ -37,16 +37,32 @@ def test_fast_logits_match_plain_logits(model):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     full_mask = torch.cat([mask, torch.ones(b, 4, dtype=mask.dtype)], 1)
     extra = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")}
+    vision_tokens = inputs["pixel_values"].shape[1] * 4 * model.config.vision_config.num_patches
     with torch.no_grad():
-        caches = [MllamaCache.allocate(model.config, b, p + 4, "cpu", torch.float32) for _ in range(2)]
-        for cache in caches:
+        plain_cache = MllamaCache.allocate(model.config, b, p + 4, "cpu", torch.float32)
+        decoder = FastDecoder(model, b, p + 4, vision_tokens)
+        for cache in (plain_cache, decoder.reset()):
             model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, **extra)
-        stepper = FastDecoder(model, caches[1], full_mask, inputs["cross_attention_mask"][:, -1:])
-        token = torch.tensor([7, 8, 9])
-        plain = model(input_ids=token[:, None], attention_mask=full_mask[:, :p + 1], position_ids=positions[:, -1:] + 1,
-                      cache=caches[0], cross_attention_mask=inputs["cross_attention_mask"][:, -1:]).logits[:, -1]
-        fast = stepper(token, positions[:, -1:] + 1, p)
-    assert torch.allclose(plain, fast, atol=1e-5, rtol=1e-5)
+        decoder.bind(full_mask, inputs["cross_attention_mask"][:, -1:])
+        for step, token in enumerate([torch.tensor([7, 8, 9]), torch.tensor([3, 4, 5])]):
+            pos = positions[:, -1:] + 1 + step
+            plain = model(input_ids=token[:, None], attention_mask=full_mask[:, :p + 1 + step], position_ids=pos,
+                          cache=plain_cache, cross_attention_mask=inputs["cross_attention_mask"][:, -1:]).logits[:, -1]
+            fast = decoder(token, pos, p + step)
+            assert torch.allclose(plain, fast, atol=1e-5, rtol=1e-5)
+
+
+def test_decoders_are_reused_across_requests(model):
+    inputs = make_inputs(*GEN_CASES["two_images"], 28)
+    model.__dict__.pop("_fast_decoders", None)
+    first = model.generate(**inputs, max_new_tokens=6, fast=True)
+    decoders = dict(model._fast_decoders)
+    second = model.generate(**inputs, max_new_tokens=6, fast=True)
+    assert torch.equal(first, second) and model._fast_decoders.keys() == decoders.keys()
+    assert all(model._fast_decoders[k] is decoders[k] for k in decoders)
+    # another request shape between two equal ones does not disturb them
+    model.generate(**make_inputs(*GEN_CASES["text_only"], 28), max_new_tokens=3, fast=True)
+    assert torch.equal(model.generate(**inputs, max_new_tokens=6, fast=True), first)
 
 
 def test_fused_weights_are_views_and_save_unfused(model, tmp_path):

@@ -165,7 +165,19 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
     if limit is not None and total > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                          f"model's context of {limit} tokens")
-    cache = MllamaCache.allocate(model.config, batch, total, device, model.dtype)
+    fast = device.type == "cuda" if fast is None else fast
+    decoder = None
+    if fast:
+        from .engine.fast import get_decoder
+
+        pixels = model_inputs.get("pixel_values")
+        vision_tokens = 0
+        if pixels is not None:
+            vision_tokens = pixels.shape[1] * pixels.shape[2] * model.config.vision_config.num_patches
+        decoder = get_decoder(model, batch, total, vision_tokens)
+        cache = decoder.reset()
+    else:
+        cache = MllamaCache.allocate(model.config, batch, total, device, model.dtype)
     mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_len] = attention_mask
     # Positions count real tokens only, so left padding does not shift the prompt (pads get position 0).
@@ -178,17 +190,15 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
     eos = torch.tensor(params.eos_token_id, device=device, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     seen = input_ids
-    fast = device.type == "cuda" if fast is None else fast
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1, **extra)
         last_position = positions[:, -1:]
         step_cross = cross_attention_mask[:, -1:] if cross_attention_mask is not None else None
         stepper = None
-        if fast:
-            from .engine.fast import FastDecoder
-
-            stepper = FastDecoder(model, cache, mask, step_cross)
+        if decoder is not None:
+            decoder.bind(mask, step_cross)
+            stepper = decoder
         for step in range(params.max_new_tokens):
             tokens = next_tokens(out.logits[:, -1], seen, params, step, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)

@@ -7,6 +7,8 @@ and no memory is added), and `FastDecoder` runs one decode step for a whole batc
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,96 +65,155 @@ def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mlp.down_proj(F.silu(gate) * up)
 
 
-class FastDecoder:
-    """One decode step for a batch, on the buffers of a prefilled preallocated cache.
+def self_layer_step(x, norm_in, wqkv, wo, norm_post, w13, w2, kc, vc, cos, sin, bias, slot,
+                    eps: float, heads: int, kv_heads: int, head_dim: int):
+    """One self-attention decoder layer for one new token per row; writes k/v at cache slot `slot`.
+    A pure function of tensors, so that one compiled version serves every layer."""
+    b = x.shape[0]
+    q, k, v = F.linear(_rms(x, norm_in, eps), wqkv).split([heads * head_dim, kv_heads * head_dim,
+                                                           kv_heads * head_dim], dim=-1)
+    q = _rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    kc.index_copy_(2, slot, k)
+    vc.index_copy_(2, slot, v.view(b, 1, kv_heads, head_dim).transpose(1, 2))
+    out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, enable_gqa=heads != kv_heads)
+    x = x + F.linear(out.transpose(1, 2).reshape(b, 1, -1), wo)
+    gate, up = F.linear(_rms(x, norm_post, eps), w13).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w2)
 
-    Static inputs (written before each step): `tokens` [B], `positions` [B] (RoPE positions), `slot` [1] (the
-    cache slot the step writes, the same for every row). The self-attention mask is recomputed inside the step from
-    `key_valid` [B, L] (prompt padding) and `slot`; the cross-attention bias and row mask are those of the last
-    prompt row, fixed for the request.
+
+def cross_layer_step(x, norm_in, wq, q_norm, wo, gate_attn, norm_post, w13, w2, gate_mlp, kc, vc, bias, row_mask,
+                     eps: float, heads: int, kv_heads: int, head_dim: int, mask_attention: bool):
+    """One cross-attention decoder layer for one new token per row, against fixed vision k/v."""
+    b = x.shape[0]
+    q = F.linear(_rms(x, norm_in, eps), wq).view(b, 1, heads, head_dim)
+    q = _rms(q, q_norm, eps).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, enable_gqa=heads != kv_heads)
+    if mask_attention:
+        out = out * row_mask
+    x = x + gate_attn.tanh() * F.linear(out.transpose(1, 2).reshape(b, 1, -1), wo)
+    gate, up = F.linear(_rms(x, norm_post, eps), w13).chunk(2, dim=-1)
+    return x + gate_mlp.tanh() * (row_mask[:, 0] * F.linear(F.silu(gate) * up, w2))
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled(name: str, fn):
+    """torch.compile'd version of a layer function, shared by all decoders; the eager one if compile fails."""
+    if name not in _COMPILED:
+        try:
+            _COMPILED[name] = torch.compile(fn, dynamic=False, fullgraph=True)
+        except Exception:  # an environment without a working compiler falls back to eager kernels
+            _COMPILED[name] = fn
+    return _COMPILED[name]
+
+
+class FastDecoder:
+    """One decode step for a batch against static buffers, replayable as one CUDA graph across requests.
+
+    Built for (batch, cache length, vision tokens); its `cache` is the preallocated MllamaCache that the prefill
+    writes into. `bind` then copies what varies per request (prompt padding, the vision k/v the prefill
+    computed, the cross-attention bias of the last prompt row) into static buffers. Each step writes `tokens`
+    [B], `positions` [B] (RoPE positions) and `slot` (the cache slot of the new token, the same for all rows).
     """
 
-    def __init__(self, model: nn.Module, cache: MllamaCache, key_valid: torch.Tensor,
-                 last_cross_mask: torch.Tensor | None, use_graph: bool | None = None):
+    def __init__(self, model: nn.Module, batch: int, length: int, vision_tokens: int = 0,
+                 use_graph: bool | None = None, compile: bool | None = None):
         fuse_projections(model)
         self.model = model
         self.text = text_model_of(model)
-        self.cache = cache
         self.config = self.text.config
         device, dtype = self.text.norm.weight.device, self.text.norm.weight.dtype
-        batch, length = key_valid.shape
-        self.length = length
+        self.batch, self.length, self.vision_tokens = batch, length, vision_tokens
+        self.cache = MllamaCache.allocate(self.config, batch, length, device, dtype)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.key_valid = key_valid.bool().to(device)
+        self.key_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         self.key_index = torch.arange(length, device=device)
         self.min = torch.finfo(dtype).min
-        self.cross_bias = self.row_mask = None
-        if cache.cross_key and last_cross_mask is not None:
-            tokens_per_tile = cache.cross_length() // (last_cross_mask.shape[2] * last_cross_mask.shape[3])
-            self.cross_bias, self.row_mask = prepare_cross_attention_mask(last_cross_mask.to(device),
-                                                                          tokens_per_tile, dtype)
+        cross_layers = [i for i, l in enumerate(self.text.layers) if isinstance(l, MllamaCrossAttentionDecoderLayer)]
+        kv_shape = (batch, self.config.num_key_value_heads, vision_tokens, self.config.head_dim)
+        self.cross_k = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in cross_layers} \
+            if vision_tokens else {}
+        self.cross_v = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in cross_layers} \
+            if vision_tokens else {}
+        self.cross_bias = torch.zeros(batch, 1, 1, vision_tokens, dtype=dtype, device=device)
+        self.row_mask = torch.ones(batch, 1, 1, 1, dtype=dtype, device=device)
         self.use_graph = device.type == "cuda" if use_graph is None else use_graph
+        use_compile = device.type == "cuda" if compile is None else compile
+        self.self_fn = compiled("self", self_layer_step) if use_compile else self_layer_step
+        self.cross_fn = compiled("cross", cross_layer_step) if use_compile else cross_layer_step
         self.graph = None
         self.logits = None
+        self.compile_error: str | None = None
+
+    def reset(self) -> MllamaCache:
+        """The cache, emptied, for the next request's prefill."""
+        self.cache.seq_length = 0
+        self.cache.cross_key.clear()
+        self.cache.cross_value.clear()
+        return self.cache
+
+    def bind(self, key_valid: torch.Tensor, last_cross_mask: torch.Tensor | None) -> None:
+        """After the prefill: copy this request's prompt padding and vision k/v into the static buffers."""
+        self.key_valid.fill_(True)
+        self.key_valid[:, :key_valid.shape[1]].copy_(key_valid.bool())
+        if not self.vision_tokens:
+            return
+        for i in self.cross_k:
+            self.cross_k[i].copy_(self.cache.cross_key[i])
+            self.cross_v[i].copy_(self.cache.cross_value[i])
+        if last_cross_mask is None:  # images without a mask: every row sees every vision token
+            self.cross_bias.zero_()
+            self.row_mask.fill_(1)
+            return
+        tiles = last_cross_mask.shape[2] * last_cross_mask.shape[3]
+        bias, rows = prepare_cross_attention_mask(last_cross_mask, self.vision_tokens // tiles, self.cross_bias.dtype)
+        self.cross_bias.copy_(bias)
+        self.row_mask.copy_(rows)
 
     # --------------------------------------------------------------------------------------------------------
-    def _self_attention(self, layer, x, cos, sin, bias):
-        attn, cfg = layer.self_attn, self.config
-        b = x.shape[0]
-        q, k, v = F.linear(x, attn.wqkv).split([attn.num_heads * attn.head_dim,
-                                                attn.num_kv_heads * attn.head_dim,
-                                                attn.num_kv_heads * attn.head_dim], dim=-1)
-        q = _rope(q.view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2), cos, sin)
-        k = _rope(k.view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(b, 1, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-        kc, vc = self.cache.key[attn.layer_idx], self.cache.value[attn.layer_idx]
-        kc.index_copy_(2, self.slot, k)
-        vc.index_copy_(2, self.slot, v)
-        out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, enable_gqa=attn.num_heads != attn.num_kv_heads)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
-
-    def _cross_attention(self, layer, x):
-        attn = layer.cross_attn
-        b = x.shape[0]
-        q = attn.q_norm(attn.q_proj(x).view(b, 1, attn.num_heads, attn.head_dim)).transpose(1, 2)
-        k, v = self.cache.cross_key[attn.layer_idx], self.cache.cross_value[attn.layer_idx]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.cross_bias,
-                                             enable_gqa=attn.num_heads != attn.num_kv_heads)
-        if self.row_mask is not None and self.config.compat == "meta":
-            out = out * self.row_mask
-        return attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
-
     def _step(self) -> torch.Tensor:
-        text, eps = self.text, self.config.rms_norm_eps
+        text, cfg = self.text, self.config
+        eps, hd = cfg.rms_norm_eps, cfg.head_dim
         x = text.embed_tokens(self.tokens)[:, None]                          # [B, 1, D]
         cos, sin = text.rotary_emb(self.positions[:, None])
         visible = self.key_valid & (self.key_index[None] <= self.slot)
         bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, self.min)
         bias = bias[:, None, None, :]                                        # [B, 1, 1, L]
+        mask_attention = cfg.compat == "meta"
         for i, layer in enumerate(text.layers):
             if isinstance(layer, MllamaCrossAttentionDecoderLayer):
-                if not self.cache.has_cross(i):
-                    continue
-                x = x + layer.cross_attn_attn_gate.tanh() * self._cross_attention(layer, _rms(
-                    x, layer.input_layernorm.weight, eps))
-                h = _mlp(layer.mlp, _rms(x, layer.post_attention_layernorm.weight, eps))
-                if self.row_mask is not None:
-                    h = self.row_mask[:, 0] * h
-                x = x + layer.cross_attn_mlp_gate.tanh() * h
+                if not self.vision_tokens:
+                    continue  # text only: cross-attention layers are the identity
+                a, m = layer.cross_attn, layer.mlp
+                x = self.cross_fn(x, layer.input_layernorm.weight, a.q_proj.weight, a.q_norm.weight, a.o_proj.weight,
+                                  layer.cross_attn_attn_gate, layer.post_attention_layernorm.weight, m.w13,
+                                  m.down_proj.weight, layer.cross_attn_mlp_gate, self.cross_k[i], self.cross_v[i],
+                                  self.cross_bias, self.row_mask, eps, a.num_heads, a.num_kv_heads, hd,
+                                  mask_attention)
             else:
-                x = x + self._self_attention(layer, _rms(x, layer.input_layernorm.weight, eps), cos, sin, bias)
-                x = x + _mlp(layer.mlp, _rms(x, layer.post_attention_layernorm.weight, eps))
+                a, m = layer.self_attn, layer.mlp
+                x = self.self_fn(x, layer.input_layernorm.weight, a.wqkv, a.o_proj.weight,
+                                 layer.post_attention_layernorm.weight, m.w13, m.down_proj.weight,
+                                 self.cache.key[i], self.cache.value[i], cos, sin, bias, self.slot, eps,
+                                 a.num_heads, a.num_kv_heads, hd)
         x = text.norm(x)
         return self.model.lm_head(x[:, -1])                                  # [B, vocab]
 
-    # --------------------------------------------------------------------------------------------------------
     def _capture(self) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        # The warm-up runs write the cache slot `slot` points at, which the real step then overwrites.
+        # Warm-up (and compilation) runs write the cache slot `slot` points at; the real step overwrites it.
         with torch.cuda.stream(stream):
+            try:
+                self._step()
+            except Exception as e:  # the compiler failed here: the same functions run as eager kernels
+                self.compile_error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                warnings.warn(f"torch.compile of the decode step failed ({self.compile_error}); using eager kernels")
+                self.self_fn, self.cross_fn = self_layer_step, cross_layer_step
             for _ in range(2):
                 self._step()
         torch.cuda.current_stream().wait_stream(stream)
@@ -174,3 +235,22 @@ class FastDecoder:
             self._capture()
         self.graph.replay()
         return self.logits
+
+
+def _bucket(length: int) -> int:
+    # Cache lengths are rounded up so that requests of similar size share a decoder (and its CUDA graph).
+    return -(-length // 256) * 256
+
+
+def get_decoder(model: nn.Module, batch: int, length: int, vision_tokens: int, keep: int = 4) -> FastDecoder:
+    """A decoder for this shape, reused across requests (the model keeps the `keep` most recent ones)."""
+    decoders = model.__dict__.setdefault("_fast_decoders", {})
+    compat = getattr(model.config, "compat", "meta")  # baked into the captured graph
+    key = (batch, _bucket(length), vision_tokens, compat)
+    if key in decoders:
+        decoders[key] = decoders.pop(key)  # most recently used last
+    else:
+        while len(decoders) >= keep:
+            decoders.pop(next(iter(decoders)))
+        decoders[key] = FastDecoder(model, batch, key[1], vision_tokens)
+    return decoders[key]
