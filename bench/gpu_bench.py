@@ -223,6 +223,13 @@ def main() -> None:
     results["mllama"]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
     results["mllama"]["build_s"] = build_s
     results["mllama"]["first_request_s"] = first_request_s
+    try:  # a request that cannot fit is refused before anything is allocated
+        big = make_inputs(config, 512, False)
+        gen_ours(ours, big, 60000)
+        results["mllama"]["oversized_request"] = "accepted (unexpected)"
+    except ValueError as e:
+        results["mllama"]["oversized_request"] = f"refused: {e}"
+    print("oversized:", results["mllama"]["oversized_request"], flush=True)
     decoders = list(ours.__dict__.get("_fast_decoders", {}).values())
     results["mllama"]["compile_errors"] = sorted({d.compile_error for d in decoders if d.compile_error})
     if not args.skip_transformers:

@@ -83,3 +83,13 @@ def test_fast_path_for_the_causal_lm(model):
     inputs = make_inputs(*GEN_CASES["text_only"], 28)
     assert torch.equal(lm.generate(**inputs, max_new_tokens=10, fast=True),
                        lm.generate(**inputs, max_new_tokens=10, fast=False))
+
+
+def test_cache_bytes_of_the_11b_shapes():
+    from mllama import MllamaConfig
+    from mllama.engine.fast import cache_bytes
+
+    config = MllamaConfig.llama_3_2_11b()
+    # 32 self layers x 2 (k, v) x 8 kv heads x 128 x 2 bytes = 128 KiB per token; 8 cross layers per vision token
+    assert cache_bytes(config, 1, 1, 0, torch.bfloat16) == 128 * 1024
+    assert cache_bytes(config, 2, 0, 6404, torch.bfloat16) == 2 * 6404 * 8 * 2 * 8 * 128 * 2

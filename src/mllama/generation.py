@@ -114,11 +114,14 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
 
 
 def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int,
-                generator: torch.Generator | None) -> torch.Tensor:
+                generator: torch.Generator | None, eos: torch.Tensor | None = None) -> torch.Tensor:
+    """eos: the EOS ids already on the logits' device (indexing with a host list would sync every step)."""
     logits = logits.float()
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if new_count < params.min_new_tokens and params.eos_token_id:
-        logits[:, list(params.eos_token_id)] = float("-inf")
+        if eos is None:
+            eos = torch.tensor(params.eos_token_id, device=logits.device)
+        logits = logits.index_fill(1, eos, float("-inf"))
     if not params.do_sample:
         return logits.argmax(-1)
     probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)
@@ -200,7 +203,7 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
             decoder.bind(mask, step_cross)
             stepper = decoder
         for step in range(params.max_new_tokens):
-            tokens = next_tokens(out.logits[:, -1], seen, params, step, generator)
+            tokens = next_tokens(out.logits[:, -1], seen, params, step, generator, eos)
             tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
             if eos.numel():
                 finished = finished | torch.isin(tokens, eos)

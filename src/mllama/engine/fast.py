@@ -242,6 +242,32 @@ def _bucket(length: int) -> int:
     return -(-length // 256) * 256
 
 
+WORKSPACE_BYTES = 2 * 2**30  # activations of the prefill and the vision encoder, beyond the caches
+
+
+def cache_bytes(config, batch: int, length: int, vision_tokens: int, dtype: torch.dtype) -> int:
+    """Bytes of a decoder's static buffers: self-attention K/V over `length`, cross K/V over the vision tokens."""
+    text = getattr(config, "text_config", config)
+    per_token = 2 * text.num_key_value_heads * text.head_dim * torch.finfo(dtype).bits // 8
+    cross_layers = len(text.cross_attention_layers)
+    self_layers = text.num_hidden_layers - cross_layers
+    return batch * per_token * (self_layers * length + cross_layers * vision_tokens)
+
+
+def check_fits(model: nn.Module, batch: int, length: int, vision_tokens: int, dtype: torch.dtype,
+               device: torch.device) -> None:
+    """Refuses, before anything is allocated, a request whose caches and workspace exceed the free GPU memory."""
+    if device.type != "cuda":
+        return
+    need = cache_bytes(model.config, batch, length, vision_tokens, dtype) + WORKSPACE_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if need > free:
+        raise ValueError(f"this request needs {need / 2**30:.1f} GiB of GPU memory for its caches and workspace "
+                         f"(batch {batch}, {length} tokens, {vision_tokens} vision tokens per row) but only "
+                         f"{free / 2**30:.1f} GiB are free: use a smaller batch, fewer new tokens or fewer images")
+
+
 def get_decoder(model: nn.Module, batch: int, length: int, vision_tokens: int, keep: int = 4) -> FastDecoder:
     """A decoder for this shape, reused across requests (the model keeps the `keep` most recent ones)."""
     decoders = model.__dict__.setdefault("_fast_decoders", {})
@@ -252,5 +278,9 @@ def get_decoder(model: nn.Module, batch: int, length: int, vision_tokens: int, k
     else:
         while len(decoders) >= keep:
             decoders.pop(next(iter(decoders)))
+        weight = text_model_of(model).norm.weight
+        if weight.device.type == "cuda":
+            torch.cuda.empty_cache()  # evicted decoders' buffers count as free below
+        check_fits(model, batch, key[1], vision_tokens, weight.dtype, weight.device)
         decoders[key] = FastDecoder(model, batch, key[1], vision_tokens)
     return decoders[key]
