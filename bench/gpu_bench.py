@@ -187,11 +187,28 @@ def exactness(model, config) -> dict:
             "greedy_agreement_fast_vs_fp32": float((fast.argmax(-1) == ref.argmax(-1)).float().mean())}
 
 
+def profile_first_token(model, inputs, out: Path) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        gen_ours(model, inputs, 1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with torch.no_grad():
+            gen_ours(model, inputs, 1)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    (out / "profile-first-token.txt").write_text(table + "\n\n" + cpu)
+    print(table[:6000], flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print where the first-token time of mllama goes")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +234,8 @@ def main() -> None:
     gen_ours(ours, img1, 2)
     torch.cuda.synchronize()
     first_request_s = time.perf_counter() - t0
+    if args.profile:
+        profile_first_token(ours, img1, out)
     torch.cuda.reset_peak_memory_stats()
     results = {"meta": meta, "hardware": hw, "decode_weight_bytes": decode_bytes,
                "mllama": measure("mllama", ours, gen_ours, ours.model.vision_model, config, args.quick)}

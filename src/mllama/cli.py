@@ -1,4 +1,4 @@
-"""The `mllama` command: generate, chat, info, download, create-tiny."""
+"""The `mllama` command: generate, chat, info, download, create-tiny, serve."""
 from __future__ import annotations
 
 import argparse
@@ -351,6 +351,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_tiny)
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    try:
+        from .server import add_arguments as add_serve_arguments, run as run_serve
+    except ImportError as e:  # fastapi/uvicorn are the [serve] extra
+        missing = str(e)
+
+        def run_serve(args):
+            raise CliError(f"`mllama serve` needs the server extra ({missing}): pip install 'mllama[serve]'")
+        p.add_argument("model", nargs="?")
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+    else:
+        add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
     return parser
 
 

@@ -1,0 +1,393 @@
+"""The OpenAI-compatible HTTP API over a BatchEngine.
+
+Bodies are parsed by hand rather than by pydantic models so that every error has OpenAI's shape and names the
+field at fault (pydantic's 422 lists would not be what OpenAI clients expect).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..engine.batch import (BatchEngine, EngineStopped, Event, GenerationRequest, QueueFull, RequestTooLong,
+                            sampling_params)
+from .prompts import ImageOptions, RequestError, chat_inputs, completion_inputs
+
+
+@dataclass
+class ServerOptions:
+    model_name: str = "mllama"
+    api_key: str | None = None
+    images: ImageOptions = field(default_factory=ImageOptions)
+    default_max_tokens: int | None = None  # None: whatever the context leaves
+    retry_after: int = 1
+    max_body_bytes: int = 100 * 1024 * 1024
+
+
+def error_response(message: str, status: int = 400, param: str | None = None, code: str | None = None,
+                   kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Field checks
+
+
+def _int(body: dict, name: str, low: int, high: int | None = None, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{name} must be an integer, got {type(value).__name__}", name)
+    if value < low or (high is not None and value > high):
+        raise RequestError(f"{name} must be in {low}..{high if high is not None else 'inf'}, got {value}", name)
+    return value
+
+
+def _float(body: dict, name: str, low: float, high: float):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{name} must be a number, got {type(value).__name__}", name)
+    if not low <= value <= high:
+        raise RequestError(f"{name} must be between {low} and {high}, got {value}", name)
+    return float(value)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise RequestError("stop must be a non-empty string or an array of at most 4 non-empty strings", "stop")
+    return tuple(stop)
+
+
+@dataclass
+class Parsed:
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+
+
+def parse_common(body: dict, chat: bool) -> Parsed:
+    n = _int(body, "n", 1, None, 1)
+    if n != 1:
+        raise RequestError(f"n must be 1 (this server returns one choice per request), got {n}", "n")
+    if body.get("best_of") not in (None, 1):
+        raise RequestError("best_of must be 1", "best_of")
+    max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", 1)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream must be true or false, got {stream!r}", "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise RequestError("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+        include_usage = options.get("include_usage", False)
+    if chat:
+        want = body.get("logprobs", False)
+        if want is not None and not isinstance(want, bool):
+            raise RequestError(f"logprobs must be true or false, got {want!r}", "logprobs")
+        top = _int(body, "top_logprobs", 0, 20)
+        if top is not None and not want:
+            raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+        logprobs = (top or 0) if want else None
+    else:
+        logprobs = _int(body, "logprobs", 0, 5)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(f"seed must be an integer, got {type(seed).__name__}", "seed")
+    return Parsed(max_tokens=max_tokens, temperature=_float(body, "temperature", 0.0, 2.0),
+                  top_p=_float(body, "top_p", 0.0, 1.0), seed=seed, stop=_stop(body), stream=stream,
+                  include_usage=include_usage, logprobs=logprobs)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(model, processor, engine: BatchEngine, options: ServerOptions | None = None) -> FastAPI:
+    options = options or ServerOptions()
+    app = FastAPI(title="mllama", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.options = engine, options
+    http_counts: dict[tuple[str, int], int] = {}
+    tokenizer = processor.tokenizer
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        # Authentication and body-size checks before any route reads the body; every answer is counted.
+        path = request.url.path
+        if path.startswith("/v1/"):
+            if options.api_key is not None:
+                header = request.headers.get("authorization", "")
+                if header != f"Bearer {options.api_key}":
+                    response = error_response("invalid or missing API key: send 'Authorization: Bearer <key>'",
+                                              401, None, "invalid_api_key")
+                    http_counts[(path, 401)] = http_counts.get((path, 401), 0) + 1
+                    return response
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
+                http_counts[(path, 413)] = http_counts.get((path, 413), 0) + 1
+                return error_response(f"the request body is {length} bytes, more than {options.max_body_bytes}",
+                                      413, None, "request_too_large")
+        try:
+            response = await call_next(request)
+        except Exception as e:  # never a bare 500 page: keep OpenAI's shape
+            response = error_response(f"internal error: {type(e).__name__}: {e}", 500, None, None, "server_error")
+        key = (path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other",
+               response.status_code)
+        http_counts[key] = http_counts.get(key, 0) + 1
+        return response
+
+    async def read_body(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise RequestError(f"the request body is not valid JSON ({e})", None) from None
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object", None)
+        model_name = body.get("model")
+        if not isinstance(model_name, str):
+            raise RequestError(f"model must be a string: the served model is {options.model_name!r}", "model")
+        if model_name != options.model_name:
+            raise RequestError(f"the model {model_name!r} does not exist: this server serves "
+                               f"{options.model_name!r}", "model", 404, "model_not_found")
+        return body
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if engine.accepting else "shutting_down"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0,
+                                            "owned_by": "mllama", "max_model_len": engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(render_metrics(engine, http_counts), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    async def handle(request: Request, chat: bool):
+        try:
+            body = await read_body(request)
+            parsed = parse_common(body, chat)
+            if chat:
+                ids, inputs = await asyncio.to_thread(chat_inputs, processor, body.get("messages"), options.images)
+            else:
+                if "prompt" not in body:
+                    raise RequestError("prompt is required", "prompt")
+                ids, inputs = await asyncio.to_thread(completion_inputs, processor, body.get("prompt"),
+                                                      body.get("images"), options.images)
+            max_tokens = parsed.max_tokens
+            if max_tokens is None:
+                max_tokens = options.default_max_tokens or max(1, engine.max_model_len - len(ids))
+            engine.check_length(len(ids), max_tokens)
+            params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p)
+        except RequestError as e:
+            return error_response(e.message, e.status, e.param, e.code)
+        except RequestTooLong as e:
+            return error_response(str(e), 400, "max_tokens" if parsed.max_tokens else "messages",
+                                  "context_length_exceeded")
+        except ValueError as e:
+            return error_response(str(e), 400, None, None)
+
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        job = GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
+                                seed=parsed.seed, logprobs=parsed.logprobs,
+                                emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
+                                  "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})
+        except EngineStopped as e:
+            return error_response(str(e), 503, None, "shutting_down", "server_error")
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        if parsed.stream:
+            return StreamingResponse(stream(job, events, rid, created, chat, parsed), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await collect(request, job, events, rid, created, chat)
+
+    def logprob_payload(entries: list[dict], chat: bool, offset: int) -> Any:
+        def token_text(i: int) -> str:
+            return tokenizer.decode([i], skip_special_tokens=False)
+
+        if chat:
+            out = []
+            for e in entries:
+                text = token_text(e["id"])
+                out.append({"token": text, "logprob": e["logprob"], "bytes": list(text.encode()),
+                            "top_logprobs": [{"token": token_text(i), "logprob": lp,
+                                              "bytes": list(token_text(i).encode())} for i, lp in e["top"]]})
+            return out
+        tokens = [token_text(e["id"]) for e in entries]
+        offsets, pos = [], offset
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{token_text(i): lp for i, lp in e["top"]} for e in entries],
+                "text_offset": offsets}
+
+    async def collect(request: Request, job: GenerationRequest, events: asyncio.Queue, rid: str, created: int,
+                      chat: bool):
+        text, entries = [], []
+        done = False
+        try:
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    # A client that went away should not keep its slot until max_tokens.
+                    if await request.is_disconnected():
+                        job.cancel()
+                        return error_response("client disconnected", 499, None, "client_closed")
+                    continue
+                if ev.error:
+                    done = True
+                    return error_response(f"generation failed: {ev.error}", 500, None, None, "server_error")
+                text.append(ev.text)
+                entries.extend(ev.logprobs)
+                if ev.finish_reason:
+                    done = True
+                    break
+        finally:
+            if not done:  # cancelled by the server (shutdown) or the client: free the slot
+                job.cancel()
+        content = "".join(text)
+        usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+        logprobs = None
+        if job.logprobs is not None:
+            logprobs = {"content": logprob_payload(entries, True, 0)} if chat else logprob_payload(entries, False, 0)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                      "logprobs": logprobs, "finish_reason": ev.finish_reason}
+            return {"id": rid, "object": "chat.completion", "created": created, "model": options.model_name,
+                    "choices": [choice], "usage": usage}
+        choice = {"index": 0, "text": content, "logprobs": logprobs, "finish_reason": ev.finish_reason}
+        return {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
+                "choices": [choice], "usage": usage}
+
+    async def stream(job: GenerationRequest, events: asyncio.Queue, rid: str, created: int, chat: bool,
+                     parsed: Parsed):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        offset = 0
+
+        def chunk(delta_text: str | None, finish: str | None, entries: list, first: bool = False) -> str:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if delta_text is not None:
+                    delta["content"] = delta_text
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if job.logprobs is not None and entries:
+                    choice["logprobs"] = {"content": logprob_payload(entries, True, 0)}
+            else:
+                choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
+                if job.logprobs is not None and entries:
+                    choice["logprobs"] = logprob_payload(entries, False, offset)
+            payload = {"id": rid, "object": kind, "created": created, "model": options.model_name,
+                       "choices": [choice]}
+            if parsed.include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload)}\n\n"
+
+        finished = False
+        try:
+            if chat:
+                yield chunk("", None, [], first=True)
+            while True:
+                ev = await events.get()
+                if ev.error:
+                    error = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                       "param": None, "code": None}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    finished = True
+                    break
+                if ev.text or ev.logprobs or ev.finish_reason:
+                    yield chunk(ev.text, ev.finish_reason, ev.logprobs)
+                    offset += len(ev.text)
+                if ev.finish_reason:
+                    finished = True
+                    if parsed.include_usage:
+                        usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+                                 "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+                        yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': options.model_name, 'choices': [], 'usage': usage})}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            # Runs when the client disconnects too (the generator is cancelled or closed): free the slot.
+            if not finished:
+                job.cancel()
+
+    return app
+
+
+def render_metrics(engine: BatchEngine, http_counts: dict) -> str:
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value}")
+
+    outcomes = ("stop", "length", "cancelled", "aborted", "error")
+    metric("mllama_requests_total", "counter", "Requests that left the engine, by outcome",
+           [(f'{{outcome="{o}"}}', engine.outcomes.get(o, 0)) for o in outcomes])
+    metric("mllama_http_responses_total", "counter", "HTTP responses by route and status",
+           [(f'{{route="{r}",status="{s}"}}', c) for (r, s), c in sorted(http_counts.items())])
+    metric("mllama_generation_tokens_total", "counter", "Tokens generated", [("", engine.tokens_generated)])
+    metric("mllama_prompt_tokens_total", "counter", "Prompt tokens prefilled", [("", engine.prompt_tokens)])
+    metric("mllama_queue_depth", "gauge", "Requests waiting for a slot", [("", engine.queue_depth)])
+    metric("mllama_running_requests", "gauge", "Requests in the running batch", [("", engine.running)])
+    metric("mllama_batch_slots", "gauge", "Slots of the running batch (--max-batch)", [("", engine.max_batch)])
+    metric("mllama_decode_steps_total", "counter", "Batched decode steps run", [("", engine.steps)])
+    metric("mllama_cache_bytes_in_use", "gauge", "K/V cache bytes held by running requests",
+           [("", engine.cache_bytes_in_use())])
+    metric("mllama_cache_bytes_allocated", "gauge", "K/V cache bytes preallocated for all slots",
+           [("", engine.buffers.allocated_bytes)])
+    for name, hist, help_text in (("mllama_time_to_first_token_seconds", engine.ttft, "Submit to first token"),
+                                  ("mllama_inter_token_latency_seconds", engine.itl, "Time between tokens")):
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} histogram")
+        cumulative = 0
+        for bound, count in zip(hist.bounds, hist.counts):
+            cumulative += count
+            lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
+        lines.append(f'{name}_bucket{{le="+Inf"}} {hist.count}')
+        lines.append(f"{name}_sum {hist.total}")
+        lines.append(f"{name}_count {hist.count}")
+    return "\n".join(lines) + "\n"
