@@ -427,3 +427,47 @@ def test_queue_full_429_api_key_and_sigterm(tiny_checkpoint):
         assert len(finished) == 2 and all(r.json()["usage"]["completion_tokens"] == 400 for r in finished)
     finally:
         s.stop()
+
+
+def test_remote_images_limits(tiny_checkpoint, reference, tmp_path):
+    """http(s) image URLs: fetched with --allow-remote-images; loopback refused unless explicitly allowed; size cap."""
+    import functools
+    import http.server
+    import threading
+
+    _, image = _image(5)
+    image.save(tmp_path / "img.png")
+    (tmp_path / "big.png").write_bytes(b"\x89PNG" + b"0" * 300_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+
+    def ask(srv, url):
+        body = {"model": MODEL, "max_tokens": 5, "temperature": 0,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                           {"type": "text", "text": "What is it?"}]}]}
+        return httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
+
+    strict = Server(tiny_checkpoint, "--allow-remote-images", "--max-image-bytes", "200000")
+    try:
+        refused = ask(strict, f"{base}/img.png")
+        assert refused.status_code == 400 and "non-public address" in refused.json()["error"]["message"]
+    finally:
+        assert strict.stop() == 0
+    open_ = Server(tiny_checkpoint, "--allow-remote-images", "--allow-private-image-hosts",
+                   "--max-image-bytes", "200000")
+    try:
+        ok = ask(open_, f"{base}/img.png")
+        assert ok.status_code == 200, ok.text
+        ref = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+        text, _, _ = _generate(reference, ref, 5, do_sample=False)
+        assert ok.json()["choices"][0]["message"]["content"] == text
+        big = ask(open_, f"{base}/big.png")
+        assert big.status_code == 413 and "bytes" in big.json()["error"]["message"]
+        missing = ask(open_, f"{base}/none.png")
+        assert missing.status_code == 400 and "HTTP 404" in missing.json()["error"]["message"]
+    finally:
+        assert open_.stop() == 0
+        files.shutdown()

@@ -14,6 +14,8 @@ import base64
 import ipaddress
 import re
 import socket
+import urllib.error
+import urllib.request
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -109,33 +111,37 @@ def _check_host(host: str, param: str, options: ImageOptions) -> None:
                                param)
 
 
-def fetch_remote(url: str, param: str, options: ImageOptions) -> bytes:
-    import httpx2 as httpx
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # A redirect could lead to an internal address that the host check did not see.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
+
+def fetch_remote(url: str, param: str, options: ImageOptions) -> bytes:
     parts = urlsplit(url)
     if not parts.hostname:
         raise RequestError(f"{param}: the URL has no host", param)
     _check_host(parts.hostname, param, options)
+    opener = urllib.request.build_opener(_NoRedirects)
+    request = urllib.request.Request(url, headers={"User-Agent": "mllama-server"})
     try:
-        # No redirects: a redirect could lead to an internal address that the check above did not see.
-        with httpx.Client(timeout=options.timeout, follow_redirects=False) as client:
-            with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise RequestError(f"{param}: downloading the image gave HTTP {response.status_code} "
-                                       f"(redirects are not followed)", param)
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > options.max_bytes:
-                        raise RequestError(f"{param}: the image is more than {options.max_bytes} bytes", param,
-                                           status=413, code="image_too_large")
-                    chunks.append(chunk)
+        with opener.open(request, timeout=options.timeout) as response:
+            if response.status != 200:
+                raise RequestError(f"{param}: downloading the image gave HTTP {response.status} "
+                                   f"(redirects are not followed)", param)
+            data = response.read(options.max_bytes + 1)
     except RequestError:
         raise
+    except urllib.error.HTTPError as e:
+        raise RequestError(f"{param}: downloading the image gave HTTP {e.code} (redirects are not followed)",
+                           param) from None
     except Exception as e:  # timeouts, refused connections, TLS errors
         raise RequestError(f"{param}: could not download the image ({type(e).__name__}: {e}; timeout "
                            f"{options.timeout}s)", param) from None
-    return b"".join(chunks)
+    if len(data) > options.max_bytes:
+        raise RequestError(f"{param}: the image is more than {options.max_bytes} bytes", param,
+                           status=413, code="image_too_large")
+    return data
 
 
 # -----------------------------------------------------------------------------------------------------------------
