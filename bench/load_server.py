@@ -19,7 +19,10 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-import httpx2 as httpx
+try:
+    import httpx2 as httpx  # what the openai client installs here
+except ImportError:
+    import httpx
 
 
 def _image_url(size: int = 64) -> str:
