@@ -371,12 +371,6 @@ class MllamaConfig(_ConfigBase):
         return out
 
     @classmethod
-    def from_dict(cls, data: dict, **overrides: Any):
-        data = {**data, **overrides}
-        data.pop("model_type", None)
-        return cls(**data)
-
-    @classmethod
     def llama_3_2_11b(cls, instruct: bool = True, **overrides: Any) -> "MllamaConfig":
         """The shapes of Llama-3.2-11B-Vision(-Instruct)."""
         return cls._preset(hidden=4096, layers=32, cross=8, heads=32, ffn=14336, instruct=instruct, **overrides)

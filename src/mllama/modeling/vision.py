@@ -66,13 +66,52 @@ class MllamaVisionAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                valid_groups: ValidGroups | None = None) -> torch.Tensor:
+        """`mask` is the additive mask of `vision_attention_mask`; with `valid_groups` instead, the tokens of each
+        row are already ordered valid-first (see `vision_token_order`) and no mask is needed."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if valid_groups is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = reordered_attention(q, k, v, valid_groups)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+# (valid-token count V, rows of the batch having that V, or None when it is every row)
+ValidGroups = list[tuple[int, "torch.Tensor | None"]]
+
+
+def _valid_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
+    """The mask rule of `vision_attention_mask` for rows whose first `count` tokens are the valid ones, written
+    as unmasked SDPA calls (which may run the flash kernel; an arbitrary additive mask rules it out)."""
+    seq = q.shape[2]
+    if count == 0:
+        # Every pair is blocked: each score becomes the same finfo.min, so the mask form's softmax is uniform over
+        # all keys. Reproduce that instead of attending to nothing (which would give NaN).
+        return v.mean(dim=2, keepdim=True).expand_as(q)
+    # exact: valid queries see every key, valid or padding, so they need no mask at all
+    head = F.scaled_dot_product_attention(q[:, :, :count], k, v)
+    if count == seq:
+        return head
+    # exact: padding queries see only the valid keys, which are the first `count` after the reordering
+    tail = F.scaled_dot_product_attention(q[:, :, count:], k[:, :, :count], v[:, :, :count])
+    return torch.cat([head, tail], dim=2)
+
+
+def reordered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: ValidGroups) -> torch.Tensor:
+    """Attention over valid-first rows [B, H, S, hd]; rows with different valid counts are run group by group."""
+    if len(groups) == 1 and groups[0][1] is None:
+        return _valid_first_attention(q, k, v, groups[0][0])     # the usual case: one V for the whole batch
+    out = torch.empty_like(q)
+    for count, rows in groups:
+        part = _valid_first_attention(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
+                                      count)
+        out.index_copy_(0, rows, part)
+    return out
 
 
 class MllamaVisionMLP(nn.Module):
@@ -97,8 +136,9 @@ class MllamaVisionEncoderLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.zeros(1))
             self.gate_ffn = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), mask)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None,
+                valid_groups: ValidGroups | None = None) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), mask, valid_groups)
         x = x + (self.gate_attn.tanh() * h if self.is_gated else h)
         h = self.mlp(self.post_attention_layernorm(x))
         return x + (self.gate_ffn.tanh() * h if self.is_gated else h)
@@ -110,34 +150,72 @@ class MllamaVisionEncoder(nn.Module):
         self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, is_gated) for _ in range(num_layers))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: tuple[int, ...] = (),
-                keep_outputs: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                keep_outputs: bool = False,
+                valid_groups: ValidGroups | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Runs all layers; also returns the states at the indices in `keep`: each listed layer's input
-        (Meta's rule, which the weights were trained with) or, with keep_outputs, its output (transformers)."""
+        (Meta's rule, which the weights were trained with) or, with keep_outputs, its output (transformers).
+        With `valid_groups`, x is in valid-first token order and so are the returned states."""
         kept = []
         for i, layer in enumerate(self.layers):
             if i in keep and not keep_outputs:
                 kept.append(x)
-            x = layer(x, mask)
+            x = layer(x, mask, valid_groups)
             if i in keep and keep_outputs:
                 kept.append(x)
         return x, kept
+
+
+def vision_valid_tokens(aspect_ratio_mask: torch.Tensor, num_tokens: int, num_pad: int) -> torch.Tensor:
+    """[B*N, T*L] bool: True for the real tokens of the image's tiles, False for padding.
+
+    Padding = the `num_pad` tokens appended to each tile, and every token of a tile beyond the image's tiles.
+    """
+    bn, tiles = aspect_ratio_mask.shape
+    valid = aspect_ratio_mask.bool()[:, :, None].expand(bn, tiles, num_tokens + num_pad).clone()
+    if num_pad:
+        valid[:, :, num_tokens:] = False
+    return valid.reshape(bn, -1)
 
 
 def vision_attention_mask(aspect_ratio_mask: torch.Tensor, num_tokens: int, num_pad: int,
                           dtype: torch.dtype) -> torch.Tensor:
     """Additive mask [B*N, 1, T*L, T*L] that blocks only (padding query, padding key) pairs.
 
-    Padding = the `num_pad` tokens appended to each tile, and every token of a tile beyond the image's tiles.
     Real tokens attend to padding (Meta's encoder does; the weights were trained so), padding attends to real.
     """
-    bn, tiles = aspect_ratio_mask.shape
-    valid = aspect_ratio_mask.bool()[:, :, None].expand(bn, tiles, num_tokens + num_pad).clone()
-    if num_pad:
-        valid[:, :, num_tokens:] = False
-    invalid = ~valid.reshape(bn, -1)
+    invalid = ~vision_valid_tokens(aspect_ratio_mask, num_tokens, num_pad)
     blocked = invalid[:, :, None] & invalid[:, None, :]
     mask = torch.zeros(blocked.shape, dtype=dtype, device=aspect_ratio_mask.device)
     return mask.masked_fill_(blocked, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def vision_token_order(aspect_ratio_mask: torch.Tensor, num_tokens: int,
+                       num_pad: int) -> tuple[torch.Tensor, torch.Tensor, ValidGroups]:
+    """The valid-first order that lets `reordered_attention` compute the masked attention without a mask.
+
+    Returns `order` [B*N, T*L] (row r of the reordered sequence is token order[r] of the original one; valid tokens
+    first, each group in its original order), `inverse` (its inverse permutation) and the rows grouped by valid
+    count. Attention is order-free except through the mask and everything else in the encoder is per token, so the
+    reordering is applied once before the stacks and undone once after. The grouping reads the counts on the host:
+    one sync per forward, not per layer.
+    """
+    valid = vision_valid_tokens(aspect_ratio_mask, num_tokens, num_pad)
+    # stable sort on the "is padding" flag: valid tokens (0) first, padding (1) last
+    order = torch.argsort((~valid).to(torch.int32), dim=1, stable=True)
+    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    inverse = torch.empty_like(order).scatter_(1, order, positions)
+    counts = valid.sum(dim=1)
+    distinct = sorted(set(counts.tolist()))
+    if len(distinct) == 1:
+        groups: ValidGroups = [(distinct[0], None)]
+    else:
+        groups = [(c, torch.nonzero(counts == c).flatten()) for c in distinct]
+    return order, inverse, groups
+
+
+def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B*N, S, F] -> x[r, index[r, i]] for every row r; index [B*N, S'] (S' may be smaller than S)."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
 
 
 class MllamaVisionModel(MllamaPreTrainedModel):
@@ -145,6 +223,9 @@ class MllamaVisionModel(MllamaPreTrainedModel):
 
     def __init__(self, config: MllamaVisionConfig):
         super().__init__(config)
+        # True: attention on valid-first reordered tokens with unmasked SDPA calls (flash-eligible, same function);
+        # False: the additive-mask form. Either can be chosen per call with forward(..., exact_reorder=...).
+        self.exact_reorder = True
         self.image_size = config.image_size
         self.patch_size = config.patch_size
         self.max_num_tiles = config.max_num_tiles
@@ -189,13 +270,17 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         return F.pad(x, (0, 0, 0, self.num_pad))                           # [B*N, T, 1608, D]
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                aspect_ratio_mask: torch.Tensor, **unused) -> ModelOutput:
+                aspect_ratio_mask: torch.Tensor, exact_reorder: bool | None = None, **unused) -> ModelOutput:
         b, n, t = pixel_values.shape[:3]
         x = self.embed(pixel_values, aspect_ratio_ids)
         length = x.shape[2]
         ids = aspect_ratio_ids.reshape(b * n, 1).to(x.device)
-        mask = vision_attention_mask(aspect_ratio_mask.reshape(b * n, t).to(x.device), self.num_patches,
-                                     self.num_pad, x.dtype)
+        tile_mask = aspect_ratio_mask.reshape(b * n, t).to(x.device)
+        reorder = self.exact_reorder if exact_reorder is None else exact_reorder
+        # On the meta device (shape-only runs) the valid counts cannot be read, so the mask form is used there.
+        if reorder and x.device.type != "meta":
+            return self._forward_reordered(x, ids, tile_mask, b, n)
+        mask = vision_attention_mask(tile_mask, self.num_patches, self.num_pad, x.dtype)
         x, kept = self.transformer(x.reshape(b * n, t * length, self.hidden_size), mask,
                                    keep=self.intermediate_layers_indices,
                                    keep_outputs=self.config.compat == "transformers")
@@ -207,4 +292,26 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         inter = torch.stack(kept, dim=-1).reshape(b * n, t, length, -1)[:, :, :self.num_patches]
         out = torch.cat([x, inter], dim=-1).reshape(b, n, t, self.num_patches, -1)   # [B, N, T, 1601, 7680]
         return ModelOutput(last_hidden_state=out)
+
+    def _forward_reordered(self, x: torch.Tensor, ids: torch.Tensor, tile_mask: torch.Tensor, b: int,
+                           n: int) -> ModelOutput:
+        """`forward` on valid-first reordered tokens: the same function as the mask form, without a mask."""
+        bn, t, length = x.shape[:3]
+        order, inverse, groups = vision_token_order(tile_mask, self.num_patches, self.num_pad)
+        x = _gather_tokens(x.reshape(bn, t * length, self.hidden_size), order)
+        x, kept = self.transformer(x, None, keep=self.intermediate_layers_indices,
+                                   keep_outputs=self.config.compat == "transformers", valid_groups=groups)
+        x = self.layernorm_post(x)
+        # The post-tile embedding is per tile, not per token: take each tile's embedding from the module itself
+        # (added to zeros, so the values are exactly those it adds) and give every token the one of its own tile.
+        tile_emb = self.post_tile_positional_embedding(x.new_zeros(bn, t, 1, self.hidden_size), ids)
+        x = x + _gather_tokens(tile_emb.reshape(bn, t, self.hidden_size), torch.div(order, length,
+                                                                                    rounding_mode="floor"))
+        x, _ = self.global_transformer(x, None, valid_groups=groups)
+        # Undo the reordering once, on the final and intermediate features together, gathering only the tokens the
+        # output keeps (the first num_patches of every tile; the tile padding is dropped as in the mask form).
+        inter = torch.stack(kept, dim=-1).reshape(bn, t * length, -1)   # channel * len(kept) + layer, as there
+        keep_tokens = inverse.reshape(bn, t, length)[:, :, :self.num_patches].reshape(bn, t * self.num_patches)
+        out = _gather_tokens(torch.cat([x, inter], dim=-1), keep_tokens)
+        return ModelOutput(last_hidden_state=out.reshape(b, n, t, self.num_patches, -1))
 
