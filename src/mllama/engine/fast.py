@@ -16,6 +16,8 @@ from torch import nn
 from ..modeling.cache import MllamaCache
 from ..modeling.text import (MllamaCrossAttentionDecoderLayer, MllamaSelfAttentionDecoderLayer,
                              prepare_cross_attention_mask)
+from ..modeling.text import apply_rope as _rope
+from ..modeling.text import rms_norm as _rms
 
 
 def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
@@ -47,22 +49,6 @@ def fuse_projections(model: nn.Module) -> None:
 def text_model_of(model: nn.Module) -> nn.Module:
     inner = model.model
     return getattr(inner, "language_model", inner)
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    return (xf * cos + torch.cat([-xf[..., half:], xf[..., :half]], dim=-1) * sin).to(x.dtype)
-
-
-def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    gate, up = F.linear(x, mlp.w13).chunk(2, dim=-1)
-    return mlp.down_proj(F.silu(gate) * up)
 
 
 def self_layer_step(x, norm_in, wqkv, wo, norm_post, w13, w2, kc, vc, cos, sin, bias, slot,
