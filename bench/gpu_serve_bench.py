@@ -23,14 +23,63 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def check_graph_runner(device: str = "cuda", use_graphs: bool = True) -> dict:
+    """The batch engine's CUDA-graph + compiled decode step against its eager form (fp32, small random model):
+    random cache contents, rows at different positions, free rows inside the bucket, with and without images."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from conftest import randomize, tiny_config
+
+    from mllama import MllamaForConditionalGeneration
+    from mllama.engine.batch import LAYER_FUNCTIONS, DecodeRunner, SlotBuffers, decode_step
+
+    config = tiny_config(image_size=56)
+    model = randomize(MllamaForConditionalGeneration(config)).to(device).eval()
+    text = model.model.language_model
+    buffers = SlotBuffers(text, 16, 256, 64, torch.device(device), torch.float32)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for t in [*buffers.cache.key.values(), *buffers.cache.value.values(), *buffers.cross_k.values(),
+              *buffers.cross_v.values()]:
+        t.copy_(torch.randn(t.shape, generator=gen, device=device))
+    buffers.cross_bias.zero_()
+    buffers.cross_bias[:, :, :, 40:] = buffers.min
+    buffers.row_mask.fill_(1)
+    buffers.attn_keep.fill_(1)
+    buffers.row_mask[3] = 0
+    buffers.attn_keep[3] = 0
+    graph = DecodeRunner(model, text, buffers, use_graphs=use_graphs)
+    worst = 0.0
+    cases = [(5, 0), (5, 64), (1, 64), (11, 64), (16, 0)]
+    for n, vision in cases:
+        tokens = torch.randint(0, config.text_config.vocab_size, (n,)).tolist()
+        positions = torch.randint(0, 200, (n,)).tolist()
+        saved = {i: (k.clone(), buffers.cache.value[i].clone()) for i, k in buffers.cache.key.items()}
+        got = graph(tokens, positions, vision).clone()
+        for i, (k, v) in saved.items():
+            buffers.cache.key[i].copy_(k)
+            buffers.cache.value[i].copy_(v)
+        want = decode_step(text, model.lm_head, buffers, torch.tensor(tokens, device=device),
+                           torch.tensor(positions, device=device), max(positions) + 1, vision, LAYER_FUNCTIONS)
+        worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    return {"cases": cases, "worst_relative_max_diff": worst, "graphs": len(graph.graphs),
+            "compile_error": graph.compile_error, "ok": worst < 1e-4}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ckpt", default="/tmp/mllama-11b-random")
-    ap.add_argument("--levels", nargs="*", type=int, default=[1, 8, 64])
-    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--levels", nargs="*", type=int, default=[1, 8, 32, 64, 128])
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--long-level", type=int, default=64, help="also run this level with --long-tokens")
+    ap.add_argument("--long-tokens", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=128)
+    ap.add_argument("--time-limit", type=float, default=45)
     args = ap.parse_args()
+    check = check_graph_runner()
+    print("graph runner vs eager:", check, flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "serve-graph-check.json").write_text(json.dumps(check, indent=1))
     from gpu_bench import build_ours
     from mllama import MllamaConfig
 
@@ -52,7 +101,7 @@ def main() -> None:
     port = 8011
     server = subprocess.Popen([sys.executable, "-m", "mllama.server", str(ckpt), "--device", "cuda", "--dtype",
                                "bfloat16", "--port", str(port), "--served-model-name", "m", "--max-batch",
-                               str(args.max_batch), "--max-queue", "512", "--max-model-len", "1024",
+                               str(args.max_batch), "--max-queue", "1024", "--max-model-len", "1024",
                                "--max-images-per-request", "1"], stdout=sys.stdout, stderr=sys.stderr)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 240:
@@ -67,9 +116,16 @@ def main() -> None:
     try:
         import load_server
 
-        load_server.main([*map(str, args.levels), "--url", f"http://127.0.0.1:{port}", "--requests", "32",
-                          "--max-tokens", "64", "--time-limit", "40", "--image-size", "1120",
-                          "--json", str(Path(args.out) / "serve-load.json")])
+        for level in args.levels:
+            load_server.main([str(level), "--url", f"http://127.0.0.1:{port}", "--requests", str(max(8, 3 * level)),
+                              "--max-tokens", str(args.max_tokens), "--time-limit", str(args.time_limit),
+                              "--image-size", "1120", "--json", str(Path(args.out) / f"serve-load-c{level}.json")])
+        if args.long_level:
+            load_server.main([str(args.long_level), "--url", f"http://127.0.0.1:{port}", "--requests",
+                              str(2 * args.long_level), "--max-tokens", str(args.long_tokens), "--time-limit",
+                              str(2 * args.time_limit), "--image-size", "1120", "--json",
+                              str(Path(args.out) / f"serve-load-c{args.long_level}-long.json")])
+        print(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()[-3000:])
     finally:
         server.send_signal(signal.SIGTERM)
         print("server exit code", server.wait(timeout=60), flush=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,7 +22,8 @@ import torch.nn.functional as F
 
 from ..generation import SamplingParams, TextDecoder, next_tokens
 from ..modeling.cache import MllamaCache
-from ..modeling.text import MllamaCrossAttentionDecoderLayer, apply_rope, prepare_cross_attention_mask
+from ..modeling.text import MllamaCrossAttentionDecoderLayer, apply_rope, prepare_cross_attention_mask, rms_norm
+from .fast import fuse_projections
 
 
 class QueueFull(Exception):
@@ -118,6 +120,7 @@ class SlotBuffers:
         self.has_images = [False] * slots
         self.vision_len = [0] * slots
         self.key_index = torch.arange(max_len, device=device)
+        self.row_index = torch.arange(slots, device=device)
         per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k in self.cache.key.values())
         per_vision = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k in self.cross_k.values())
         self.bytes_per_token, self.bytes_per_vision_token = per_token, per_vision
@@ -129,62 +132,175 @@ def _text_model(model):
     return getattr(inner, "language_model", inner)
 
 
+def _self_qkv(x, norm_in, wqkv, cos, sin, eps: float, heads: int, kv_heads: int, head_dim: int):
+    """Self-attention input of one new token per row: normed, projected (fused q|k|v), rotated."""
+    b = x.shape[0]
+    q, k, v = F.linear(rms_norm(x, norm_in, eps), wqkv).split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = apply_rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
+    k = apply_rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    return q, k, v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
+
+
+def _self_out(x, out, wo, norm_post, w13, w2, eps: float):
+    """Output projection, residual, and the MLP (fused gate|up) of a self-attention layer."""
+    x = x + F.linear(out.transpose(1, 2).reshape(x.shape[0], 1, -1), wo)
+    gate, up = F.linear(rms_norm(x, norm_post, eps), w13).chunk(2, dim=-1)
+    return x + F.linear(F.silu(gate) * up, w2)
+
+
+def _cross_q(x, norm_in, wq, q_norm, eps: float, heads: int, head_dim: int):
+    q = F.linear(rms_norm(x, norm_in, eps), wq).view(x.shape[0], 1, heads, head_dim)
+    return rms_norm(q, q_norm, eps).transpose(1, 2)
+
+
+def _cross_out(x, out, attn_keep, wo, gate_attn, norm_post, w13, w2, gate_mlp, row_mask, eps: float):
+    """attn_keep zeroes the attention output (Meta's row mask; text-only rows in both modes), row_mask the MLP."""
+    out = (out * attn_keep).transpose(1, 2).reshape(x.shape[0], 1, -1)
+    x = x + gate_attn.tanh() * F.linear(out, wo)
+    gate, up = F.linear(rms_norm(x, norm_post, eps), w13).chunk(2, dim=-1)
+    return x + gate_mlp.tanh() * (row_mask[:, 0] * F.linear(F.silu(gate) * up, w2))
+
+
+LAYER_FUNCTIONS = (_self_qkv, _self_out, _cross_q, _cross_out)
+
+
 @torch.no_grad()
 def decode_step(text, lm_head, buffers: SlotBuffers, tokens: torch.Tensor, positions: torch.Tensor,
-                length: int, use_cross: bool) -> torch.Tensor:
+                length: int, vision: int, functions=LAYER_FUNCTIONS) -> torch.Tensor:
     """One token for rows 0..n-1 (n = len(tokens)); row r writes its K/V at positions[r] and attends to keys
-    0..positions[r]. `length` bounds the keys looked at (max position + 1). Returns logits [n, vocab]."""
+    0..positions[r]. `length` bounds the keys looked at (> every position), `vision` the vision keys (0: no row
+    sees an image, cross layers are skipped). Returns logits [n, vocab]. Needs `fuse_projections` on the model.
+    Shapes depend only on (n, length, vision), so one CUDA graph per such triple replays it."""
+    self_qkv, self_out, cross_q, cross_out = functions
     n = tokens.shape[0]
     config = text.config
-    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    heads, kv_heads, head_dim, eps = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+                                      config.rms_norm_eps)
     gqa = heads != kv_heads
-    rows = torch.arange(n, device=tokens.device)
+    rows = buffers.row_index[:n]
     x = text.embed_tokens(tokens[:, None])                                      # [n, 1, hidden]
     cos, sin = text.rotary_emb(positions[:, None])                              # [n, 1, 1, head_dim]
     keys = buffers.key_index[:length]
     self_bias = torch.zeros(n, 1, 1, length, device=x.device, dtype=x.dtype)
     self_bias.masked_fill_((keys[None, :] > positions[:, None])[:, None, None, :], buffers.min)
-    vision = max(buffers.vision_len[:n]) if use_cross else 0
     for i, layer in enumerate(text.layers):
+        mlp = layer.mlp
         if isinstance(layer, MllamaCrossAttentionDecoderLayer):
             if not vision:
                 continue  # no row sees an image: the layer is the identity for all of them
             attn = layer.cross_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_norm(attn.q_proj(h).view(n, 1, heads, head_dim)).transpose(1, 2)
+            q = cross_q(x, layer.input_layernorm.weight, attn.q_proj.weight, attn.q_norm.weight, eps, heads, head_dim)
             out = F.scaled_dot_product_attention(q, buffers.cross_k[i][:n, :, :vision],
                                                  buffers.cross_v[i][:n, :, :vision],
                                                  attn_mask=buffers.cross_bias[:n, :, :, :vision], enable_gqa=gqa)
-            # attn_keep: the row mask under Meta's rule; 0 for text-only rows in both modes (the plain model
-            # skips cross layers entirely for them).
-            out = out * buffers.attn_keep[:n]
-            x = x + layer.cross_attn_attn_gate.tanh() * attn.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
-            h = buffers.row_mask[:n, 0] * layer.mlp(layer.post_attention_layernorm(x))
-            x = x + layer.cross_attn_mlp_gate.tanh() * h
+            x = cross_out(x, out, buffers.attn_keep[:n], attn.o_proj.weight, layer.cross_attn_attn_gate,
+                          layer.post_attention_layernorm.weight, mlp.w13, mlp.down_proj.weight,
+                          layer.cross_attn_mlp_gate, buffers.row_mask[:n], eps)
         else:
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(n, 1, heads, head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(n, 1, kv_heads, head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(n, 1, kv_heads, head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self_qkv(x, layer.input_layernorm.weight, attn.wqkv, cos, sin, eps, heads, kv_heads, head_dim)
             k_cache, v_cache = buffers.cache.key[i], buffers.cache.value[i]
             k_cache[rows, :, positions] = k[:, :, 0]
             v_cache[rows, :, positions] = v[:, :, 0]
             out = F.scaled_dot_product_attention(q, k_cache[:n, :, :length], v_cache[:n, :, :length],
                                                  attn_mask=self_bias, enable_gqa=gqa)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(n, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = self_out(x, out, attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.w13,
+                         mlp.down_proj.weight, eps)
     return lm_head(text.norm(x)[:, 0])
+
+
+def _compiled_functions():
+    """torch.compile'd layer functions (batch size dynamic after the first recompile); eager ones if the
+    compiler is unavailable here."""
+    try:
+        return tuple(torch.compile(fn, fullgraph=True) for fn in LAYER_FUNCTIONS)
+    except Exception:
+        return LAYER_FUNCTIONS
+
+
+def _bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:
+    return min(cap, next((b for b in buckets if b >= value), cap))
+
+
+ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+KEY_BUCKET = 256
+
+
+class DecodeRunner:
+    """Runs `decode_step` for the first n slots: on CUDA as CUDA graphs (one per rows bucket, key-length bucket and
+    vision length, captured on first use, all in one memory pool) over compiled layer functions; elsewhere eagerly.
+    Rows between n and the bucket are free slots: they compute garbage at position 0 that nobody reads (a slot's
+    prefill rewrites its cache before use)."""
+
+    def __init__(self, model, text, buffers: SlotBuffers, use_graphs: bool):
+        fuse_projections(model)
+        self.model, self.text, self.buffers = model, text, buffers
+        self.use_graphs = use_graphs
+        slots = buffers.row_index.shape[0]
+        device = buffers.row_index.device
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.functions = _compiled_functions() if use_graphs else LAYER_FUNCTIONS
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.compile_error: str | None = None
+
+    def _eager(self, n: int, length: int, vision: int) -> torch.Tensor:
+        return decode_step(self.text, self.model.lm_head, self.buffers, self.tokens[:n], self.positions[:n], length,
+                           vision, self.functions)
+
+    def _capture(self, key) -> tuple:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            try:
+                self._eager(*key)
+            except Exception as e:  # the compiler failed here: run the same functions as eager kernels
+                self.compile_error = f"{type(e).__name__}: {str(e).strip()[:200]}"
+                warnings.warn(f"torch.compile of the batched decode step failed ({self.compile_error}); "
+                              "using eager kernels")
+                self.functions = LAYER_FUNCTIONS
+            self._eager(*key)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._eager(*key)
+        return graph, logits
+
+    def __call__(self, tokens: list[int], positions: list[int], vision: int) -> torch.Tensor:
+        """tokens/positions: one entry per slot 0..n-1 (free slots: 0). Returns logits [n, vocab]."""
+        n = len(tokens)
+        slots = self.tokens.shape[0]
+        length = max(positions) + 1
+        if not self.use_graphs:
+            self.tokens[:n].copy_(torch.tensor(tokens))
+            self.positions[:n].copy_(torch.tensor(positions))
+            return self._eager(n, length, vision)
+        rows = _bucket(n, ROW_BUCKETS, slots)
+        key_len = min(-(-length // KEY_BUCKET) * KEY_BUCKET, self.buffers.key_index.shape[0])
+        pad = rows - n
+        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad], dtype=torch.long).pin_memory()
+        self.tokens[:rows].copy_(host[0], non_blocking=True)
+        self.positions[:rows].copy_(host[1], non_blocking=True)
+        key = (rows, key_len, vision)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(key)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:n]
 
 
 class BatchEngine:
     """The scheduler: admission, prefill, batched decode, sampling, stopping, cancellation, statistics."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                 max_images: int = 4):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+                 max_images: int = 4, max_prefill_batch: int = 4, use_graphs: bool | None = None):
+        if max_batch < 1 or max_queue < 0 or max_prefill_batch < 1:
+            raise ValueError(f"max_batch and max_prefill_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{max_prefill_batch} and {max_queue}")
+        self.max_prefill_batch = max_prefill_batch
+        self.warm_up_seconds = 0.0
         self.model = model
         self.tokenizer = tokenizer
         self.text = _text_model(model)
@@ -206,6 +322,8 @@ class BatchEngine:
         device = next(model.parameters()).device
         self.device, self.dtype = device, next(model.parameters()).dtype
         self.buffers = SlotBuffers(self.text, max_batch, self.max_model_len, self.max_vision, device, self.dtype)
+        self.runner = DecodeRunner(model, self.text, self.buffers,
+                                   device.type == "cuda" if use_graphs is None else use_graphs)
         self.slots: list[GenerationRequest | None] = [None] * max_batch
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.lock = threading.Condition()
@@ -224,6 +342,8 @@ class BatchEngine:
     # Public API (any thread)
 
     def start(self) -> "BatchEngine":
+        if self.runner.use_graphs:
+            self._warm_up()
         self.thread = threading.Thread(target=self._loop, name="mllama-engine", daemon=True)
         self.thread.start()
         return self
@@ -283,9 +403,6 @@ class BatchEngine:
     # -------------------------------------------------------------------------------------------------------
     # Engine thread
 
-    def _free_slot(self) -> int | None:
-        return next((i for i, r in enumerate(self.slots) if r is None), None)
-
     def _loop(self) -> None:
         while True:
             with self.lock:
@@ -315,74 +432,135 @@ class BatchEngine:
             self.outcomes["cancelled"] += len(self.waiting) - len(kept)
             self.waiting = collections.deque(kept)
 
+    def _warm_up(self) -> None:
+        """Compiles the layer functions (for one row, then for a dynamic row count) and captures the first graphs
+        before the first request, so that no request pays for it. Writes only position 0 of free slots."""
+        t0 = time.perf_counter()
+        for n in (1, 2):
+            for vision in (0, self.max_vision):
+                self.runner([0] * n, [0] * n, vision)
+        torch.cuda.synchronize()
+        self.warm_up_seconds = time.perf_counter() - t0
+
     def _admit(self) -> None:
+        """Prefills waiting requests into free slots, a group at a time (requests with the same number of images,
+        at most --max-prefill-batch): one group per decode step when requests are running, so that prefills
+        (the vision encoder above all) never stall the running decodes for more than one group."""
         while True:
             with self.lock:
-                slot = self._free_slot()
-                if slot is None or not self.waiting:
+                free = [i for i, r in enumerate(self.slots) if r is None]
+                if not free or not self.waiting:
                     return
-                request = self.waiting.popleft()
-            try:
-                self._prefill(request, slot)
-            except Exception as e:  # a bad request must not take the engine down
-                self.slots[slot] = None
-                self.outcomes["error"] += 1
-                request.emit(Event(error=f"{type(e).__name__}: {e}"))
+                images = self._image_count(self.waiting[0])
+                group = []
+                for r in list(self.waiting):
+                    if len(group) == min(len(free), self.max_prefill_batch):
+                        break
+                    if self._image_count(r) == images:
+                        group.append(r)
+                for r in group:
+                    self.waiting.remove(r)
+            self._prefill_group(list(zip(group, free)))
+            if self.running > len(group):
+                return  # decode the running batch before the next group
+
+    @staticmethod
+    def _image_count(r: GenerationRequest) -> int:
+        pixels = r.model_inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[1])
+
+    def _prefill_group(self, group: list[tuple[GenerationRequest, int]]) -> None:
+        try:
+            self._prefill(group)
+            return
+        except Exception as e:  # a bad request must not take the engine (or the rest of its group) down
+            failure = e
+        for r, slot in group:
+            self.slots[slot] = None
+        if len(group) > 1:  # run them one by one, so only the request at fault fails
+            for pair in group:
+                self._prefill_group([pair])
+            return
+        r = group[0][0]
+        self.outcomes["error"] += 1
+        r.emit(Event(error=f"{type(failure).__name__}: {failure}"))
 
     @torch.no_grad()
-    def _prefill(self, r: GenerationRequest, slot: int) -> None:
-        ids = torch.tensor([r.prompt_ids], dtype=torch.long, device=self.device)
-        length = ids.shape[1]
-        inputs = {k: v.to(self.device) for k, v in r.model_inputs.items()}
+    def _prefill(self, group: list[tuple[GenerationRequest, int]]) -> None:
+        """One forward of the plain model over the group's prompts, left-padded to the longest (real tokens keep
+        positions 0..L-1, so each row computes what it would alone); then each row's K/V go to its slot."""
+        lengths = [len(r.prompt_ids) for r, _ in group]
+        width, rows = max(lengths), len(group)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        mask = torch.zeros(rows, width, dtype=torch.long)
+        for row, (r, _) in enumerate(group):
+            ids[row, width - lengths[row]:] = torch.tensor(r.prompt_ids)
+            mask[row, width - lengths[row]:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = {}
+        for name in group[0][0].model_inputs:
+            parts = [r.model_inputs[name] for r, _ in group]
+            if name == "cross_attention_mask":  # [1, L, N, T]: pad on the left like the prompts
+                parts = [F.pad(m, (0, 0, 0, 0, width - m.shape[1], 0)) for m in parts]
+            inputs[name] = torch.cat(parts).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        cache = MllamaCache.allocate(self.model.config, 1, length, self.device, self.dtype)
-        # The same call generate() makes for a lone unpadded prompt (mask of ones, positions 0..L-1).
-        out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                         position_ids=torch.arange(length, device=self.device)[None], cache=cache, use_cache=True,
-                         logits_to_keep=1, **inputs)
+        cache = MllamaCache.allocate(self.model.config, rows, width, self.device, self.dtype)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
+                         **inputs)
         b = self.buffers
-        for i, k in cache.key.items():
-            b.cache.key[i][slot, :, :length] = k[0]
-            b.cache.value[i][slot, :, :length] = cache.value[i][0]
         vision = cache.cross_length()
-        b.vision_len[slot] = vision
-        b.has_images[slot] = vision > 0
-        if vision:
-            for i in cache.cross_key:
-                b.cross_k[i][slot, :, :vision] = cache.cross_key[i][0]
-                b.cross_v[i][slot, :, :vision] = cache.cross_value[i][0]
-            mask = inputs["cross_attention_mask"]
-            per_tile = vision // (mask.shape[2] * mask.shape[3])
-            # Rule shared with generate(): every generated token sees what the last prompt token saw.
-            additive, row_mask = prepare_cross_attention_mask(mask[:, -1:], per_tile, self.dtype)
+        cross_rows = self._cross_rows(cache, inputs.get("cross_attention_mask"), vision)
+        for row, (r, slot) in enumerate(group):
+            pad = width - lengths[row]
+            for i, k in cache.key.items():
+                b.cache.key[i][slot, :, :lengths[row]] = k[row, :, pad:]
+                b.cache.value[i][slot, :, :lengths[row]] = cache.value[i][row, :, pad:]
+            b.vision_len[slot] = vision
+            b.has_images[slot] = vision > 0
             b.cross_bias[slot].fill_(b.min)
-            b.cross_bias[slot, :, :, :vision] = additive[0]
-            b.row_mask[slot] = row_mask[0]
-            b.attn_keep[slot] = row_mask[0] if self.meta_compat else 1.0
-        else:
-            b.row_mask[slot] = 0.0
-            b.attn_keep[slot] = 0.0
-        r.slot, r.length = slot, length
-        r.decoder = TextDecoder(self.tokenizer, skip_special_tokens=True)
-        if r.seed is not None:
-            r.generator = torch.Generator(device=self.device).manual_seed(int(r.seed))
-        self.slots[slot] = r
-        self.prompt_tokens += length
-        self._sample_and_emit([r], out.logits[:, -1])
+            if vision:
+                for i in cache.cross_key:
+                    b.cross_k[i][slot, :, :vision] = cache.cross_key[i][row]
+                    b.cross_v[i][slot, :, :vision] = cache.cross_value[i][row]
+                additive, row_mask = cross_rows
+                b.cross_bias[slot, :, :, :vision] = additive[row]
+                b.row_mask[slot] = row_mask[row]
+                b.attn_keep[slot] = row_mask[row] if self.meta_compat else 1.0
+            else:
+                b.row_mask[slot] = 0.0
+                b.attn_keep[slot] = 0.0
+            r.slot, r.length = slot, lengths[row]
+            r.decoder = TextDecoder(self.tokenizer, skip_special_tokens=True)
+            if r.seed is not None:
+                r.generator = torch.Generator(device=self.device).manual_seed(int(r.seed))
+            self.slots[slot] = r
+            self.prompt_tokens += lengths[row]
+        self._sample_and_emit([r for r, _ in group], out.logits[:, -1])
+
+    def _cross_rows(self, cache: MllamaCache, mask: torch.Tensor | None, vision: int):
+        """What every generated token of each row sees: the vision keys its last prompt token saw (the rule
+        generate() follows). Returns (additive bias [rows, 1, 1, vision], row mask [rows, 1, 1, 1])."""
+        if not vision:
+            return None
+        if mask is None:  # images without a mask: every row sees every vision token
+            rows = cache.cross_key[next(iter(cache.cross_key))].shape[0]
+            return (torch.zeros(rows, 1, 1, vision, device=self.device, dtype=self.dtype),
+                    torch.ones(rows, 1, 1, 1, device=self.device, dtype=self.dtype))
+        per_tile = vision // (mask.shape[2] * mask.shape[3])
+        return prepare_cross_attention_mask(mask[:, -1:], per_tile, self.dtype)
 
     def _step(self) -> None:
         active = [r for r in self.slots if r is not None]
         n = max(r.slot for r in active) + 1
-        tokens = torch.zeros(n, dtype=torch.long)
-        positions = torch.zeros(n, dtype=torch.long)
+        tokens, positions = [0] * n, [0] * n
         for r in active:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = r.length  # the new token's index = its RoPE position (prompts are unpadded)
-        length = int(positions.max()) + 1
+        vision = max(self.buffers.vision_len[r.slot] for r in active)
         try:
-            logits = decode_step(self.text, self.model.lm_head, self.buffers, tokens.to(self.device),
-                                 positions.to(self.device), length, any(self.buffers.has_images[:n]))
+            logits = self.runner(tokens, positions, vision)
         except Exception as e:  # fail the batch, keep serving
             for r in active:
                 self.slots[r.slot] = None
@@ -395,14 +573,24 @@ class BatchEngine:
         self._sample_and_emit(active, logits[[r.slot for r in active]])
 
     def _sample_and_emit(self, requests: list[GenerationRequest], logits: torch.Tensor) -> None:
-        now = time.monotonic()
-        logits = logits.float()
-        want_logprobs = any(r.logprobs is not None for r in requests)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        for row, r in enumerate(requests):
+        """Greedy rows take one batched argmax and one transfer to the host for the whole step; rows that
+        sample (each with its own generator, as generate() alone would), penalise repeats or must not stop yet
+        go through next_tokens one by one."""
+        greedy = logits.argmax(-1)
+        special = [row for row, r in enumerate(requests)
+                   if r.params.do_sample or r.params.repetition_penalty != 1.0
+                   or (len(r.generated) < r.params.min_new_tokens and r.params.eos_token_id)]
+        wanted = [row for row, r in enumerate(requests) if r.logprobs is not None]
+        logprobs = torch.log_softmax(logits[wanted].float(), dim=-1) if wanted else None
+        chosen = greedy.tolist()
+        for row in special:
+            r = requests[row]
             seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
                 if r.params.repetition_penalty != 1.0 else None
-            token = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
+            chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
+        now = time.monotonic()
+        for row, r in enumerate(requests):
+            token = chosen[row]
             if r.generated:
                 self.itl.observe(now - r.last_token_time)
             else:
@@ -412,7 +600,7 @@ class BatchEngine:
             self.tokens_generated += 1
             r.pending_ids.append(token)
             if logprobs is not None and r.logprobs is not None:
-                r.pending_logprobs.append(self._logprob_entry(logprobs[row], token, r.logprobs))
+                r.pending_logprobs.append(self._logprob_entry(logprobs[wanted.index(row)], token, r.logprobs))
             self._advance_text(r, token)
 
     def _logprob_entry(self, row: torch.Tensor, token: int, top: int) -> dict:

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", help="the id clients pass as 'model' (default: the folder name)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
+    parser.add_argument("--max-prefill-batch", type=int, default=4,
+                        help="waiting requests prefilled together, between two decode steps of the running batch")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     parser.add_argument("--max-model-len", type=int,
                         help="context per request, prompt + max_tokens (default min(max_position_embeddings, 4096))")
@@ -52,7 +54,8 @@ def build(args: argparse.Namespace):
     model, processor = load(args.model, args.dtype, device)
     model.eval()
     engine = BatchEngine(model, processor.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_model_len=args.max_model_len, max_images=args.max_images_per_request)
+                         max_model_len=args.max_model_len, max_images=args.max_images_per_request,
+                         max_prefill_batch=args.max_prefill_batch)
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MLLAMA_API_KEY") or None
     images = ImageOptions(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,
@@ -92,7 +95,8 @@ def run(args: argparse.Namespace) -> None:
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = _Server(config)
     print(f"mllama serve: {app.state.options.model_name!r} on http://{args.host}:{args.port} "
-          f"(max batch {engine.max_batch}, context {engine.max_model_len})", file=sys.stderr, flush=True)
+          f"(max batch {engine.max_batch}, context {engine.max_model_len}, warm-up {engine.warm_up_seconds:.1f} s)",
+          file=sys.stderr, flush=True)
     try:
         server.run()
     finally:
