@@ -165,15 +165,35 @@ def main(argv=None):
     levels = []
     for spec in args.levels.split(","):
         c, n, t = map(int, spec.split("x"))
-        steps0, s0 = engine.steps, time.perf_counter()
+        steps0, busy0 = engine.steps, dict(engine.busy)
         r = run_level(engine, ids, inputs, c, n, t)
         r["decode_steps"] = engine.steps - steps0
+        r["engine_busy_s"] = {k: v - busy0.get(k, 0.0) for k, v in engine.busy.items()}
+        print("  engine thread busy (s):", {k: round(v, 2) for k, v in r["engine_busy_s"].items()},
+              f"decode per step {r['engine_busy_s'].get('decode', 0) / max(1, r['decode_steps']) * 1e3:.1f} ms",
+              flush=True)
         levels.append(r)
         fmt = lambda v: f"{v * 1e3:8.1f}" if v is not None else "       -"  # noqa: E731
         print(f"c={c:4d} n={n:4d} max_tokens={t:4d}: {r['requests_per_s']:6.2f} req/s {r['output_tok_s']:8.1f} tok/s "
               f"ttft p50/p99 {fmt(r['ttft_p50_s'])}/{fmt(r['ttft_p99_s'])} ms itl p50/p99 {fmt(r['itl_p50_s'])}/"
               f"{fmt(r['itl_p99_s'])} ms, {r['decode_steps']} steps", flush=True)
     result["levels"] = levels
+    if torch.cuda.is_available():  # one decode step of the graph runner per batch size (key length 512, 1 image)
+        steps = {}
+        vision = engine.buffers.cross_k[next(iter(engine.buffers.cross_k))].shape[2]
+        for n in (1, 8, 32, 64, 128):
+            if n > args.max_batch:
+                continue
+            with engine.lock:
+                for _ in range(3):
+                    engine.runner([0] * n, [400] * n, vision)
+                sync()
+                s = time.perf_counter()
+                for _ in range(10):
+                    engine.runner([0] * n, [400] * n, vision).argmax(-1).tolist()
+                steps[n] = (time.perf_counter() - s) / 10
+        result["decode_step_s"] = steps
+        print("decode step ms by batch:", {n: round(v * 1e3, 2) for n, v in steps.items()}, flush=True)
     result["graphs"] = len(engine.runner.graphs)
     result["compile_error"] = engine.runner.compile_error
     engine.stop(0)

@@ -166,6 +166,34 @@ def test_streaming_is_correct_on_multibyte_boundaries(tiny_checkpoint):
     assert not any("\ufffd" in p for p in pieces)
 
 
+def test_text_decoder_pieces_equal_full_decode_and_cost_a_bounded_window(tiny_checkpoint):
+    """Random ids (byte tokens that split characters, special tokens, ordinary ones) decode piecewise to exactly
+    the whole list's text; and each push decodes a few ids, not the whole history (a quadratic decoder slows long
+    answers in the server)."""
+    import random
+
+    from mllama.generation import TextDecoder
+    from mllama.processing.processor import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(str(tiny_checkpoint)).tokenizer
+    lengths = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            lengths.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    rng = random.Random(0)
+    emoji = tokenizer.encode("\U0001F600\u00e9\u4e2d", add_special_tokens=False)
+    for trial in range(20):
+        ids = [rng.choice([rng.randrange(128256), rng.randrange(256), rng.randrange(300, 5000), 128009, 128256 - 1,
+                           *emoji]) for _ in range(200)]
+        decoder = TextDecoder(Counting())
+        text = "".join(decoder.push(i) for i in ids) + decoder.flush()
+        assert text == tokenizer.decode(ids, skip_special_tokens=True), trial
+    assert max(lengths) < 50, max(lengths)
+
+
 def test_stream_yields_what_generate_returns(tiny_checkpoint):
     from mllama import AutoProcessor
     from mllama.generation import stream

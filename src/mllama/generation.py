@@ -294,26 +294,36 @@ def generate(model, input_ids: torch.Tensor | None = None, *, streamer=None, tok
 
 class TextDecoder:
     """Turns a growing list of token ids into new text pieces, holding back text that ends in an incomplete
-    UTF-8 sequence (a multi-byte character split across tokens decodes to U+FFFD until it is complete)."""
+    UTF-8 sequence (a multi-byte character split across tokens decodes to U+FFFD until it is complete).
+
+    Each push decodes only the ids since the last emitted piece plus the piece before it, not the whole list, so
+    a long answer costs the same per token as a short one. Byte-level BPE text is the concatenation of its
+    tokens' bytes, so the pieces add up to the decoding of the whole list."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = 0
+        self.start = 0   # ids before `start` are decoded and emitted for good
+        self.read = 0    # ids[start:read] are the last emitted piece
+
+    def _pieces(self) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        done = decode(self.ids[self.start:self.read], skip_special_tokens=self.skip_special_tokens)
+        return done, decode(self.ids[self.start:], skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:
         self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        if text.endswith("\ufffd"):
+        done, text = self._pieces()
+        if text.endswith("\ufffd") or len(text) <= len(done):
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
-        piece, self.emitted = text[self.emitted:], len(text)
-        return piece
+        done, text = self._pieces()
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(done):]
 
 
 class TextIteratorStreamer:

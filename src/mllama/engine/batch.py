@@ -337,6 +337,7 @@ class BatchEngine:
         self.steps = 0
         self.ttft = Histogram()
         self.itl = Histogram()
+        self.busy = collections.Counter()  # engine-thread seconds: prefill, decode (to logits on the host), emit
 
     # -------------------------------------------------------------------------------------------------------
     # Public API (any thread)
@@ -452,9 +453,12 @@ class BatchEngine:
                 if not free or not self.waiting:
                     return
                 images = self._image_count(self.waiting[0])
+                # A short queue is prefilled a request at a time (each gets its first token soonest); a long one
+                # in groups, which costs less per request (the text part of a prefill is mostly fixed cost).
+                size = 1 if len(self.waiting) <= 8 else self.max_prefill_batch
                 group = []
                 for r in list(self.waiting):
-                    if len(group) == min(len(free), self.max_prefill_batch):
+                    if len(group) == min(len(free), size):
                         break
                     if self._image_count(r) == images:
                         group.append(r)
@@ -470,11 +474,14 @@ class BatchEngine:
         return 0 if pixels is None else int(pixels.shape[1])
 
     def _prefill_group(self, group: list[tuple[GenerationRequest, int]]) -> None:
+        start = time.perf_counter()
         try:
             self._prefill(group)
             return
         except Exception as e:  # a bad request must not take the engine (or the rest of its group) down
             failure = e
+        finally:
+            self.busy["prefill"] += time.perf_counter() - start
         for r, slot in group:
             self.slots[slot] = None
         if len(group) > 1:  # run them one by one, so only the request at fault fails
@@ -559,6 +566,7 @@ class BatchEngine:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = r.length  # the new token's index = its RoPE position (prompts are unpadded)
         vision = max(self.buffers.vision_len[r.slot] for r in active)
+        start = time.perf_counter()
         try:
             logits = self.runner(tokens, positions, vision)
         except Exception as e:  # fail the batch, keep serving
@@ -570,9 +578,10 @@ class BatchEngine:
         self.steps += 1
         for r in active:
             r.length += 1
-        self._sample_and_emit(active, logits[[r.slot for r in active]])
+        self._sample_and_emit(active, logits[[r.slot for r in active]], start)
 
-    def _sample_and_emit(self, requests: list[GenerationRequest], logits: torch.Tensor) -> None:
+    def _sample_and_emit(self, requests: list[GenerationRequest], logits: torch.Tensor,
+                         start: float | None = None) -> None:
         """Greedy rows take one batched argmax and one transfer to the host for the whole step; rows that
         sample (each with its own generator, as generate() alone would), penalise repeats or must not stop yet
         go through next_tokens one by one."""
@@ -589,6 +598,9 @@ class BatchEngine:
                 if r.params.repetition_penalty != 1.0 else None
             chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
         now = time.monotonic()
+        emit_start = time.perf_counter()
+        if start is not None:
+            self.busy["decode"] += emit_start - start
         for row, r in enumerate(requests):
             token = chosen[row]
             if r.generated:
@@ -602,6 +614,7 @@ class BatchEngine:
             if logprobs is not None and r.logprobs is not None:
                 r.pending_logprobs.append(self._logprob_entry(logprobs[wanted.index(row)], token, r.logprobs))
             self._advance_text(r, token)
+        self.busy["emit"] += time.perf_counter() - emit_start
 
     def _logprob_entry(self, row: torch.Tensor, token: int, top: int) -> dict:
         entry = {"id": token, "logprob": float(row[token]), "top": []}

@@ -75,10 +75,10 @@ class MllamaVisionAttention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         if valid_groups is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
         else:
             out = reordered_attention(q, k, v, valid_groups)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self.o_proj(out.reshape(b, s, -1))
 
 
 # (valid-token count V, rows of the batch having that V, or None when it is every row)
@@ -87,26 +87,28 @@ ValidGroups = list[tuple[int, "torch.Tensor | None"]]
 
 def _valid_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count: int) -> torch.Tensor:
     """The mask rule of `vision_attention_mask` for rows whose first `count` tokens are the valid ones, written
-    as unmasked SDPA calls (which may run the flash kernel; an arbitrary additive mask rules it out)."""
+    as unmasked SDPA calls (which may run the flash kernel; an arbitrary additive mask rules it out).
+    q, k, v [B, H, S, hd] -> [B, S, H, hd] (token-major, as the output projection reads it)."""
     seq = q.shape[2]
     if count == 0:
         # Every pair is blocked: each score becomes the same finfo.min, so the mask form's softmax is uniform over
         # all keys. Reproduce that instead of attending to nothing (which would give NaN).
-        return v.mean(dim=2, keepdim=True).expand_as(q)
+        return v.mean(dim=2, keepdim=True).expand_as(q).transpose(1, 2)
     # exact: valid queries see every key, valid or padding, so they need no mask at all
-    head = F.scaled_dot_product_attention(q[:, :, :count], k, v)
+    head = F.scaled_dot_product_attention(q[:, :, :count], k, v).transpose(1, 2)
     if count == seq:
         return head
     # exact: padding queries see only the valid keys, which are the first `count` after the reordering
-    tail = F.scaled_dot_product_attention(q[:, :, count:], k[:, :, :count], v[:, :, :count])
-    return torch.cat([head, tail], dim=2)
+    tail = F.scaled_dot_product_attention(q[:, :, count:], k[:, :, :count], v[:, :, :count]).transpose(1, 2)
+    return torch.cat([head, tail], dim=1)  # one copy: joins the two and makes the token-major layout
 
 
 def reordered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: ValidGroups) -> torch.Tensor:
-    """Attention over valid-first rows [B, H, S, hd]; rows with different valid counts are run group by group."""
+    """Attention over valid-first rows, q/k/v [B, H, S, hd] -> [B, S, H, hd]; rows with different valid counts
+    are run group by group."""
     if len(groups) == 1 and groups[0][1] is None:
         return _valid_first_attention(q, k, v, groups[0][0])     # the usual case: one V for the whole batch
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
     for count, rows in groups:
         part = _valid_first_attention(q.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows),
                                       count)

@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> None:
     then the engine aborts what is left and the process exits with status 0."""
     import uvicorn
 
+    # The engine thread waits on the GPU once per step and then needs the GIL back at once; the default switch
+    # interval (5 ms) would let request threads (JSON, image decoding) hold it for a good part of a decode step.
+    sys.setswitchinterval(0.0005)
     _Server = _server_class()
     _, _, engine, app = build(args)
     engine.start()
