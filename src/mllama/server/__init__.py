@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
     parser.add_argument("--max-prefill-batch", type=int, default=4,
                         help="waiting requests prefilled together, between two decode steps of the running batch")
+    parser.add_argument("--input-workers", type=int, default=None,
+                        help="processes that decode requests (template, tokens, images) off the engine's process; "
+                             "0: threads of the server process (default: min(8, CPUs / 2), at least 1)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before 429")
     parser.add_argument("--max-model-len", type=int,
                         help="context per request, prompt + max_tokens (default min(max_position_embeddings, 4096))")
@@ -61,7 +64,11 @@ def build(args: argparse.Namespace):
     images = ImageOptions(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,
                           allow_remote=args.allow_remote_images,
                           allow_private_hosts=args.allow_private_image_hosts)
-    options = ServerOptions(model_name=name, api_key=api_key, images=images)
+    input_workers = args.input_workers
+    if input_workers is None:
+        input_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    options = ServerOptions(model_name=name, api_key=api_key, images=images, processor_source=str(args.model),
+                            input_workers=input_workers)
     app = create_app(model, processor, engine, options)
     return model, processor, engine, app
 
@@ -105,6 +112,8 @@ def run(args: argparse.Namespace) -> None:
     finally:
         # uvicorn has waited for (or cancelled) open connections by now; abort anything still queued.
         engine.stop(0.0)
+        if app.state.input_workers is not None:
+            app.state.input_workers.close()
 
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> int:

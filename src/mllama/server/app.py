@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import threading
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +31,99 @@ class ServerOptions:
     default_max_tokens: int | None = None  # None: whatever the context leaves
     retry_after: int = 1
     max_body_bytes: int = 100 * 1024 * 1024
+    # Where input worker processes load the processor from (the checkpoint); None or 0 workers: decode requests on
+    # threads of this process instead.
+    processor_source: str | None = None
+    input_workers: int = 0
+
+
+# --- request decoding in worker processes ---------------------------------------------------------------------
+# The chat template, the tokenizer and above all image decoding and tiling hold the GIL for tens of milliseconds a
+# request; in this process they would take it from the engine thread, which needs it for every decode step.
+
+_WORKER_PROCESSOR = None
+
+
+def _init_worker(source: str) -> None:
+    global _WORKER_PROCESSOR
+    import torch
+
+    from ..processing.processor import AutoProcessor
+
+    torch.set_num_threads(1)  # several workers side by side: one thread each
+    _WORKER_PROCESSOR = AutoProcessor.from_pretrained(source)
+
+
+def _to_numpy(result):
+    ids, inputs = result
+    return ids, {k: v.numpy() for k, v in inputs.items()}  # plain bytes over the pipe
+
+
+def _chat_job(messages, images: ImageOptions):
+    return _to_numpy(chat_inputs(_WORKER_PROCESSOR, messages, images))
+
+
+def _completion_job(prompt, image_urls, images: ImageOptions):
+    return _to_numpy(completion_inputs(_WORKER_PROCESSOR, prompt, image_urls, images))
+
+
+def _ready() -> bool:
+    return _WORKER_PROCESSOR is not None
+
+
+class InputWorkers:
+    def __init__(self, source: str, workers: int):
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA and threads
+        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(source,))
+        # start them all now (each imports torch and loads the tokenizer), not on the first requests
+        assert all(f.result() for f in [self.pool.submit(_ready) for _ in range(workers * 2)])
+
+    async def run(self, fn, *args):
+        import torch
+
+        ids, arrays = await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        return ids, {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Dispatcher:
+    """Hands engine events (engine thread) to the requests' asyncio queues with one wake-up of the event loop per
+    burst (a decode step emits one event per running request), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, Event]] = []
+        self.scheduled = False
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for queue, event in items:
+            queue.put_nowait(event)
+
+
+def _merge_ready(event: Event, queue: asyncio.Queue) -> Event:
+    """`event` joined with the events already waiting behind it: a client that reads slower than tokens come gets
+    them in fewer, larger chunks instead of falling further behind."""
+    while not (event.finish_reason or event.error) and not queue.empty():
+        nxt = queue.get_nowait()
+        if nxt.error:
+            return nxt
+        event = Event(text=event.text + nxt.text, token_ids=event.token_ids + nxt.token_ids,
+                      logprobs=event.logprobs + nxt.logprobs, finish_reason=nxt.finish_reason,
+                      prompt_tokens=nxt.prompt_tokens, completion_tokens=nxt.completion_tokens)
+    return event
 
 
 def error_response(message: str, status: int = 400, param: str | None = None, code: str | None = None,
@@ -131,6 +227,10 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
     app.state.engine, app.state.options = engine, options
     http_counts: dict[tuple[str, int], int] = {}
     tokenizer = processor.tokenizer
+    workers = InputWorkers(options.processor_source, options.input_workers) \
+        if options.processor_source and options.input_workers > 0 else None
+    app.state.input_workers = workers
+    dispatchers: dict[int, Dispatcher] = {}
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -200,12 +300,20 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
             body = await read_body(request)
             parsed = parse_common(body, chat)
             if chat:
-                ids, inputs = await asyncio.to_thread(chat_inputs, processor, body.get("messages"), options.images)
+                if workers is not None:
+                    ids, inputs = await workers.run(_chat_job, body.get("messages"), options.images)
+                else:
+                    ids, inputs = await asyncio.to_thread(chat_inputs, processor, body.get("messages"),
+                                                          options.images)
             else:
                 if "prompt" not in body:
                     raise RequestError("prompt is required", "prompt")
-                ids, inputs = await asyncio.to_thread(completion_inputs, processor, body.get("prompt"),
-                                                      body.get("images"), options.images)
+                if workers is not None:
+                    ids, inputs = await workers.run(_completion_job, body.get("prompt"), body.get("images"),
+                                                    options.images)
+                else:
+                    ids, inputs = await asyncio.to_thread(completion_inputs, processor, body.get("prompt"),
+                                                          body.get("images"), options.images)
             max_tokens = parsed.max_tokens
             if max_tokens is None:
                 max_tokens = options.default_max_tokens or max(1, engine.max_model_len - len(ids))
@@ -220,10 +328,13 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
             return error_response(str(e), 400, None, None)
 
         loop = asyncio.get_running_loop()
+        if id(loop) not in dispatchers:
+            dispatchers[id(loop)] = Dispatcher(loop)
+        dispatcher = dispatchers[id(loop)]
         events: asyncio.Queue[Event] = asyncio.Queue()
         job = GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
                                 seed=parsed.seed, logprobs=parsed.logprobs,
-                                emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+                                emit=lambda ev: dispatcher.post(events, ev))
         try:
             engine.submit(job)
         except QueueFull as e:
@@ -266,7 +377,7 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
         try:
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                    ev = _merge_ready(await asyncio.wait_for(events.get(), timeout=1.0), events)
                 except asyncio.TimeoutError:
                     # A client that went away should not keep its slot until max_tokens.
                     if await request.is_disconnected():
@@ -329,7 +440,7 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
             if chat:
                 yield chunk("", None, [], first=True)
             while True:
-                ev = await events.get()
+                ev = _merge_ready(await events.get(), events)
                 if ev.error:
                     error = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                        "param": None, "code": None}}

@@ -39,6 +39,9 @@ class RequestError(ValueError):
         super().__init__(message)
         self.message, self.param, self.status, self.code = message, param, status, code
 
+    def __reduce__(self):  # raised in an input worker process, re-raised here: keep every field
+        return RequestError, (self.message, self.param, self.status, self.code)
+
 
 @dataclass
 class ImageOptions:
