@@ -49,11 +49,12 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def _one(client: httpx.AsyncClient, body: dict, record: dict) -> None:
+async def _one(client: httpx.AsyncClient, body: bytes, record: dict) -> None:
     start = time.perf_counter()
     first, last, gaps, tokens = None, None, [], 0
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", "/v1/chat/completions", content=body,
+                                 headers={"content-type": "application/json"}) as response:
             if response.status_code != 200:
                 await response.aread()
                 record["errors"][str(response.status_code)] = record["errors"].get(str(response.status_code), 0) + 1
@@ -89,6 +90,7 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
             "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                       {"type": "text", "text": "Describe this image."}]}]}
+    body = json.dumps(body).encode()  # once: re-encoding a multi-megabyte image per request would load the client
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)

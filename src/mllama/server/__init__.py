@@ -102,7 +102,10 @@ def run(args: argparse.Namespace) -> None:
     _, _, engine, app = build(args)
     engine.start()
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
+                            timeout_graceful_shutdown=args.shutdown_timeout,
+                            # clients keep connections open between requests (the openai client pools them); a
+                            # short keep-alive races with their reuse and surfaces as reset connections
+                            timeout_keep_alive=75)
     server = _Server(config)
     print(f"mllama serve: {app.state.options.model_name!r} on http://{args.host}:{args.port} "
           f"(max batch {engine.max_batch}, context {engine.max_model_len}, warm-up {engine.warm_up_seconds:.1f} s)",
