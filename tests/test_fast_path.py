@@ -37,7 +37,9 @@ def test_fast_logits_match_plain_logits(model):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     full_mask = torch.cat([mask, torch.ones(b, 4, dtype=mask.dtype)], 1)
     extra = {k: inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")}
-    vision_tokens = inputs["pixel_values"].shape[1] * 4 * model.config.vision_config.num_patches
+    # the prefill keeps the tiles some row sees (6 of 8 here): the decoder holds their tokens only
+    keep = model.model.kept_tiles(inputs["cross_attention_mask"], inputs["pixel_values"])
+    vision_tokens = len(keep) * model.config.vision_config.num_patches
     with torch.no_grad():
         plain_cache = MllamaCache.allocate(model.config, b, p + 4, "cpu", torch.float32)
         decoder = FastDecoder(model, b, p + 4, vision_tokens)

@@ -175,8 +175,10 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
 
         pixels = model_inputs.get("pixel_values")
         vision_tokens = 0
-        if pixels is not None:
-            vision_tokens = pixels.shape[1] * pixels.shape[2] * model.config.vision_config.num_patches
+        if pixels is not None:  # the prefill keeps these tiles' tokens (MllamaModel.kept_tiles)
+            keep = model.model.kept_tiles(cross_attention_mask, pixels)
+            tiles = pixels.shape[1] * pixels.shape[2] if keep is None else keep.numel()
+            vision_tokens = tiles * model.config.vision_config.num_patches
         decoder = get_decoder(model, batch, total, vision_tokens)
         cache = decoder.reset()
     else:

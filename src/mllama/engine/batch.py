@@ -578,8 +578,9 @@ class BatchEngine:
             rows = cache.cross_key[next(iter(cache.cross_key))].shape[0]
             return (torch.zeros(rows, 1, 1, vision, device=self.device, dtype=self.dtype),
                     torch.ones(rows, 1, 1, 1, device=self.device, dtype=self.dtype))
-        per_tile = vision // (mask.shape[2] * mask.shape[3])
-        return prepare_cross_attention_mask(mask[:, -1:], per_tile, self.dtype)
+        keep = cache.cross_tiles  # the tiles the prefill kept (padding tiles no row sees are dropped)
+        tiles = mask.shape[2] * mask.shape[3] if keep is None else keep.numel()
+        return prepare_cross_attention_mask(mask[:, -1:], vision // tiles, self.dtype, keep)
 
     def _step(self) -> None:
         active = [r for r in self.slots if r is not None]

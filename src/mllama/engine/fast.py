@@ -98,7 +98,8 @@ def compiled(name: str, fn):
 class FastDecoder:
     """One decode step for a batch against static buffers, replayable as one CUDA graph across requests.
 
-    Built for (batch, cache length, vision tokens); its `cache` is the preallocated MllamaCache that the prefill
+    Built for (batch, cache length, vision tokens per row: those of the tiles the prefill keeps, see
+    MllamaModel.kept_tiles); its `cache` is the preallocated MllamaCache that the prefill
     writes into. `bind` then copies what varies per request (prompt padding, the vision k/v the prefill
     computed, the cross-attention bias of the last prompt row) into static buffers. Each step writes `tokens`
     [B], `positions` [B] (RoPE positions) and `slot` (the cache slot of the new token, the same for all rows).
@@ -140,6 +141,7 @@ class FastDecoder:
         self.cache.seq_length = 0
         self.cache.cross_key.clear()
         self.cache.cross_value.clear()
+        self.cache.cross_tiles = None
         return self.cache
 
     def bind(self, key_valid: torch.Tensor, last_cross_mask: torch.Tensor | None) -> None:
@@ -155,8 +157,10 @@ class FastDecoder:
             self.cross_bias.zero_()
             self.row_mask.fill_(1)
             return
-        tiles = last_cross_mask.shape[2] * last_cross_mask.shape[3]
-        bias, rows = prepare_cross_attention_mask(last_cross_mask, self.vision_tokens // tiles, self.cross_bias.dtype)
+        keep = self.cache.cross_tiles  # the tiles the prefill kept (padding tiles dropped)
+        tiles = last_cross_mask.shape[2] * last_cross_mask.shape[3] if keep is None else keep.numel()
+        bias, rows = prepare_cross_attention_mask(last_cross_mask, self.vision_tokens // tiles, self.cross_bias.dtype,
+                                                  keep)
         self.cross_bias.copy_(bias)
         self.row_mask.copy_(rows)
 

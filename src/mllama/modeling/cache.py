@@ -10,7 +10,8 @@ class MllamaCache:
     Self-attention layers: k/v [B, kv_heads, length, head_dim]. With `max_length` (see `allocate`) the buffers are
     preallocated and written in place; otherwise they grow by concatenation.
     Cross-attention layers: k (after k_norm) / v [B, kv_heads, images*tiles*tokens, head_dim], stored once and
-    reused on every later step.
+    reused on every later step. `cross_tiles`: indices into the images*tiles axis of the tiles those k/v hold when
+    padding tiles were dropped (MllamaModel.kept_tiles), else None; later steps select those mask columns.
     """
 
     def __init__(self, max_length: int | None = None):
@@ -19,6 +20,7 @@ class MllamaCache:
         self.value: dict[int, torch.Tensor] = {}
         self.cross_key: dict[int, torch.Tensor] = {}
         self.cross_value: dict[int, torch.Tensor] = {}
+        self.cross_tiles: torch.Tensor | None = None
         self.seq_length = 0
 
     @classmethod

@@ -147,6 +147,7 @@ class MllamaModel(MllamaPreTrainedModel):
 
     config_class = MllamaConfig
     published_layout = True
+    drop_padding_tiles = True  # see kept_tiles; False keeps every tile's vision tokens
 
     def __init__(self, config: MllamaConfig):
         super().__init__(config)
@@ -161,17 +162,40 @@ class MllamaModel(MllamaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.language_model.embed_tokens = value
 
+    def kept_tiles(self, cross_attention_mask: torch.Tensor | None,
+                   pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """Indices into the N*T tiles of the tiles that some row of the batch sees, or None to keep them all.
+
+        Under Meta's semantics a key masked for every row contributes nothing (rows that see no image are
+        zeroed), so the tokens of the other tiles can leave after the vision encoder, which still needs them, and
+        before the projector and the cross k/v. transformers' unmasked rows attend to every key: nothing dropped.
+        Later decode steps must not see a tile that no row of this mask saw (generate's never do).
+        """
+        mask = cross_attention_mask
+        if (not self.drop_padding_tiles or self.config.text_config.compat != "meta" or mask is None
+                or mask.is_floating_point() or mask.shape[2:] != pixel_values.shape[1:3]):
+            return None
+        seen = mask.reshape(mask.shape[0] * mask.shape[1], -1).bool().any(dim=0)     # [N*T]
+        if int(seen.sum()) in (0, seen.numel()):
+            return None  # nothing to drop, or no row sees an image (then every cross layer is the identity)
+        return seen.nonzero()[:, 0]
+
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                      aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, N, T, 3, H, W] -> projected vision tokens [B, N*T*1601, hidden], image-major."""
+                      aspect_ratio_mask: torch.Tensor, keep_tiles: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixels [B, N, T, 3, H, W] -> projected vision tokens [B, N*T*1601, hidden], image-major; with
+        `keep_tiles` (indices into the N*T tiles) only those tiles' tokens."""
         vision = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
-        projected = self.multi_modal_projector(vision)                       # [B, N, T, 1601, hidden]
+        vision = vision.flatten(1, 2)                                        # [B, N*T, 1601, 7680]
+        if keep_tiles is not None:
+            vision = vision.index_select(1, keep_tiles.to(vision.device))
+        projected = self.multi_modal_projector(vision)                       # [B, K, 1601, hidden]
         return projected.reshape(projected.shape[0], -1, projected.shape[-1])
 
     def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, use_cache=None, past_key_values=None,
                 output_hidden_states: bool = False, **unused) -> ModelOutput:
+        keep = None
         if pixel_values is not None and cross_attention_states is not None:
             raise ValueError("pass pixel_values or cross_attention_states, not both")
         if pixel_values is not None:
@@ -184,10 +208,11 @@ class MllamaModel(MllamaPreTrainedModel):
             if cross_attention_mask is not None and cross_attention_mask.shape[2] != pixel_values.shape[1]:
                 raise ValueError(f"cross_attention_mask covers {cross_attention_mask.shape[2]} images per sample "
                                  f"but pixel_values has {pixel_values.shape[1]}")
-            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            keep = self.kept_tiles(cross_attention_mask, pixel_values)
+            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, keep)
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    cross_attention_states=cross_attention_states,
-                                   cross_attention_mask=cross_attention_mask,
+                                   cross_attention_mask=cross_attention_mask, cross_tiles=keep,
                                    cache=cache if cache is not None else past_key_values,
                                    inputs_embeds=inputs_embeds, use_cache=use_cache,
                                    output_hidden_states=output_hidden_states)

@@ -187,15 +187,20 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         return x + self.cross_attn_mlp_gate.tanh() * h
 
 
-def prepare_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int,
-                                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tile 0/1 mask [B, S, N, T] -> additive mask [B, 1, S, N*T*tokens] and row mask [B, 1, S, 1].
+def prepare_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int, dtype: torch.dtype,
+                                 keep_tiles: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile 0/1 mask [B, S, N, T] -> additive mask [B, 1, S, K*tokens] and row mask [B, 1, S, 1].
 
+    K = N*T, or with `keep_tiles` (indices into the N*T tiles whose vision tokens were kept, see
+    MllamaModel.kept_tiles) only those tiles' columns.
     Rows that see no image get an all-zero additive row (a finite softmax) and row mask 0: their attention
     output (Meta) and MLP output (both) are then zeroed by the caller.
     """
     b, s = mask.shape[:2]
-    visible = mask.bool().repeat_interleave(tokens_per_tile, dim=3).reshape(b, 1, s, -1)
+    mask = mask.reshape(b, s, -1)                                                   # [B, S, N*T]
+    if keep_tiles is not None:
+        mask = mask.index_select(2, keep_tiles.to(mask.device))
+    visible = mask.bool().repeat_interleave(tokens_per_tile, dim=2)[:, None]
     row_mask = visible.any(dim=-1, keepdim=True)
     additive = torch.zeros(visible.shape, dtype=dtype, device=mask.device)
     additive.masked_fill_(~visible & row_mask, torch.finfo(dtype).min)
@@ -260,8 +265,12 @@ class MllamaTextModel(MllamaPreTrainedModel):
         use_cache: bool | None = None,
         past_key_values: MllamaCache | None = None,
         output_hidden_states: bool = False,
+        cross_tiles: torch.Tensor | None = None,
         **unused,
     ) -> ModelOutput:
+        """cross_tiles: indices into the N*T tiles of cross_attention_mask whose vision tokens
+        cross_attention_states hold (the others were dropped, see MllamaModel.kept_tiles); None = all tiles.
+        It is recorded in the cache, whose later steps select the same mask columns."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -280,8 +289,13 @@ class MllamaTextModel(MllamaPreTrainedModel):
         cos, sin = self.rotary_emb(position_ids.to(x.device))
         self_mask = self_attention_mask(attention_mask, b, s, past_len, x.dtype, x.device)
 
+        if cache is not None and cross_attention_states is not None:
+            if cache.cross_length() and (cross_tiles is not None or cache.cross_tiles is not None):
+                raise ValueError("images given on a later call cannot be appended to cached images when padding "
+                                 "tiles were dropped: set model.model.drop_padding_tiles = False for such caches")
+            cache.cross_tiles = cross_tiles
         cross_mask, row_mask = self._cross_masks(cross_attention_mask, full_text_row_masked_out_mask,
-                                                 cross_attention_states, cache, past_len, s, x.dtype)
+                                                 cross_attention_states, cross_tiles, cache, past_len, s, x.dtype)
         hidden_states = [] if output_hidden_states else None
         for i, layer in enumerate(self.layers):
             if hidden_states is not None:
@@ -300,7 +314,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
         return ModelOutput(last_hidden_state=x, cache=cache if use_cache else None,
                            hidden_states=tuple(hidden_states) if hidden_states is not None else None)
 
-    def _cross_masks(self, mask, row_mask, cross_states, cache, past_len, s, dtype):
+    def _cross_masks(self, mask, row_mask, cross_states, cross_tiles, cache, past_len, s, dtype):
         if mask is None or mask.is_floating_point():
             return mask, row_mask  # already prepared (transformers' MllamaTextModel convention) or absent
         if mask.shape[1] > s:  # a mask over the whole sequence: keep the rows of this step
@@ -310,12 +324,13 @@ class MllamaTextModel(MllamaPreTrainedModel):
         if cross_states is not None:
             kv_len = cross_states.shape[1] + (cache.cross_length() if cache is not None else 0)
         elif cache is not None and cache.cross_length():
-            kv_len = cache.cross_length()
+            kv_len, cross_tiles = cache.cross_length(), cache.cross_tiles
         else:
             return None, None  # no image anywhere: cross layers are skipped
-        images_tiles = mask.shape[2] * mask.shape[3]
+        images_tiles = mask.shape[2] * mask.shape[3] if cross_tiles is None else cross_tiles.numel()
         if kv_len % images_tiles:
-            raise ValueError(f"cross_attention_mask covers {mask.shape[2]} images x {mask.shape[3]} tiles, which "
-                             f"does not divide the {kv_len} vision tokens given")
+            raise ValueError(f"cross_attention_mask covers {mask.shape[2]} images x {mask.shape[3]} tiles "
+                             f"({images_tiles} kept), which does not divide the {kv_len} vision tokens given")
         return prepare_cross_attention_mask(mask.to(cross_states.device if cross_states is not None
-                                                    else self.norm.weight.device), kv_len // images_tiles, dtype)
+                                                    else self.norm.weight.device), kv_len // images_tiles, dtype,
+                                            cross_tiles)
