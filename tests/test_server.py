@@ -358,10 +358,10 @@ def test_bad_inputs_are_4xx_while_a_good_request_succeeds(server):
     assert good_result["r"].usage.completion_tokens == 40
 
 
-def test_soak_200_requests_concurrency_16(server):
+def test_soak_500_requests_concurrency_16(server):
     url, _ = _image(8)
 
-    async def run():
+    async def run(count):
         sem = asyncio.Semaphore(16)
         statuses = []
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -377,15 +377,14 @@ def test_soak_200_requests_concurrency_16(server):
                         assert r.json()["usage"]["completion_tokens"] == 6
                     if body["stream"]:
                         assert r.text.rstrip().endswith("data: [DONE]")
-            await asyncio.gather(*(one(i) for i in range(200)))
+            # a hang guard, not a speed check: every request must come back
+            await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(count))), timeout=600)
         return statuses
 
-    asyncio.run(run())  # warm-up: allocator pools and caches reach their steady size
+    asyncio.run(run(100))  # warm-up: allocator pools and caches reach their steady size
     rss_before = server.rss_kb()
-    start = time.time()
-    statuses = asyncio.run(run())
-    assert time.time() - start < 90
-    assert len(statuses) == 200 and statuses.count(200) == 200, sorted(set(statuses))
+    statuses = asyncio.run(run(500))
+    assert len(statuses) == 500 and statuses.count(200) == 500, sorted(set(statuses))
     assert server.metric("mllama_running_requests") == 0 and server.metric("mllama_queue_depth") == 0
     assert server.rss_kb() < rss_before * 1.15 + 20_000
 

@@ -227,11 +227,18 @@ ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160
 KEY_BUCKET = 256
 
 
+MAX_GRAPHS = 128
+
+
 class DecodeRunner:
     """Runs `decode_step` for the first n slots: on CUDA as CUDA graphs (one per rows bucket, key-length bucket and
-    vision length, captured on first use, all in one memory pool) over compiled layer functions; elsewhere eagerly.
+    vision length, captured on first use) over compiled layer functions; elsewhere eagerly.
     Rows between n and the bucket are free slots: they compute garbage at position 0 that nobody reads (a slot's
-    prefill rewrites its cache before use)."""
+    prefill rewrites its cache before use).
+
+    All graphs share one memory pool and write their logits into one static buffer, so none of them keeps memory
+    of its own once captured: the GPU memory of the graphs is that of the largest step, however many shapes have
+    been seen. At most MAX_GRAPHS are kept (least recently used out)."""
 
     def __init__(self, model, text, buffers: SlotBuffers, use_graphs: bool):
         fuse_projections(model)
@@ -242,7 +249,8 @@ class DecodeRunner:
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
         self.functions = _compiled_functions() if use_graphs else LAYER_FUNCTIONS
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: collections.OrderedDict[tuple[int, int, int], torch.cuda.CUDAGraph] = collections.OrderedDict()
+        self.logits: torch.Tensor | None = None  # [slots, vocab], written by every graph
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
         self.compile_error: str | None = None
 
@@ -250,7 +258,10 @@ class DecodeRunner:
         return decode_step(self.text, self.model.lm_head, self.buffers, self.tokens[:n], self.positions[:n], length,
                            vision, self.functions)
 
-    def _capture(self, key) -> tuple:
+    def _capture(self, key) -> torch.cuda.CUDAGraph:
+        if self.logits is None:
+            head = self.model.lm_head.weight
+            self.logits = torch.empty(self.tokens.shape[0], head.shape[0], dtype=head.dtype, device=head.device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -265,8 +276,8 @@ class DecodeRunner:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._eager(*key)
-        return graph, logits
+            self.logits[:key[0]].copy_(self._eager(*key))
+        return graph
 
     def __call__(self, tokens: list[int], positions: list[int], vision: int) -> torch.Tensor:
         """tokens/positions: one entry per slot 0..n-1 (free slots: 0). Returns logits [n, vocab]."""
@@ -284,11 +295,14 @@ class DecodeRunner:
         self.tokens[:rows].copy_(host[0], non_blocking=True)
         self.positions[:rows].copy_(host[1], non_blocking=True)
         key = (rows, key_len, vision)
-        if key not in self.graphs:
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            while len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.popitem(last=False)
             self.graphs[key] = self._capture(key)
-        graph, logits = self.graphs[key]
-        graph.replay()
-        return logits[:n]
+        self.graphs[key].replay()
+        return self.logits[:n]
 
 
 class BatchEngine:
@@ -312,7 +326,8 @@ class BatchEngine:
             raise ValueError(f"max_model_len must be in 1..{limit} (the model's max_position_embeddings), "
                              f"got {self.max_model_len}")
         vision = config.vision_config
-        self.max_vision = max_images * vision.max_num_tiles * vision.num_patches
+        self.tokens_per_image = vision.max_num_tiles * vision.num_patches
+        self.max_vision = max_images * self.tokens_per_image
         self.max_batch, self.max_queue = max_batch, max_queue
         self.meta_compat = getattr(text_config, "compat", "meta") == "meta"
         gen = dict(getattr(model, "generation_config", None) or {})
@@ -589,7 +604,10 @@ class BatchEngine:
         for r in active:
             tokens[r.slot] = r.generated[-1]
             positions[r.slot] = r.length  # the new token's index = its RoPE position (prompts are unpadded)
+        # Vision keys looked at: rounded up to whole images (a row's keys past its own are masked), so that the
+        # steps' shapes, and the CUDA graphs, take few values even though dropped padding tiles vary the lengths.
         vision = max(self.buffers.vision_len[r.slot] for r in active)
+        vision = min(self.max_vision, -(-vision // self.tokens_per_image) * self.tokens_per_image)
         start = time.perf_counter()
         try:
             logits = self.runner(tokens, positions, vision)

@@ -221,6 +221,59 @@ def parse_common(body: dict, chat: bool) -> Parsed:
 # The app
 
 
+class Guard:
+    """Authentication and body-size checks before any route reads the body, OpenAI's error shape for anything a
+    route lets escape, and a count of every answer by route and status.
+
+    A plain ASGI middleware: it sees each streamed chunk pass by and does nothing to it (Starlette's
+    `@app.middleware("http")` form would copy every chunk through an extra task and stream, per token of every
+    running request)."""
+
+    ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models")
+
+    def __init__(self, app, options: ServerOptions, counts: dict):
+        self.app, self.options, self.counts = app, options, counts
+
+    def _count(self, key: tuple[str, int]) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if path.startswith("/v1/"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            if self.options.api_key is not None and \
+                    headers.get("authorization", "") != f"Bearer {self.options.api_key}":
+                self._count((path, 401))
+                response = error_response("invalid or missing API key: send 'Authorization: Bearer <key>'", 401,
+                                          None, "invalid_api_key")
+                return await response(scope, receive, send)
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.options.max_body_bytes:
+                self._count((path, 413))
+                response = error_response(f"the request body is {length} bytes, more than "
+                                          f"{self.options.max_body_bytes}", 413, None, "request_too_large")
+                return await response(scope, receive, send)
+        status = []
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception as e:  # never a bare 500 page: keep OpenAI's shape
+            if status:  # the answer had started (a stream): nothing more can be said over HTTP
+                raise
+            status.append(500)
+            response = error_response(f"internal error: {type(e).__name__}: {e}", 500, None, None, "server_error")
+            await response(scope, receive, send)
+        finally:
+            self._count((path if path in self.ROUTES else "other", status[0] if status else 500))
+
+
 def create_app(model, processor, engine: BatchEngine, options: ServerOptions | None = None) -> FastAPI:
     options = options or ServerOptions()
     app = FastAPI(title="mllama", docs_url=None, redoc_url=None, openapi_url=None)
@@ -232,31 +285,7 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
     app.state.input_workers = workers
     dispatchers: dict[int, Dispatcher] = {}
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        # Authentication and body-size checks before any route reads the body; every answer is counted.
-        path = request.url.path
-        if path.startswith("/v1/"):
-            if options.api_key is not None:
-                header = request.headers.get("authorization", "")
-                if header != f"Bearer {options.api_key}":
-                    response = error_response("invalid or missing API key: send 'Authorization: Bearer <key>'",
-                                              401, None, "invalid_api_key")
-                    http_counts[(path, 401)] = http_counts.get((path, 401), 0) + 1
-                    return response
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > options.max_body_bytes:
-                http_counts[(path, 413)] = http_counts.get((path, 413), 0) + 1
-                return error_response(f"the request body is {length} bytes, more than {options.max_body_bytes}",
-                                      413, None, "request_too_large")
-        try:
-            response = await call_next(request)
-        except Exception as e:  # never a bare 500 page: keep OpenAI's shape
-            response = error_response(f"internal error: {type(e).__name__}: {e}", 500, None, None, "server_error")
-        key = (path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other",
-               response.status_code)
-        http_counts[key] = http_counts.get(key, 0) + 1
-        return response
+    app.add_middleware(Guard, options=options, counts=http_counts)
 
     async def read_body(request: Request) -> dict:
         raw = await request.body()
