@@ -208,9 +208,14 @@ class MllamaModel(MllamaPreTrainedModel):
             if cross_attention_mask is not None and cross_attention_mask.shape[2] != pixel_values.shape[1]:
                 raise ValueError(f"cross_attention_mask covers {cross_attention_mask.shape[2]} images per sample "
                                  f"but pixel_values has {pixel_values.shape[1]}")
+            if input_ids is not None:
+                # Checked now, while the GPU is idle: checking reads the ids on the host, which after the vision
+                # encoder was queued would hold the text prefill's launches until the encoder has finished.
+                self.language_model._check_ids(input_ids)
             keep = self.kept_tiles(cross_attention_mask, pixel_values)
             cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, keep)
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   ids_checked=pixel_values is not None,
                                    cross_attention_states=cross_attention_states,
                                    cross_attention_mask=cross_attention_mask, cross_tiles=keep,
                                    cache=cache if cache is not None else past_key_values,

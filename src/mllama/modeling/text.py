@@ -266,6 +266,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
         past_key_values: MllamaCache | None = None,
         output_hidden_states: bool = False,
         cross_tiles: torch.Tensor | None = None,
+        ids_checked: bool = False,
         **unused,
     ) -> ModelOutput:
         """cross_tiles: indices into the N*T tiles of cross_attention_mask whose vision tokens
@@ -279,7 +280,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
             cache = MllamaCache()
         past_len = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is None:
-            if past_len == 0:
+            if past_len == 0 and not ids_checked:  # (MllamaModel checks them before the vision encoder)
                 self._check_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
         x = inputs_embeds

@@ -274,14 +274,18 @@ class MllamaVisionModel(MllamaPreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor, exact_reorder: bool | None = None, **unused) -> ModelOutput:
         b, n, t = pixel_values.shape[:3]
+        device = self.patch_embedding.weight.device
+        tile_mask = aspect_ratio_mask.reshape(b * n, t).to(device)
+        reorder = self.exact_reorder if exact_reorder is None else exact_reorder
+        # On the meta device (shape-only runs) the valid counts cannot be read, so the mask form is used there.
+        reorder = reorder and device.type != "meta"
+        # The order reads the valid counts on the host: before any encoder work is queued, so that nothing waits.
+        order = vision_token_order(tile_mask, self.num_patches, self.num_pad) if reorder else None
         x = self.embed(pixel_values, aspect_ratio_ids)
         length = x.shape[2]
         ids = aspect_ratio_ids.reshape(b * n, 1).to(x.device)
-        tile_mask = aspect_ratio_mask.reshape(b * n, t).to(x.device)
-        reorder = self.exact_reorder if exact_reorder is None else exact_reorder
-        # On the meta device (shape-only runs) the valid counts cannot be read, so the mask form is used there.
-        if reorder and x.device.type != "meta":
-            return self._forward_reordered(x, ids, tile_mask, b, n)
+        if reorder:
+            return self._forward_reordered(x, ids, order, b, n)
         mask = vision_attention_mask(tile_mask, self.num_patches, self.num_pad, x.dtype)
         x, kept = self.transformer(x.reshape(b * n, t * length, self.hidden_size), mask,
                                    keep=self.intermediate_layers_indices,
@@ -295,11 +299,12 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         out = torch.cat([x, inter], dim=-1).reshape(b, n, t, self.num_patches, -1)   # [B, N, T, 1601, 7680]
         return ModelOutput(last_hidden_state=out)
 
-    def _forward_reordered(self, x: torch.Tensor, ids: torch.Tensor, tile_mask: torch.Tensor, b: int,
+    def _forward_reordered(self, x: torch.Tensor, ids: torch.Tensor, token_order: tuple, b: int,
                            n: int) -> ModelOutput:
-        """`forward` on valid-first reordered tokens: the same function as the mask form, without a mask."""
+        """`forward` on valid-first reordered tokens (`token_order`: what vision_token_order returns): the same
+        function as the mask form, without a mask."""
         bn, t, length = x.shape[:3]
-        order, inverse, groups = vision_token_order(tile_mask, self.num_patches, self.num_pad)
+        order, inverse, groups = token_order
         x = _gather_tokens(x.reshape(bn, t * length, self.hidden_size), order)
         x, kept = self.transformer(x, None, keep=self.intermediate_layers_indices,
                                    keep_outputs=self.config.compat == "transformers", valid_groups=groups)
