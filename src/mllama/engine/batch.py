@@ -494,6 +494,9 @@ class BatchEngine:
                 # A short queue is prefilled a request at a time (each gets its first token soonest); a long one
                 # in groups, which costs less per request (the text part of a prefill is mostly fixed cost).
                 size = 1 if len(self.waiting) <= 8 else self.max_prefill_batch
+                # counted in images (a text-only request as one), so a group of 4-image requests stalls the running
+                # decodes no longer than a group of 1-image ones
+                size = max(1, size // max(1, images))
                 group = []
                 for r in list(self.waiting):
                     if len(group) == min(len(free), size):

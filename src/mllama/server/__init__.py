@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", help="the id clients pass as 'model' (default: the folder name)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
     parser.add_argument("--max-prefill-batch", type=int, default=4,
-                        help="waiting requests prefilled together, between two decode steps of the running batch")
+                        help="images (or text-only requests) prefilled together, between two decode steps of the "
+                             "running batch")
     parser.add_argument("--input-workers", type=int, default=None,
                         help="processes that decode requests (template, tokens, images) off the engine's process; "
                              "0: threads of the server process (default: min(8, CPUs / 2), at least 1)")
