@@ -29,13 +29,6 @@ def sync():
         torch.cuda.synchronize()
 
 
-def percentile(values, q):
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 def request_inputs(assets: str, tiny: str | None = None):
     import load_server
 
@@ -68,6 +61,8 @@ def _prompt(processor, image):
 
 
 def run_level(engine, ids, inputs, concurrency: int, requests: int, max_tokens: int) -> dict:
+    from load_server import _percentile as percentile
+
     from mllama.engine.batch import GenerationRequest, sampling_params
 
     params = sampling_params(engine, max_tokens, 0.0, None)
@@ -123,7 +118,7 @@ def main(argv=None):
     from gpu_bench import build_ours
 
     from mllama import MllamaConfig
-    from mllama.engine.batch import BatchEngine
+    from mllama.engine.batch import BatchEngine, GenerationRequest, sampling_params
 
     processor, ids, inputs = request_inputs(args.assets, args.tiny)
     if args.tiny:
@@ -141,13 +136,11 @@ def main(argv=None):
     print(result, flush=True)
     # prefill cost per group size, measured on the engine's own path (slots are released afterwards)
     timings = {}
-    engine_lock_steps = []
     for size in (1, 2, 4, 8):
         if size > args.max_prefill_batch and size != 8:
             continue
         per = []
         for _ in range(3):
-            from mllama.engine.batch import GenerationRequest, sampling_params
             reqs = [GenerationRequest(prompt_ids=list(ids), params=sampling_params(engine, 4, 0.0, None),
                                       model_inputs=dict(inputs), emit=lambda e: None) for _ in range(size)]
             with engine.lock:  # the engine thread is idle (no requests): borrow its prefill
@@ -161,7 +154,6 @@ def main(argv=None):
         timings[size] = statistics.median(per[1:])
         print(f"prefill group of {size}: {timings[size] * 1e3:.1f} ms", flush=True)
     result["prefill_group_s"] = timings
-    del engine_lock_steps
     levels = []
     for spec in args.levels.split(","):
         c, n, t = map(int, spec.split("x"))

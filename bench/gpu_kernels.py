@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -21,22 +22,14 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 DEV = "cuda"
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def bench(fn, warmup=3, repeat=20) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
-    return times[len(times) // 2]
+    """Median milliseconds (gpu_bench's CUDA-event timer)."""
+    from gpu_bench import cuda_time
+
+    return cuda_time(fn, warmup, repeat) * 1e3
 
 
 def padded_sdpa(q, k, v, dim, backend):
@@ -111,8 +104,6 @@ def encoder(model_config) -> dict:
 
 
 def decode_profile(config) -> dict:
-    import sys
-    sys.path.insert(0, str(Path(__file__).parent))
     from gpu_bench import build_ours, make_inputs
     from mllama.engine.fast import FastDecoder
     from torch.profiler import ProfilerActivity, profile

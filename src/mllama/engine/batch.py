@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from ..generation import SamplingParams, TextDecoder, next_tokens
 from ..modeling.cache import MllamaCache
-from ..modeling.text import MllamaCrossAttentionDecoderLayer, apply_rope, prepare_cross_attention_mask, rms_norm
-from .fast import fuse_projections
+from ..modeling.text import MllamaCrossAttentionDecoderLayer, prepare_cross_attention_mask
+from .fast import (cross_output, cross_query, fuse_projections, length_bucket, self_output, self_qkv,
+                   text_model_of)
 
 
 class QueueFull(Exception):
@@ -117,7 +118,6 @@ class SlotBuffers:
         self.cross_bias = torch.full((slots, 1, 1, max_vision), self.min, device=device, dtype=dtype)
         self.row_mask = torch.zeros(slots, 1, 1, 1, device=device, dtype=dtype)
         self.attn_keep = torch.zeros(slots, 1, 1, 1, device=device, dtype=dtype)
-        self.has_images = [False] * slots
         self.vision_len = [0] * slots
         self.key_index = torch.arange(max_len, device=device)
         self.row_index = torch.arange(slots, device=device)
@@ -127,42 +127,7 @@ class SlotBuffers:
         self.allocated_bytes = per_token * slots * max_len + per_vision * slots * max_vision
 
 
-def _text_model(model):
-    inner = model.model
-    return getattr(inner, "language_model", inner)
-
-
-def _self_qkv(x, norm_in, wqkv, cos, sin, eps: float, heads: int, kv_heads: int, head_dim: int):
-    """Self-attention input of one new token per row: normed, projected (fused q|k|v), rotated."""
-    b = x.shape[0]
-    q, k, v = F.linear(rms_norm(x, norm_in, eps), wqkv).split(
-        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = apply_rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
-    k = apply_rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    return q, k, v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
-
-
-def _self_out(x, out, wo, norm_post, w13, w2, eps: float):
-    """Output projection, residual, and the MLP (fused gate|up) of a self-attention layer."""
-    x = x + F.linear(out.transpose(1, 2).reshape(x.shape[0], 1, -1), wo)
-    gate, up = F.linear(rms_norm(x, norm_post, eps), w13).chunk(2, dim=-1)
-    return x + F.linear(F.silu(gate) * up, w2)
-
-
-def _cross_q(x, norm_in, wq, q_norm, eps: float, heads: int, head_dim: int):
-    q = F.linear(rms_norm(x, norm_in, eps), wq).view(x.shape[0], 1, heads, head_dim)
-    return rms_norm(q, q_norm, eps).transpose(1, 2)
-
-
-def _cross_out(x, out, attn_keep, wo, gate_attn, norm_post, w13, w2, gate_mlp, row_mask, eps: float):
-    """attn_keep zeroes the attention output (Meta's row mask; text-only rows in both modes), row_mask the MLP."""
-    out = (out * attn_keep).transpose(1, 2).reshape(x.shape[0], 1, -1)
-    x = x + gate_attn.tanh() * F.linear(out, wo)
-    gate, up = F.linear(rms_norm(x, norm_post, eps), w13).chunk(2, dim=-1)
-    return x + gate_mlp.tanh() * (row_mask[:, 0] * F.linear(F.silu(gate) * up, w2))
-
-
-LAYER_FUNCTIONS = (_self_qkv, _self_out, _cross_q, _cross_out)
+LAYER_FUNCTIONS = (self_qkv, self_output, cross_query, cross_output)
 
 
 @torch.no_grad()
@@ -224,7 +189,6 @@ def _bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:
 
 
 ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-KEY_BUCKET = 256
 
 
 MAX_GRAPHS = 128
@@ -289,7 +253,7 @@ class DecodeRunner:
             self.positions[:n].copy_(torch.tensor(positions))
             return self._eager(n, length, vision)
         rows = _bucket(n, ROW_BUCKETS, slots)
-        key_len = min(-(-length // KEY_BUCKET) * KEY_BUCKET, self.buffers.key_index.shape[0])
+        key_len = min(length_bucket(length), self.buffers.key_index.shape[0])
         pad = rows - n
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad], dtype=torch.long).pin_memory()
         self.tokens[:rows].copy_(host[0], non_blocking=True)
@@ -317,7 +281,7 @@ class BatchEngine:
         self.warm_up_seconds = 0.0
         self.model = model
         self.tokenizer = tokenizer
-        self.text = _text_model(model)
+        self.text = text_model_of(model)
         config = model.config
         text_config = config.text_config
         limit = text_config.max_position_embeddings
@@ -566,7 +530,6 @@ class BatchEngine:
                 b.cache.key[i][slot, :, :lengths[row]] = k[row, :, pad:]
                 b.cache.value[i][slot, :, :lengths[row]] = cache.value[i][row, :, pad:]
             b.vision_len[slot] = vision
-            b.has_images[slot] = vision > 0
             b.cross_bias[slot].fill_(b.min)
             if vision:
                 for i in cache.cross_key:

@@ -51,35 +51,55 @@ def text_model_of(model: nn.Module) -> nn.Module:
     return getattr(inner, "language_model", inner)
 
 
-def self_layer_step(x, norm_in, wqkv, wo, norm_post, w13, w2, kc, vc, cos, sin, bias, slot,
-                    eps: float, heads: int, kv_heads: int, head_dim: int):
-    """One self-attention decoder layer for one new token per row; writes k/v at cache slot `slot`.
-    A pure function of tensors, so that one compiled version serves every layer."""
+def self_qkv(x, norm_in, wqkv, cos, sin, eps: float, heads: int, kv_heads: int, head_dim: int):
+    """Self-attention input of one new token per row: normed, projected (fused q|k|v), rotated."""
     b = x.shape[0]
     q, k, v = F.linear(_rms(x, norm_in, eps), wqkv).split([heads * head_dim, kv_heads * head_dim,
                                                            kv_heads * head_dim], dim=-1)
     q = _rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
     k = _rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    kc.index_copy_(2, slot, k)
-    vc.index_copy_(2, slot, v.view(b, 1, kv_heads, head_dim).transpose(1, 2))
-    out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, enable_gqa=heads != kv_heads)
-    x = x + F.linear(out.transpose(1, 2).reshape(b, 1, -1), wo)
+    return q, k, v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
+
+
+def self_output(x, out, wo, norm_post, w13, w2, eps: float):
+    """Output projection, residual, and the MLP (fused gate|up) of a self-attention layer."""
+    x = x + F.linear(out.transpose(1, 2).reshape(x.shape[0], 1, -1), wo)
     gate, up = F.linear(_rms(x, norm_post, eps), w13).chunk(2, dim=-1)
     return x + F.linear(F.silu(gate) * up, w2)
+
+
+def cross_query(x, norm_in, wq, q_norm, eps: float, heads: int, head_dim: int):
+    q = F.linear(_rms(x, norm_in, eps), wq).view(x.shape[0], 1, heads, head_dim)
+    return _rms(q, q_norm, eps).transpose(1, 2)
+
+
+def cross_output(x, out, attn_keep, wo, gate_attn, norm_post, w13, w2, gate_mlp, row_mask, eps: float):
+    """attn_keep (or None) zeroes rows of the attention output (Meta's row mask), row_mask those of the MLP."""
+    if attn_keep is not None:
+        out = out * attn_keep
+    x = x + gate_attn.tanh() * F.linear(out.transpose(1, 2).reshape(x.shape[0], 1, -1), wo)
+    gate, up = F.linear(_rms(x, norm_post, eps), w13).chunk(2, dim=-1)
+    return x + gate_mlp.tanh() * (row_mask[:, 0] * F.linear(F.silu(gate) * up, w2))
+
+
+def self_layer_step(x, norm_in, wqkv, wo, norm_post, w13, w2, kc, vc, cos, sin, bias, slot,
+                    eps: float, heads: int, kv_heads: int, head_dim: int):
+    """One self-attention decoder layer for one new token per row; writes k/v at cache slot `slot`.
+    A pure function of tensors, so that one compiled version serves every layer."""
+    q, k, v = self_qkv(x, norm_in, wqkv, cos, sin, eps, heads, kv_heads, head_dim)
+    kc.index_copy_(2, slot, k)
+    vc.index_copy_(2, slot, v)
+    out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, enable_gqa=heads != kv_heads)
+    return self_output(x, out, wo, norm_post, w13, w2, eps)
 
 
 def cross_layer_step(x, norm_in, wq, q_norm, wo, gate_attn, norm_post, w13, w2, gate_mlp, kc, vc, bias, row_mask,
                      eps: float, heads: int, kv_heads: int, head_dim: int, mask_attention: bool):
     """One cross-attention decoder layer for one new token per row, against fixed vision k/v."""
-    b = x.shape[0]
-    q = F.linear(_rms(x, norm_in, eps), wq).view(b, 1, heads, head_dim)
-    q = _rms(q, q_norm, eps).transpose(1, 2)
+    q = cross_query(x, norm_in, wq, q_norm, eps, heads, head_dim)
     out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=bias, enable_gqa=heads != kv_heads)
-    if mask_attention:
-        out = out * row_mask
-    x = x + gate_attn.tanh() * F.linear(out.transpose(1, 2).reshape(b, 1, -1), wo)
-    gate, up = F.linear(_rms(x, norm_post, eps), w13).chunk(2, dim=-1)
-    return x + gate_mlp.tanh() * (row_mask[:, 0] * F.linear(F.silu(gate) * up, w2))
+    return cross_output(x, out, row_mask if mask_attention else None, wo, gate_attn, norm_post, w13, w2, gate_mlp,
+                        row_mask, eps)
 
 
 _COMPILED: dict[str, object] = {}
@@ -227,7 +247,7 @@ class FastDecoder:
         return self.logits
 
 
-def _bucket(length: int) -> int:
+def length_bucket(length: int) -> int:
     # Cache lengths are rounded up so that requests of similar size share a decoder (and its CUDA graph).
     return -(-length // 256) * 256
 
@@ -262,7 +282,7 @@ def get_decoder(model: nn.Module, batch: int, length: int, vision_tokens: int, k
     """A decoder for this shape, reused across requests (the model keeps the `keep` most recent ones)."""
     decoders = model.__dict__.setdefault("_fast_decoders", {})
     compat = getattr(model.config, "compat", "meta")  # baked into the captured graph
-    key = (batch, _bucket(length), vision_tokens, compat)
+    key = (batch, length_bucket(length), vision_tokens, compat)
     if key in decoders:
         decoders[key] = decoders.pop(key)  # most recently used last
     else:

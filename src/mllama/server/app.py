@@ -54,17 +54,11 @@ def _init_worker(source: str) -> None:
     _WORKER_PROCESSOR = AutoProcessor.from_pretrained(source)
 
 
-def _to_numpy(result):
-    ids, inputs = result
-    return ids, {k: v.numpy() for k, v in inputs.items()}  # plain bytes over the pipe
-
-
-def _chat_job(messages, images: ImageOptions):
-    return _to_numpy(chat_inputs(_WORKER_PROCESSOR, messages, images))
-
-
-def _completion_job(prompt, image_urls, images: ImageOptions):
-    return _to_numpy(completion_inputs(_WORKER_PROCESSOR, prompt, image_urls, images))
+def _job(inputs_fn, *args):
+    """inputs_fn (chat_inputs or completion_inputs) with the worker's processor; tensors go back as numpy arrays
+    (plain bytes over the pipe)."""
+    ids, inputs = inputs_fn(_WORKER_PROCESSOR, *args)
+    return ids, {k: v.numpy() for k, v in inputs.items()}
 
 
 def _ready() -> bool:
@@ -78,10 +72,10 @@ class InputWorkers:
         # start them all now (each imports torch and loads the tokenizer), not on the first requests
         assert all(f.result() for f in [self.pool.submit(_ready) for _ in range(workers * 2)])
 
-    async def run(self, fn, *args):
+    async def run(self, inputs_fn, *args):
         import torch
 
-        ids, arrays = await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        ids, arrays = await asyncio.get_running_loop().run_in_executor(self.pool, _job, inputs_fn, *args)
         return ids, {k: torch.from_numpy(v) for k, v in arrays.items()}
 
     def close(self) -> None:
@@ -287,6 +281,11 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
 
     app.add_middleware(Guard, options=options, counts=http_counts)
 
+    async def decode_inputs(inputs_fn, *args):
+        if workers is not None:
+            return await workers.run(inputs_fn, *args)
+        return await asyncio.to_thread(inputs_fn, processor, *args)
+
     async def read_body(request: Request) -> dict:
         raw = await request.body()
         try:
@@ -329,20 +328,12 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
             body = await read_body(request)
             parsed = parse_common(body, chat)
             if chat:
-                if workers is not None:
-                    ids, inputs = await workers.run(_chat_job, body.get("messages"), options.images)
-                else:
-                    ids, inputs = await asyncio.to_thread(chat_inputs, processor, body.get("messages"),
-                                                          options.images)
+                ids, inputs = await decode_inputs(chat_inputs, body.get("messages"), options.images)
             else:
                 if "prompt" not in body:
                     raise RequestError("prompt is required", "prompt")
-                if workers is not None:
-                    ids, inputs = await workers.run(_completion_job, body.get("prompt"), body.get("images"),
-                                                    options.images)
-                else:
-                    ids, inputs = await asyncio.to_thread(completion_inputs, processor, body.get("prompt"),
-                                                          body.get("images"), options.images)
+                ids, inputs = await decode_inputs(completion_inputs, body.get("prompt"), body.get("images"),
+                                                  options.images)
             max_tokens = parsed.max_tokens
             if max_tokens is None:
                 max_tokens = options.default_max_tokens or max(1, engine.max_model_len - len(ids))
