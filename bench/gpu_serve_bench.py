@@ -64,6 +64,35 @@ def check_graph_runner(device: str = "cuda", use_graphs: bool = True) -> dict:
             "compile_error": graph.compile_error, "ok": worst < 1e-4}
 
 
+def scrape(port: int) -> dict[str, float]:
+    """/metrics as {name{labels}: value}, histogram buckets left out."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "_bucket{" not in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def metrics_delta(before: dict, after: dict, seconds: float) -> dict:
+    """Where a level's time went, from the server's own counters: engine loop busy time by phase (as a share of
+    the level's wall time), mean latencies of the HTTP side and of the engine."""
+    d = {k: after[k] - before.get(k, 0.0) for k in after}
+
+    def mean(name: str):
+        count = d.get(f"{name}_count", 0)
+        return d[f"{name}_sum"] / count if count else None
+
+    busy = {k.split('"')[1]: v / seconds for k, v in d.items() if k.startswith("mllama_engine_busy_seconds_total")}
+    return {"engine_busy_share": busy, "decode_steps": d.get("mllama_decode_steps_total"),
+            "tokens": d.get("mllama_generation_tokens_total"),
+            "mean_request_decode_s": mean("mllama_request_decode_seconds"),
+            "mean_server_ttft_s": mean("mllama_server_time_to_first_token_seconds"),
+            "mean_engine_ttft_s": mean("mllama_time_to_first_token_seconds"),
+            "mean_engine_itl_s": mean("mllama_inter_token_latency_seconds")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", required=True)
@@ -116,15 +145,18 @@ def main() -> None:
     try:
         import load_server
 
-        for level in args.levels:
-            load_server.main([str(level), "--url", f"http://127.0.0.1:{port}", "--requests", str(max(8, 3 * level)),
-                              "--max-tokens", str(args.max_tokens), "--time-limit", str(args.time_limit),
-                              "--image-size", "1120", "--json", str(Path(args.out) / f"serve-load-c{level}.json")])
+        runs = [(level, max(8, 3 * level), args.max_tokens, args.time_limit, f"c{level}") for level in args.levels]
         if args.long_level:
-            load_server.main([str(args.long_level), "--url", f"http://127.0.0.1:{port}", "--requests",
-                              str(2 * args.long_level), "--max-tokens", str(args.long_tokens), "--time-limit",
-                              str(2 * args.time_limit), "--image-size", "1120", "--json",
-                              str(Path(args.out) / f"serve-load-c{args.long_level}-long.json")])
+            runs.append((args.long_level, 2 * args.long_level, args.long_tokens, 2 * args.time_limit,
+                         f"c{args.long_level}-long"))
+        for level, requests, max_tokens, limit, name in runs:
+            before, t0 = scrape(port), time.perf_counter()
+            load_server.main([str(level), "--url", f"http://127.0.0.1:{port}", "--requests", str(requests),
+                              "--max-tokens", str(max_tokens), "--time-limit", str(limit), "--image-size", "1120",
+                              "--json", str(Path(args.out) / f"serve-load-{name}.json")])
+            delta = metrics_delta(before, scrape(port), time.perf_counter() - t0)
+            print(f"server metrics {name}:", json.dumps(delta), flush=True)
+            (Path(args.out) / f"serve-metrics-{name}.json").write_text(json.dumps(delta, indent=1))
         print(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()[-3000:])
     finally:
         server.send_signal(signal.SIGTERM)

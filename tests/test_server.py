@@ -49,11 +49,18 @@ class Server:
                 raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
+                    break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("server did not start in 90 s")
+        else:
+            self.stop()
+            raise RuntimeError("server did not start in 90 s")
+        # the start-up line, printed before the server listens, names the engine's process
+        for line in self.proc.stdout:
+            match = re.search(r"mllama serve: .*engine process (\d+)", line)
+            if match:
+                self.engine_pid = int(match.group(1))
+                break
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=5).text
@@ -61,9 +68,28 @@ class Server:
         assert match, f"{name} not in /metrics"
         return float(match.group(1))
 
+    def processes(self) -> list[int]:
+        """The server and every process under it (the engine, the input workers)."""
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        tree = [self.proc.pid]
+        for pid in tree:
+            tree += [child for child, parent in parents.items() if parent == pid]
+        return tree
+
     def rss_kb(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+        total = 0
+        for pid in self.processes():
+            try:
+                total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+            except (OSError, AttributeError):
+                pass
+        return total
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -250,7 +276,12 @@ def test_32_concurrent_mixed_requests_equal_generate(server, reference):
             await client.close()
 
     start_steps = server.metric("mllama_decode_steps_total")
+    timed = ("mllama_request_decode_seconds_count", "mllama_server_time_to_first_token_seconds_count",
+             "mllama_time_to_first_token_seconds_count")
+    start_counts = [server.metric(name) for name in timed]
     results = asyncio.run(run_all())
+    # every request's latency is on record, on the HTTP side and in the engine
+    assert [server.metric(name) - start for name, start in zip(timed, start_counts)] == [32, 32, 32]
     for (text, seeds, n), r in zip(cases, results):
         expected, n_out, n_prompt = _generate(reference, _messages(text, seeds)[1], n, do_sample=False)
         assert r.choices[0].message.content == expected, (text, seeds)
@@ -416,16 +447,54 @@ def test_queue_full_429_api_key_and_sigterm(tiny_checkpoint):
         for r in refused:
             error = _assert_error(r, 429)
             assert error["type"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
-        # SIGTERM with two requests in flight: they finish within the deadline, then the process exits 0.
+        # SIGTERM with two requests in flight: they finish within the deadline, then the process exits 0 and
+        # leaves no process behind (engine, input workers).
+        children = s.processes()[1:]
+        assert s.engine_pid in children
         s.proc.send_signal(signal.SIGTERM)
         s.proc.wait(timeout=60)
         assert s.proc.returncode == 0
+        deadline = time.time() + 10
+        while any(_alive(pid) for pid in children) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in children)
         for t in threads:
             t.join(timeout=30)
         finished = [r for r in results if r.status_code == 200]
         assert len(finished) == 2 and all(r.json()["usage"]["completion_tokens"] == 400 for r in finished)
     finally:
         s.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def test_engine_process_crash_fails_requests_and_health(tiny_checkpoint):
+    """The engine runs in its own process; if it dies, requests in flight end with an error instead of hanging,
+    /health says 503, new requests get 503, and the HTTP process keeps answering."""
+    s = Server(tiny_checkpoint, "--max-batch", "2")
+    try:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 400,
+                "temperature": 0, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as resp:
+            lines = resp.iter_lines()
+            assert any(line.startswith("data: ") and '"content"' in line and '"role"' not in line
+                       for line in lines)  # tokens are flowing
+            os.kill(s.engine_pid, signal.SIGKILL)
+            rest = list(lines)
+        errors = [json.loads(line[6:]) for line in rest if line.startswith("data: {") and '"error"' in line]
+        assert errors and "engine process ended" in errors[0]["error"]["message"]
+        assert rest[-1] == "data: [DONE]" or rest[-2:] == ["data: [DONE]", ""]
+        health = httpx.get(s.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=10)
+        assert _assert_error(r, 503)["type"] == "server_error"
+    finally:
+        assert s.stop() == 0
 
 
 def test_remote_images_limits(tiny_checkpoint, reference, tmp_path):

@@ -60,6 +60,9 @@ class Histogram:
         self.total += value
         self.count += 1
 
+    def snapshot(self) -> dict:
+        return {"bounds": list(self.bounds), "counts": list(self.counts), "total": self.total, "count": self.count}
+
 
 @dataclass
 class Event:
@@ -372,6 +375,14 @@ class BatchEngine:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
+    def stats(self) -> dict:
+        """A plain snapshot of the counters /metrics shows (picklable: it crosses the engine process' pipe)."""
+        return {"outcomes": dict(self.outcomes), "tokens_generated": self.tokens_generated,
+                "prompt_tokens": self.prompt_tokens, "queue_depth": self.queue_depth, "running": self.running,
+                "max_batch": self.max_batch, "steps": self.steps, "cache_bytes_in_use": self.cache_bytes_in_use(),
+                "cache_bytes_allocated": self.buffers.allocated_bytes, "ttft": self.ttft.snapshot(),
+                "itl": self.itl.snapshot(), "busy_seconds": dict(self.busy)}
+
     def cache_bytes_in_use(self) -> int:
         total = 0
         for slot, r in enumerate(list(self.slots)):
@@ -403,14 +414,21 @@ class BatchEngine:
             r.emit(Event(finish_reason="abort", prompt_tokens=len(r.prompt_ids)))
 
     def _drop_cancelled(self) -> None:
+        # Every request ends with one final event, a cancelled one too: whoever counts requests in flight (the
+        # server's admission, across a process boundary) learns here that its slot or queue place is free.
+        gone = []
         for slot, r in enumerate(self.slots):
             if r is not None and r.cancelled:
                 self.slots[slot] = None
-                self.outcomes["cancelled"] += 1
+                gone.append(r)
         with self.lock:
             kept = [r for r in self.waiting if not r.cancelled]
-            self.outcomes["cancelled"] += len(self.waiting) - len(kept)
+            gone += [r for r in self.waiting if r.cancelled]
             self.waiting = collections.deque(kept)
+        for r in gone:
+            self.outcomes["cancelled"] += 1
+            r.emit(Event(finish_reason="cancelled", prompt_tokens=len(r.prompt_ids),
+                         completion_tokens=len(r.generated)))
 
     def _warm_up(self) -> None:
         """Compiles the layer functions (for one row, then for a dynamic row count) and captures the first graphs

@@ -46,20 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build(args: argparse.Namespace):
-    """Model, processor, started engine and app for parsed arguments."""
-    import torch
+    """Processor, started engine process and app for parsed arguments."""
+    from ..processing.processor import AutoProcessor
+    from .engine_process import EngineProcess
 
-    from ..cli import load
-    from ..engine.batch import BatchEngine
-
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = load(args.model, args.dtype, device)
-    model.eval()
-    engine = BatchEngine(model, processor.tokenizer, max_batch=args.max_batch, max_queue=args.max_queue,
-                         max_model_len=args.max_model_len, max_images=args.max_images_per_request,
-                         max_prefill_batch=args.max_prefill_batch)
+    processor = AutoProcessor.from_pretrained(args.model)
+    spec = {"model": args.model, "dtype": args.dtype, "device": args.device,
+            "engine": {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_model_len": args.max_model_len,
+                       "max_images": args.max_images_per_request, "max_prefill_batch": args.max_prefill_batch}}
+    engine = EngineProcess(spec)
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MLLAMA_API_KEY") or None
     images = ImageOptions(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,
@@ -70,8 +65,12 @@ def build(args: argparse.Namespace):
         input_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     options = ServerOptions(model_name=name, api_key=api_key, images=images, processor_source=str(args.model),
                             input_workers=input_workers)
-    app = create_app(model, processor, engine, options)
-    return model, processor, engine, app
+    try:
+        app = create_app(processor, engine, options)
+    except BaseException:
+        engine.stop(0.0)
+        raise
+    return processor, engine, app
 
 
 def _server_class():
@@ -96,12 +95,8 @@ def run(args: argparse.Namespace) -> None:
     then the engine aborts what is left and the process exits with status 0."""
     import uvicorn
 
-    # The engine thread waits on the GPU once per step and then needs the GIL back at once; the default switch
-    # interval (5 ms) would let request threads (JSON, image decoding) hold it for a good part of a decode step.
-    sys.setswitchinterval(0.0005)
     _Server = _server_class()
-    _, _, engine, app = build(args)
-    engine.start()
+    _, engine, app = build(args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=args.shutdown_timeout,
                             # clients keep connections open between requests (the openai client pools them); a
@@ -109,7 +104,8 @@ def run(args: argparse.Namespace) -> None:
                             timeout_keep_alive=75)
     server = _Server(config)
     print(f"mllama serve: {app.state.options.model_name!r} on http://{args.host}:{args.port} "
-          f"(max batch {engine.max_batch}, context {engine.max_model_len}, warm-up {engine.warm_up_seconds:.1f} s)",
+          f"(max batch {engine.max_batch}, context {engine.max_model_len}, warm-up {engine.warm_up_seconds:.1f} s, "
+          f"engine process {engine.process.pid})",
           file=sys.stderr, flush=True)
     try:
         server.run()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
-import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
@@ -18,8 +17,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..engine.batch import (BatchEngine, EngineStopped, Event, GenerationRequest, QueueFull, RequestTooLong,
-                            sampling_params)
+from ..engine.batch import BatchEngine, EngineStopped, Event, Histogram, QueueFull, RequestTooLong, sampling_params
+from .engine_process import EngineProcess, LocalEngine, pack_tensors
 from .prompts import ImageOptions, RequestError, chat_inputs, completion_inputs
 
 
@@ -37,74 +36,77 @@ class ServerOptions:
     input_workers: int = 0
 
 
-# --- request decoding in worker processes ---------------------------------------------------------------------
-# The chat template, the tokenizer and above all image decoding and tiling hold the GIL for tens of milliseconds a
-# request; in this process they would take it from the engine thread, which needs it for every decode step.
+# --- request decoding: JSON, fields, template, tokens, images --------------------------------------------------
+# All of it holds the GIL for tens of milliseconds per request with an image (json of a 5 MB data URL 7 ms,
+# base64 and PNG decoding 50 ms, tiling 25 ms, measured on a 1120x1120 PNG), so it runs in worker processes; what
+# comes back is small (the fields) or plain bytes (the tiles, already in the model's dtype).
 
-_WORKER_PROCESSOR = None
+
+def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
+                   pixel_dtype: str | None) -> tuple["Parsed", list[int], dict]:
+    """A request body -> (its options, prompt ids, packed model inputs); RequestError names the field at fault."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e})", None) from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", None)
+    name = body.get("model")
+    if not isinstance(name, str):
+        raise RequestError(f"model must be a string: the served model is {model_name!r}", "model")
+    if name != model_name:
+        raise RequestError(f"the model {name!r} does not exist: this server serves {model_name!r}", "model", 404,
+                           "model_not_found")
+    parsed = parse_common(body, chat)
+    if chat:
+        ids, inputs = chat_inputs(processor, body.get("messages"), images)
+    else:
+        if "prompt" not in body:
+            raise RequestError("prompt is required", "prompt")
+        ids, inputs = completion_inputs(processor, body.get("prompt"), body.get("images"), images)
+    if pixel_dtype and "pixel_values" in inputs:
+        # the same rounding the engine's .to(dtype) would do, here, so half the bytes cross the pipes
+        import torch
+
+        inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, pixel_dtype))
+    return parsed, ids, pack_tensors(inputs)
 
 
-def _init_worker(source: str) -> None:
-    global _WORKER_PROCESSOR
+_WORKER: tuple | None = None  # (processor, model name, image options, pixel dtype) in an input worker
+
+
+def _init_worker(source: str, context: tuple) -> None:
+    global _WORKER
     import torch
 
     from ..processing.processor import AutoProcessor
 
     torch.set_num_threads(1)  # several workers side by side: one thread each
-    _WORKER_PROCESSOR = AutoProcessor.from_pretrained(source)
+    _WORKER = (AutoProcessor.from_pretrained(source), *context)
 
 
-def _job(inputs_fn, *args):
-    """inputs_fn (chat_inputs or completion_inputs) with the worker's processor; tensors go back as numpy arrays
-    (plain bytes over the pipe)."""
-    ids, inputs = inputs_fn(_WORKER_PROCESSOR, *args)
-    return ids, {k: v.numpy() for k, v in inputs.items()}
+def _job(raw: bytes, chat: bool):
+    processor, *context = _WORKER
+    return decode_request(processor, raw, chat, *context)
 
 
 def _ready() -> bool:
-    return _WORKER_PROCESSOR is not None
+    return _WORKER is not None
 
 
 class InputWorkers:
-    def __init__(self, source: str, workers: int):
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA and threads
-        self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(source,))
+    def __init__(self, source: str, workers: int, context: tuple):
+        mp_context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
+        self.pool = ProcessPoolExecutor(workers, mp_context=mp_context, initializer=_init_worker,
+                                        initargs=(source, context))
         # start them all now (each imports torch and loads the tokenizer), not on the first requests
         assert all(f.result() for f in [self.pool.submit(_ready) for _ in range(workers * 2)])
 
-    async def run(self, inputs_fn, *args):
-        import torch
-
-        ids, arrays = await asyncio.get_running_loop().run_in_executor(self.pool, _job, inputs_fn, *args)
-        return ids, {k: torch.from_numpy(v) for k, v in arrays.items()}
+    async def run(self, raw: bytes, chat: bool):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, _job, raw, chat)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class Dispatcher:
-    """Hands engine events (engine thread) to the requests' asyncio queues with one wake-up of the event loop per
-    burst (a decode step emits one event per running request), not one per event."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self.lock = threading.Lock()
-        self.pending: list[tuple[asyncio.Queue, Event]] = []
-        self.scheduled = False
-
-    def post(self, queue: asyncio.Queue, event: Event) -> None:
-        with self.lock:
-            self.pending.append((queue, event))
-            if self.scheduled:
-                return
-            self.scheduled = True
-        self.loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self.lock:
-            items, self.pending, self.scheduled = self.pending, [], False
-        for queue, event in items:
-            queue.put_nowait(event)
 
 
 def _merge_ready(event: Event, queue: asyncio.Queue) -> Event:
@@ -268,42 +270,35 @@ class Guard:
             self._count((path if path in self.ROUTES else "other", status[0] if status else 500))
 
 
-def create_app(model, processor, engine: BatchEngine, options: ServerOptions | None = None) -> FastAPI:
+def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
+               options: ServerOptions | None = None) -> FastAPI:
+    """The HTTP API over an engine: an EngineProcess (what `mllama serve` starts) or a started BatchEngine of this
+    process."""
     options = options or ServerOptions()
+    if isinstance(engine, BatchEngine):
+        engine = LocalEngine(engine)
     app = FastAPI(title="mllama", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.options = engine, options
     http_counts: dict[tuple[str, int], int] = {}
+    timings = {"decode": Histogram(), "ttft": Histogram()}  # this side's share of the latency
+    app.state.timings = timings
     tokenizer = processor.tokenizer
-    workers = InputWorkers(options.processor_source, options.input_workers) \
+    context = (options.model_name, options.images, engine.dtype)
+    workers = InputWorkers(options.processor_source, options.input_workers, context) \
         if options.processor_source and options.input_workers > 0 else None
     app.state.input_workers = workers
-    dispatchers: dict[int, Dispatcher] = {}
 
     app.add_middleware(Guard, options=options, counts=http_counts)
 
-    async def decode_inputs(inputs_fn, *args):
+    async def decode(raw: bytes, chat: bool):
         if workers is not None:
-            return await workers.run(inputs_fn, *args)
-        return await asyncio.to_thread(inputs_fn, processor, *args)
-
-    async def read_body(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON ({e})", None) from None
-        if not isinstance(body, dict):
-            raise RequestError("the request body must be a JSON object", None)
-        model_name = body.get("model")
-        if not isinstance(model_name, str):
-            raise RequestError(f"model must be a string: the served model is {options.model_name!r}", "model")
-        if model_name != options.model_name:
-            raise RequestError(f"the model {model_name!r} does not exist: this server serves "
-                               f"{options.model_name!r}", "model", 404, "model_not_found")
-        return body
+            return await workers.run(raw, chat)
+        return await asyncio.to_thread(decode_request, processor, raw, chat, *context)
 
     @app.get("/health")
     async def health():
+        if engine.failed is not None:
+            return JSONResponse({"status": "error", "message": engine.failed}, status_code=503)
         return {"status": "ok" if engine.accepting else "shutting_down"}
 
     @app.get("/v1/models")
@@ -313,7 +308,8 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(engine, http_counts), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(render_metrics(await engine.stats(), http_counts, timings),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -324,16 +320,11 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
         return await handle(request, chat=False)
 
     async def handle(request: Request, chat: bool):
+        arrival = time.monotonic()
+        parsed = None
         try:
-            body = await read_body(request)
-            parsed = parse_common(body, chat)
-            if chat:
-                ids, inputs = await decode_inputs(chat_inputs, body.get("messages"), options.images)
-            else:
-                if "prompt" not in body:
-                    raise RequestError("prompt is required", "prompt")
-                ids, inputs = await decode_inputs(completion_inputs, body.get("prompt"), body.get("images"),
-                                                  options.images)
+            parsed, ids, inputs = await decode(await request.body(), chat)
+            timings["decode"].observe(time.monotonic() - arrival)
             max_tokens = parsed.max_tokens
             if max_tokens is None:
                 max_tokens = options.default_max_tokens or max(1, engine.max_model_len - len(ids))
@@ -342,26 +333,30 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
         except RequestError as e:
             return error_response(e.message, e.status, e.param, e.code)
         except RequestTooLong as e:
-            return error_response(str(e), 400, "max_tokens" if parsed.max_tokens else "messages",
-                                  "context_length_exceeded")
+            return error_response(str(e), 400, "max_tokens" if parsed and parsed.max_tokens else
+                                  ("messages" if chat else "prompt"), "context_length_exceeded")
         except ValueError as e:
             return error_response(str(e), 400, None, None)
 
-        loop = asyncio.get_running_loop()
-        if id(loop) not in dispatchers:
-            dispatchers[id(loop)] = Dispatcher(loop)
-        dispatcher = dispatchers[id(loop)]
         events: asyncio.Queue[Event] = asyncio.Queue()
-        job = GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
-                                seed=parsed.seed, logprobs=parsed.logprobs,
-                                emit=lambda ev: dispatcher.post(events, ev))
+        first = [True]
+
+        def emit(event: Event) -> None:  # on the event loop
+            if first[0]:
+                first[0] = False
+                timings["ttft"].observe(time.monotonic() - arrival)
+            events.put_nowait(event)
+
         try:
-            engine.submit(job)
+            job = engine.submit(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
+                                seed=parsed.seed, logprobs=parsed.logprobs, emit=emit)
         except QueueFull as e:
             return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
                                   "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})
         except EngineStopped as e:
             return error_response(str(e), 503, None, "shutting_down", "server_error")
+        except RequestTooLong as e:
+            return error_response(str(e), 400, "max_tokens", "context_length_exceeded")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if parsed.stream:
@@ -390,7 +385,7 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
                 "top_logprobs": [{token_text(i): lp for i, lp in e["top"]} for e in entries],
                 "text_offset": offsets}
 
-    async def collect(request: Request, job: GenerationRequest, events: asyncio.Queue, rid: str, created: int,
+    async def collect(request: Request, job, events: asyncio.Queue, rid: str, created: int,
                       chat: bool):
         text, entries = [], []
         done = False
@@ -430,7 +425,7 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
         return {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
                 "choices": [choice], "usage": usage}
 
-    async def stream(job: GenerationRequest, events: asyncio.Queue, rid: str, created: int, chat: bool,
+    async def stream(job, events: asyncio.Queue, rid: str, created: int, chat: bool,
                      parsed: Parsed):
         kind = "chat.completion.chunk" if chat else "text_completion"
         offset = 0
@@ -455,6 +450,17 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
                 payload["usage"] = None
             return f"data: {json.dumps(payload)}\n\n"
 
+        # The usual chunk (text, no logprobs, not the last) from a template: only the text is serialised per chunk
+        # (one is sent per running request per decode step). The same bytes as chunk() gives.
+        marker = json.dumps("\ue002")
+        template = chunk("\ue002", None, [])
+        head, tail = template.split(marker) if template.count(marker) == 1 else (None, None)
+
+        def text_chunk(text: str, finish: str | None, entries: list) -> str:
+            if head is None or finish is not None or (entries and job.logprobs is not None):
+                return chunk(text, finish, entries)
+            return head + json.dumps(text) + tail
+
         finished = False
         try:
             if chat:
@@ -468,7 +474,7 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
                     finished = True
                     break
                 if ev.text or ev.logprobs or ev.finish_reason:
-                    yield chunk(ev.text, ev.finish_reason, ev.logprobs)
+                    yield text_chunk(ev.text, ev.finish_reason, ev.logprobs)
                     offset += len(ev.text)
                 if ev.finish_reason:
                     finished = True
@@ -486,7 +492,9 @@ def create_app(model, processor, engine: BatchEngine, options: ServerOptions | N
     return app
 
 
-def render_metrics(engine: BatchEngine, http_counts: dict) -> str:
+def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram] | None = None) -> str:
+    """Prometheus text from the engine's stats snapshot (BatchEngine.stats), the HTTP counts and this side's
+    latency histograms."""
     lines = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
@@ -495,30 +503,39 @@ def render_metrics(engine: BatchEngine, http_counts: dict) -> str:
         for labels, value in samples:
             lines.append(f"{name}{labels} {value}")
 
-    outcomes = ("stop", "length", "cancelled", "aborted", "error")
-    metric("mllama_requests_total", "counter", "Requests that left the engine, by outcome",
-           [(f'{{outcome="{o}"}}', engine.outcomes.get(o, 0)) for o in outcomes])
-    metric("mllama_http_responses_total", "counter", "HTTP responses by route and status",
-           [(f'{{route="{r}",status="{s}"}}', c) for (r, s), c in sorted(http_counts.items())])
-    metric("mllama_generation_tokens_total", "counter", "Tokens generated", [("", engine.tokens_generated)])
-    metric("mllama_prompt_tokens_total", "counter", "Prompt tokens prefilled", [("", engine.prompt_tokens)])
-    metric("mllama_queue_depth", "gauge", "Requests waiting for a slot", [("", engine.queue_depth)])
-    metric("mllama_running_requests", "gauge", "Requests in the running batch", [("", engine.running)])
-    metric("mllama_batch_slots", "gauge", "Slots of the running batch (--max-batch)", [("", engine.max_batch)])
-    metric("mllama_decode_steps_total", "counter", "Batched decode steps run", [("", engine.steps)])
-    metric("mllama_cache_bytes_in_use", "gauge", "K/V cache bytes held by running requests",
-           [("", engine.cache_bytes_in_use())])
-    metric("mllama_cache_bytes_allocated", "gauge", "K/V cache bytes preallocated for all slots",
-           [("", engine.buffers.allocated_bytes)])
-    for name, hist, help_text in (("mllama_time_to_first_token_seconds", engine.ttft, "Submit to first token"),
-                                  ("mllama_inter_token_latency_seconds", engine.itl, "Time between tokens")):
+    def histogram(name: str, help_text: str, snap: dict):
         lines.append(f"# HELP {name} {help_text}")
         lines.append(f"# TYPE {name} histogram")
         cumulative = 0
-        for bound, count in zip(hist.bounds, hist.counts):
+        for bound, count in zip(snap["bounds"], snap["counts"]):
             cumulative += count
             lines.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-        lines.append(f'{name}_bucket{{le="+Inf"}} {hist.count}')
-        lines.append(f"{name}_sum {hist.total}")
-        lines.append(f"{name}_count {hist.count}")
+        lines.append(f'{name}_bucket{{le="+Inf"}} {snap["count"]}')
+        lines.append(f"{name}_sum {snap['total']}")
+        lines.append(f"{name}_count {snap['count']}")
+
+    outcomes = ("stop", "length", "cancelled", "aborted", "error")
+    metric("mllama_requests_total", "counter", "Requests that left the engine, by outcome",
+           [(f'{{outcome="{o}"}}', stats["outcomes"].get(o, 0)) for o in outcomes])
+    metric("mllama_http_responses_total", "counter", "HTTP responses by route and status",
+           [(f'{{route="{r}",status="{s}"}}', c) for (r, s), c in sorted(http_counts.items())])
+    metric("mllama_generation_tokens_total", "counter", "Tokens generated", [("", stats["tokens_generated"])])
+    metric("mllama_prompt_tokens_total", "counter", "Prompt tokens prefilled", [("", stats["prompt_tokens"])])
+    metric("mllama_queue_depth", "gauge", "Requests waiting for a slot", [("", stats["queue_depth"])])
+    metric("mllama_running_requests", "gauge", "Requests in the running batch", [("", stats["running"])])
+    metric("mllama_batch_slots", "gauge", "Slots of the running batch (--max-batch)", [("", stats["max_batch"])])
+    metric("mllama_decode_steps_total", "counter", "Batched decode steps run", [("", stats["steps"])])
+    metric("mllama_cache_bytes_in_use", "gauge", "K/V cache bytes held by running requests",
+           [("", stats["cache_bytes_in_use"])])
+    metric("mllama_cache_bytes_allocated", "gauge", "K/V cache bytes preallocated for all slots",
+           [("", stats["cache_bytes_allocated"])])
+    metric("mllama_engine_busy_seconds_total", "counter", "Engine loop time by phase",
+           [(f'{{phase="{p}"}}', v) for p, v in sorted(stats.get("busy_seconds", {}).items())])
+    histogram("mllama_time_to_first_token_seconds", "Engine: submit to first token", stats["ttft"])
+    histogram("mllama_inter_token_latency_seconds", "Engine: time between tokens", stats["itl"])
+    if timings:
+        histogram("mllama_request_decode_seconds", "Server: arrival to decoded inputs (body, JSON, template, "
+                  "images)", timings["decode"].snapshot())
+        histogram("mllama_server_time_to_first_token_seconds", "Server: arrival to first token",
+                  timings["ttft"].snapshot())
     return "\n".join(lines) + "\n"

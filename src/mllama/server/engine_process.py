@@ -1,0 +1,419 @@
+"""The batch engine behind the HTTP server, in its own process (`EngineProcess`) or in this one (`LocalEngine`).
+
+Why a process: the engine thread needs the GIL for every decode step (graph replay, sampling, detokenising,
+stop strings) and for the Python-bound text prefill, while the HTTP side needs it for every request body (JSON
+of a multi-megabyte data URL) and every streamed chunk (one per running request per step). Sharing one GIL, the
+two slowed each other down: on the H200, the same engine gave 2,804 tok/s alone and 1,482 tok/s behind HTTP at
+concurrency 64 (bench/results/2026-11-29-h200-serve-load.json). Apart, each has its own interpreter.
+
+Wire format (a multiprocessing pipe, one writer thread per side):
+  server -> engine: ("submit", rid, fields), ("cancel", rid), ("stats", token), ("stop", deadline)
+  engine -> server: ("events", [(rid, event tuple), ...]), ("stats", token, dict), ("stopped",)
+Image tensors travel as numpy arrays (`pack_tensors`), bf16/fp16 as int16 views of the same bytes.
+Every request ends with exactly one final event (finish_reason or error); the server counts requests in flight
+from submit to that event, which is the engine's own admission rule (running + waiting <= slots + queue), so a
+full server answers 429 at once without asking the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..engine.batch import EngineStopped, Event, GenerationRequest, QueueFull, RequestTooLong
+
+_VIEWS = {"bfloat16": "int16", "float16": "int16"}
+
+
+def pack_tensors(tensors: dict) -> dict[str, tuple[np.ndarray, str]]:
+    """name -> (numpy array, torch dtype name): plain bytes for a pipe (numpy has no bfloat16)."""
+    import torch
+
+    out = {}
+    for name, t in tensors.items():
+        dtype = str(t.dtype).removeprefix("torch.")
+        view = t.view(getattr(torch, _VIEWS[dtype])) if dtype in _VIEWS else t
+        out[name] = (view.contiguous().numpy(), dtype)
+    return out
+
+
+def unpack_tensors(packed: dict[str, tuple[np.ndarray, str]]) -> dict:
+    import torch
+
+    out = {}
+    for name, (array, dtype) in packed.items():
+        t = torch.from_numpy(np.ascontiguousarray(array))
+        out[name] = t.view(getattr(torch, dtype)) if dtype in _VIEWS else t
+    return out
+
+
+def _event_tuple(e: Event) -> tuple:
+    return (e.text, e.token_ids, e.logprobs, e.finish_reason, e.prompt_tokens, e.completion_tokens, e.error)
+
+
+def _final(e: Event) -> bool:
+    return bool(e.finish_reason or e.error)
+
+
+class _Outbox:
+    """The only writer of a pipe end: callers post from any thread, one thread sends what has piled up, events
+    of a burst (a decode step's) in one message. The engine thread never blocks on a slow reader."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.cond = threading.Condition()
+        self.events: list[tuple[int, tuple]] = []
+        self.controls: list[tuple] = []
+        self.closed = False
+        self.thread = threading.Thread(target=self._run, name="mllama-outbox", daemon=True)
+        self.thread.start()
+
+    def event(self, rid: int, event: Event) -> None:
+        with self.cond:
+            self.events.append((rid, _event_tuple(event)))
+            self.cond.notify()
+
+    def control(self, message: tuple) -> None:
+        with self.cond:
+            self.controls.append(message)
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.events and not self.controls and not self.closed:
+                    self.cond.wait()
+                events, controls, closed = self.events, self.controls, self.closed
+                self.events, self.controls = [], []
+            try:
+                if events:
+                    self.conn.send(("events", events))
+                for message in controls:  # after the events: "stopped" must follow the last of them
+                    self.conn.send(message)
+            except (OSError, EOFError):
+                return  # the other side is gone
+            if closed:
+                return
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The engine process
+
+
+def _engine_main(conn, spec: dict) -> None:
+    import sys
+
+    # The engine thread waits on the GPU once per step and then wants the GIL back at once; the pipe threads
+    # (unpickling a request's tiles) should not hold it for the default 5 ms.
+    sys.setswitchinterval(0.0005)
+    try:
+        import torch
+
+        from ..cli import load
+        from ..engine.batch import BatchEngine
+
+        device = spec["device"]
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, processor = load(spec["model"], spec["dtype"], device)
+        model.eval()
+        engine = BatchEngine(model, processor.tokenizer, **spec["engine"])
+        engine.start()
+    except BaseException as e:  # noqa: BLE001 - reported to the server, which exits with the message
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", {"max_model_len": engine.max_model_len, "max_batch": engine.max_batch,
+                         "max_queue": engine.max_queue, "defaults": engine.defaults, "eos": engine.eos,
+                         "warm_up_seconds": engine.warm_up_seconds, "dtype": str(engine.dtype).removeprefix("torch."),
+                         "device": str(engine.device), "stats": engine.stats()}))
+    outbox = _Outbox(conn)
+    requests: dict[int, GenerationRequest] = {}
+
+    def emitter(rid: int) -> Callable[[Event], None]:
+        def emit(event: Event) -> None:
+            if _final(event):
+                requests.pop(rid, None)
+            outbox.event(rid, event)
+        return emit
+
+    def stop(deadline: float) -> None:
+        engine.stop(deadline)
+        outbox.control(("stopped",))
+
+    stopper = None
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the server is gone: nobody to answer
+            break
+        kind = message[0]
+        if kind == "submit":
+            rid, fields = message[1], message[2]
+            request = GenerationRequest(prompt_ids=fields["prompt_ids"], params=fields["params"],
+                                        model_inputs=unpack_tensors(fields["model_inputs"]), stop=fields["stop"],
+                                        seed=fields["seed"], logprobs=fields["logprobs"], emit=emitter(rid))
+            requests[rid] = request
+            try:
+                engine.submit(request)
+            except Exception as e:  # noqa: BLE001 - the server checked these first; report, keep serving
+                request.emit(Event(error=f"{type(e).__name__}: {e}"))
+        elif kind == "cancel":
+            request = requests.get(message[1])
+            if request is not None:
+                request.cancel()
+        elif kind == "stats":
+            outbox.control(("stats", message[1], engine.stats()))
+        elif kind == "stop" and stopper is None:
+            # in a thread: cancels of clients that leave during the shutdown deadline must still be read
+            stopper = threading.Thread(target=stop, args=(message[1],), daemon=True)
+            stopper.start()
+    if stopper is None:
+        engine.stop(0.0)
+    else:
+        stopper.join(timeout=60)
+    outbox.close()
+
+
+class _Handle:
+    """What the server holds of a submitted request."""
+
+    def __init__(self, owner: "EngineProcess", rid: int, logprobs: int | None):
+        self.owner, self.rid, self.logprobs = owner, rid, logprobs
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled and self.rid in self.owner.requests:
+            self.cancelled = True
+            self.owner.outgoing.put(("cancel", self.rid))
+
+
+class EngineProcess:
+    """Starts the engine process (model load, compilation and graph warm-up happen there) and talks to it.
+    submit, stats and the deliveries run on the server's event loop; two threads move the pipe's messages."""
+
+    def __init__(self, spec: dict, start_timeout: float | None = None):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: never fork threads or CUDA
+        self.conn, child = context.Pipe()
+        # not a daemon: the engine may start worker processes of its own (torch.compile's)
+        self.process = context.Process(target=_engine_main, args=(child, spec), name="mllama-engine")
+        self.process.start()
+        child.close()
+        began = time.monotonic()
+        while not self.conn.poll(1.0):
+            if not self.process.is_alive():
+                raise RuntimeError(f"the engine process exited (code {self.process.exitcode}) while loading "
+                                   f"{spec['model']!r}")
+            if start_timeout is not None and time.monotonic() - began > start_timeout:
+                self.process.kill()
+                raise RuntimeError(f"the engine did not start within {start_timeout} s")
+        kind, info = self.conn.recv()
+        if kind == "failed":
+            self.process.join(timeout=10)
+            raise RuntimeError(f"the engine could not start: {info}")
+        self.max_model_len, self.max_batch = info["max_model_len"], info["max_batch"]
+        self.max_queue, self.defaults, self.eos = info["max_queue"], info["defaults"], info["eos"]
+        self.warm_up_seconds, self.dtype, self.device = info["warm_up_seconds"], info["dtype"], info["device"]
+        self.last_stats = info["stats"]
+        self.failed: str | None = None
+        self._accepting = True
+        self.requests: dict[int, Callable[[Event], None]] = {}
+        self.inflight = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count()
+        self._waiters: dict[int, asyncio.Future] = {}
+        self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._send, name="mllama-engine-send", daemon=True).start()
+        self._reader = threading.Thread(target=self._read, name="mllama-engine-read", daemon=True)
+        self._reader.start()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self.failed is None
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        if prompt_len + max_tokens > self.max_model_len:
+            raise RequestTooLong(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together "
+                                 f"{prompt_len + max_tokens}, more than the context of {self.max_model_len} tokens "
+                                 f"(--max-model-len); shorten the prompt or lower max_tokens to at most "
+                                 f"{max(0, self.max_model_len - prompt_len)}")
+
+    def submit(self, *, prompt_ids: list[int], params, model_inputs: dict, stop: tuple[str, ...], seed: int | None,
+               logprobs: int | None, emit: Callable[[Event], None]) -> _Handle:
+        """On the event loop. Raises EngineStopped, RequestTooLong or QueueFull at once; `emit` is then called on
+        the loop for every event of the request."""
+        if self.failed is not None:
+            raise EngineStopped(f"the engine failed: {self.failed}")
+        if not self._accepting:
+            raise EngineStopped("the server is shutting down")
+        self.check_length(len(prompt_ids), params.max_new_tokens)
+        if self.inflight >= self.max_batch + self.max_queue:
+            raise QueueFull(f"{self.inflight} requests are running or waiting already (--max-batch {self.max_batch}"
+                            f" + --max-queue {self.max_queue})")
+        self.loop = self.loop or asyncio.get_running_loop()
+        rid = next(self._ids)
+        self.requests[rid] = emit
+        self.inflight += 1
+        self.outgoing.put(("submit", rid, {"prompt_ids": prompt_ids, "params": params, "model_inputs": model_inputs,
+                                           "stop": stop, "seed": seed, "logprobs": logprobs}))
+        return _Handle(self, rid, logprobs)
+
+    async def stats(self) -> dict:
+        """The engine's counters; the last ones seen if it does not answer within 5 s (or has stopped)."""
+        if self.failed is not None or not self.process.is_alive():
+            return self.last_stats
+        self.loop = self.loop or asyncio.get_running_loop()
+        token = next(self._ids)
+        future = self.loop.create_future()
+        self._waiters[token] = future
+        self.outgoing.put(("stats", token))
+        try:
+            return await asyncio.wait_for(future, 5.0)
+        except asyncio.TimeoutError:
+            return self.last_stats
+        finally:
+            self._waiters.pop(token, None)
+
+    def stop(self, deadline: float = 0.0) -> None:
+        """Stops taking requests; running and queued ones get `deadline` seconds, then the engine aborts the rest
+        and its process exits."""
+        self._accepting = False
+        if self.process.is_alive():
+            self.outgoing.put(("stop", deadline))
+            self._reader.join(timeout=deadline + 60)  # ends at "stopped" or when the process is gone
+        self.outgoing.put(None)
+        self.conn.close()
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+    # --- threads and the loop ---------------------------------------------------------------------------------
+
+    def _send(self) -> None:
+        while True:
+            message = self.outgoing.get()
+            if message is None:
+                return
+            try:
+                self.conn.send(message)
+            except (OSError, EOFError, ValueError):
+                return
+
+    def _read(self) -> None:
+        reason = None
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                reason = f"the engine process ended (exit code {self.process.exitcode})"
+                break
+            kind = message[0]
+            if kind == "events" and self.loop is not None:
+                self.loop.call_soon_threadsafe(self._deliver, message[1])
+            elif kind == "stats":
+                self.last_stats = message[2]
+                if self.loop is not None:
+                    self.loop.call_soon_threadsafe(self._resolve, message[1], message[2])
+            elif kind == "stopped":
+                return
+        # Gone without being asked to stop (a crash): fail whatever is in flight, and say so on /health.
+        if self._accepting:
+            self.failed = reason
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._fail_all, reason)
+            except RuntimeError:
+                pass
+
+    def _deliver(self, events: list[tuple[int, tuple]]) -> None:
+        for rid, fields in events:
+            event = Event(*fields)
+            emit = self.requests.get(rid)
+            if _final(event) and emit is not None:
+                del self.requests[rid]
+                self.inflight -= 1
+            if emit is not None:
+                emit(event)
+
+    def _resolve(self, token: int, stats: dict) -> None:
+        future = self._waiters.get(token)
+        if future is not None and not future.done():
+            future.set_result(stats)
+
+    def _fail_all(self, reason: str) -> None:
+        for rid, emit in list(self.requests.items()):
+            emit(Event(error=reason))
+        self.requests.clear()
+        self.inflight = 0
+
+
+class _Dispatcher:
+    """Hands a local engine's events (engine thread) to the event loop with one wake-up per burst (a decode step
+    emits one event per running request), not one per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[Callable[[Event], None], Event]] = []
+        self.scheduled = False
+
+    def post(self, emit: Callable[[Event], None], event: Event) -> None:
+        with self.lock:
+            self.pending.append((emit, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending, self.scheduled = self.pending, [], False
+        for emit, event in items:
+            emit(event)
+
+
+class LocalEngine:
+    """EngineProcess' interface over a BatchEngine of this process (a library user serving a model object they
+    hold). Events reach `emit` on the event loop, as with the process."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.max_model_len, self.max_batch, self.max_queue = engine.max_model_len, engine.max_batch, engine.max_queue
+        self.defaults, self.eos, self.warm_up_seconds = engine.defaults, engine.eos, engine.warm_up_seconds
+        self.dtype = str(engine.dtype).removeprefix("torch.")
+        self.failed = None
+        self._dispatchers: dict[int, _Dispatcher] = {}
+
+    @property
+    def accepting(self) -> bool:
+        return self.engine.accepting
+
+    def check_length(self, prompt_len: int, max_tokens: int) -> None:
+        self.engine.check_length(prompt_len, max_tokens)
+
+    def submit(self, *, prompt_ids, params, model_inputs, stop, seed, logprobs, emit) -> GenerationRequest:
+        loop = asyncio.get_running_loop()
+        dispatcher = self._dispatchers.setdefault(id(loop), _Dispatcher(loop))
+        request = GenerationRequest(prompt_ids=prompt_ids, params=params, model_inputs=unpack_tensors(model_inputs),
+                                    stop=stop, seed=seed, logprobs=logprobs,
+                                    emit=lambda event: dispatcher.post(emit, event))
+        self.engine.submit(request)
+        return request
+
+    async def stats(self) -> dict[str, Any]:
+        return self.engine.stats()
+
+    def stop(self, deadline: float = 0.0) -> None:
+        self.engine.stop(deadline)
