@@ -275,6 +275,8 @@ class DecodeRunner:
 class BatchEngine:
     """The scheduler: admission, prefill, batched decode, sampling, stopping, cancellation, statistics."""
 
+    PREFILL_WIDTH = 64  # prefill widths are multiples of this
+
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
                  max_images: int = 4, max_prefill_batch: int = 4, use_graphs: bool | None = None):
         if max_batch < 1 or max_queue < 0 or max_prefill_batch < 1:
@@ -442,23 +444,29 @@ class BatchEngine:
         self.warm_up_seconds = time.perf_counter() - t0
 
     def _warm_up_prefill(self) -> None:
-        """One prefill of a one-image request (black tiles) into slot 0, then the slot is freed: the kernels'
-        first-call set-up (attention plans, cuBLAS heuristics) happens here, not in the first client's TTFT."""
+        """Prefills of one-image requests (black tiles) with 1..max tiles and of a text-only request, into slot 0,
+        then the slot is freed: the kernels' first-call set-up for these shapes (cuDNN attention plans above all:
+        150-1200 ms for each new shape on the H200, bench/results/2026-11-29-h200-prefill-shapes.json) happens
+        here, not in the first clients' TTFT."""
         config = self.model.config
         vision = getattr(config, "vision_config", None)
-        if vision is None or not hasattr(self.model, "model") or not hasattr(self.model.model, "vision_model"):
-            return
-        tiles, size = vision.max_num_tiles, vision.image_size
         bos = getattr(config.text_config, "bos_token_id", None) or 0
-        ids = [bos, config.image_token_index] + [bos] * 14
-        inputs = {"pixel_values": torch.zeros(1, 1, tiles, 3, size, size),
-                  "aspect_ratio_ids": torch.ones(1, 1, dtype=torch.long),
-                  "aspect_ratio_mask": torch.ones(1, 1, tiles, dtype=torch.long),
-                  "cross_attention_mask": torch.ones(1, len(ids), 1, tiles, dtype=torch.long)}
         params = SamplingParams(max_new_tokens=1, do_sample=False)
-        request = GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, emit=lambda event: None)
-        self._prefill([(request, 0)])
-        self.slots[0] = None
+        warm = [([bos] * 16, {})]
+        if vision is not None and hasattr(self.model, "model") and hasattr(self.model.model, "vision_model"):
+            tiles, size = vision.max_num_tiles, vision.image_size
+            ids = [bos, config.image_token_index] + [bos] * 14
+            for used in range(1, tiles + 1):  # aspect ratio id `used` is 1 x used tiles
+                mask = torch.zeros(1, len(ids), 1, tiles, dtype=torch.long)
+                mask[:, 1:, :, :used] = 1
+                warm.append((ids, {"pixel_values": torch.zeros(1, 1, tiles, 3, size, size),
+                                   "aspect_ratio_ids": torch.full((1, 1), used, dtype=torch.long),
+                                   "aspect_ratio_mask": (torch.arange(tiles) < used).long()[None, None],
+                                   "cross_attention_mask": mask}))
+        for ids, inputs in warm:
+            request = GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, emit=lambda event: None)
+            self._prefill([(request, 0)])
+            self.slots[0] = None
         self.outcomes.clear()
         self.ttft = Histogram()
         self.tokens_generated = self.prompt_tokens = 0
@@ -520,7 +528,9 @@ class BatchEngine:
         """One forward of the plain model over the group's prompts, left-padded to the longest (real tokens keep
         positions 0..L-1, so each row computes what it would alone); then each row's K/V go to its slot."""
         lengths = [len(r.prompt_ids) for r, _ in group]
-        width, rows = max(lengths), len(group)
+        # Widths rounded up (more left padding, exact): attention kernels that build a plan per shape (cuDNN's,
+        # 150-1200 ms each on the H200) then meet a few widths again and again, not a new one per prompt length.
+        width, rows = -(-max(lengths) // self.PREFILL_WIDTH) * self.PREFILL_WIDTH, len(group)
         ids = torch.zeros(rows, width, dtype=torch.long)
         mask = torch.zeros(rows, width, dtype=torch.long)
         for row, (r, _) in enumerate(group):

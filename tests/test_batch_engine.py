@@ -1,0 +1,69 @@
+"""The batch engine's prefill on its own (CPU, fp32): rounded-up widths are exact, and the start-up warm-up covers
+every tile count and leaves no trace."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mllama.engine.batch import BatchEngine, GenerationRequest
+from mllama.generation import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    from mllama.modeling.mllama import MllamaForConditionalGeneration
+    from mllama.processing.processor import AutoProcessor
+
+    model = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32,
+                                                           device_map="cpu").eval()
+    return model, AutoProcessor.from_pretrained(str(tiny_checkpoint))
+
+
+def _prefill_logits(engine: BatchEngine, request: GenerationRequest) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    seen = []
+    engine._sample_and_emit = lambda requests, logits, start=None: seen.append(logits.clone())
+    engine._prefill([(request, 0)])
+    slot_keys = [k[0, :, :request.length].clone() for k in engine.buffers.cache.key.values()]
+    engine.slots[0] = None
+    return seen[0], slot_keys
+
+
+def test_rounded_prefill_width_is_exact(loaded):
+    model, processor = loaded
+    import PIL.Image
+
+    image = PIL.Image.new("RGB", (40, 30), (200, 30, 90))
+    inputs = processor(images=[[image]], text=["<|image|>A picture of a red thing, described"], return_tensors="pt")
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    results = []
+    for width in (1, 64):  # 1: no padding; 64: every prompt left-padded to a multiple of 64
+        engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128)
+        engine.PREFILL_WIDTH = width
+        request = GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=1, do_sample=False),
+                                    model_inputs=dict(inputs), emit=lambda event: None)
+        results.append(_prefill_logits(engine, request))
+    (logits_a, keys_a), (logits_b, keys_b) = results
+    assert len(ids) % 64 != 0
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(keys_a, keys_b):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_prefills_every_tile_count_and_leaves_no_trace(loaded):
+    model, processor = loaded
+    engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128)
+    vision = model.config.vision_config
+    kept = []
+    original = engine._prefill
+
+    def recording(group):
+        original(group)
+        kept.append(engine.buffers.vision_len[0])
+
+    engine._prefill = recording
+    engine._warm_up_prefill()
+    # text only, then one image with 1..max tiles: the vision keys kept are exactly those tiles' tokens
+    assert kept == [0] + [t * vision.num_patches for t in range(1, vision.max_num_tiles + 1)]
+    assert engine.running == 0 and not engine.outcomes and engine.tokens_generated == 0
+    assert engine.ttft.count == 0
