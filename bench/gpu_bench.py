@@ -187,6 +187,35 @@ def exactness(model, config) -> dict:
             "greedy_agreement_fast_vs_fp32": float((fast.argmax(-1) == ref.argmax(-1)).float().mean())}
 
 
+def vision_graph_check(model, config) -> dict:
+    """The vision encoder replayed as CUDA graphs (what generate and the server's prefill use) against the plain
+    module: its time, and the largest difference on one 4-tile image and on two images of 4 and 2 tiles."""
+    from mllama.engine.fast import vision_graphs
+
+    model.__dict__.pop("_vision_graphs", None)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    runner = vision_graphs(model)
+    vm = model.model.vision_model
+    img = make_inputs(config, 1, True)
+    args1 = (img["pixel_values"], img["aspect_ratio_ids"], img["aspect_ratio_mask"])
+    two = make_inputs(config, 2, True, seed=1)
+    mask2 = two["aspect_ratio_mask"].clone()
+    mask2[1, 0, 2:] = 0
+    args2 = (two["pixel_values"], torch.tensor([[6], [2]], device=DEV), mask2)
+    out = {}
+    with torch.no_grad():
+        for name, args in (("one_image", args1), ("two_images_4_and_2_tiles", args2)):
+            want = vm(*args).last_hidden_state
+            got = runner(*args).last_hidden_state.clone()
+            out[f"vision_graph_max_abs_diff_{name}"] = float((got - want).abs().max())
+        out["vision_graph_encoder_s"] = cuda_time(lambda: runner(*args1), 2, 10)
+    torch.cuda.synchronize()
+    # what the graphs keep: the shared pool and the output buffer (two images' worth here)
+    out["vision_graph_memory_bytes"] = torch.cuda.memory_allocated() - before
+    return out
+
+
 def profile_first_token(model, inputs, out: Path) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -244,6 +273,8 @@ def main() -> None:
                "text_only_weight_bytes": text_only_bytes,
                "mllama": measure("mllama", ours, gen_ours, ours.model.vision_model, config, args.quick)}
     results["mllama"]["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    results["mllama"].update(vision_graph_check(ours, config))
+    print("vision graphs:", {k: v for k, v in results["mllama"].items() if k.startswith("vision_graph")}, flush=True)
     results["mllama"]["build_s"] = build_s
     results["mllama"]["first_request_s"] = first_request_s
     try:  # a request that cannot fit is refused before anything is allocated
@@ -266,6 +297,10 @@ def main() -> None:
         results["transformers"]["build_s"] = hf_build
         del hf
         torch.cuda.empty_cache()
+    # the measured runs' graphs and caches go first (the fp32 reference below needs 44 GB)
+    ours.__dict__.pop("_fast_decoders", None)
+    ours.__dict__.pop("_vision_graphs", None)
+    torch.cuda.empty_cache()
     results["exactness"] = exactness(ours, config)
     write(results, out)
 
@@ -309,6 +344,13 @@ def write(results: dict, out: Path) -> None:
                  f"{results.get('transformers', {}).get('build_s', float('nan')):.1f} (copy of the weights) | | |")
     lines.append(f"| first request incl. fusion + compile + graph capture (s) | "
                  f"{results['mllama']['first_request_s']:.2f} | | | |")
+    if "vision_graph_encoder_s" in results["mllama"]:
+        mm = results["mllama"]
+        lines += ["", f"vision encoder replayed as CUDA graphs (generate and the server use it): "
+                  f"{mm['vision_graph_encoder_s'] * 1e3:.1f} ms; largest difference to the plain module "
+                  f"{mm['vision_graph_max_abs_diff_one_image']:.1e} (one 4-tile image), "
+                  f"{mm['vision_graph_max_abs_diff_two_images_4_and_2_tiles']:.1e} (4 + 2 tiles); graph memory "
+                  f"{mm['vision_graph_memory_bytes'] / 2**30:.2f} GiB after a 1-image and a 2-image graph"]
     if results["mllama"].get("compile_errors"):
         lines.append(f"\ncompile fell back to eager: {results['mllama']['compile_errors']}")
     e = results["exactness"]

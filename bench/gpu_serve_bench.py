@@ -108,7 +108,6 @@ def main() -> None:
     check = check_graph_runner()
     print("graph runner vs eager:", check, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "serve-graph-check.json").write_text(json.dumps(check, indent=1))
     from gpu_bench import build_ours
     from mllama import MllamaConfig
 
@@ -149,14 +148,19 @@ def main() -> None:
         if args.long_level:
             runs.append((args.long_level, 2 * args.long_level, args.long_tokens, 2 * args.time_limit,
                          f"c{args.long_level}-long"))
+        summary = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "command": " ".join(sys.argv), "graph_runner_check": check, "levels": []}
         for level, requests, max_tokens, limit, name in runs:
             before, t0 = scrape(port), time.perf_counter()
+            load_json = Path(args.out) / f"serve-load-{name}.json"
             load_server.main([str(level), "--url", f"http://127.0.0.1:{port}", "--requests", str(requests),
                               "--max-tokens", str(max_tokens), "--time-limit", str(limit), "--image-size", "1120",
-                              "--json", str(Path(args.out) / f"serve-load-{name}.json")])
+                              "--json", str(load_json)])
             delta = metrics_delta(before, scrape(port), time.perf_counter() - t0)
             print(f"server metrics {name}:", json.dumps(delta), flush=True)
-            (Path(args.out) / f"serve-metrics-{name}.json").write_text(json.dumps(delta, indent=1))
+            summary["levels"].append({"run": name, "load": json.loads(load_json.read_text()), "server_metrics": delta})
+            load_json.unlink()  # all of it is in the summary: one file to bring back
+            (Path(args.out) / "serve-summary.json").write_text(json.dumps(summary, indent=1))
         print(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()[-3000:])
     finally:
         server.send_signal(signal.SIGTERM)

@@ -170,3 +170,21 @@ def test_all_padding_row_matches_mask_form():
     fast, masked = both_paths(model, (pixels, ids, mask), "meta")
     assert torch.isfinite(fast).all()
     assert rel_diff(fast, masked) <= TOL
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_vision_graphs_runner_computes_the_encoder(batch):
+    """engine.fast.VisionGraphs splits the encoder into host planning + replayable device work; run eagerly here
+    (the capture itself needs CUDA: bench/gpu_bench.py checks it), it must give the encoder's output exactly,
+    and follow the module's choice of the mask form."""
+    from mllama.engine.fast import VisionGraphs
+
+    model = tiny_vision()
+    inputs = make_inputs(BATCHES[batch], 28)
+    runner = VisionGraphs(model, use_graphs=False)
+    with torch.no_grad():
+        want = model(*inputs).last_hidden_state
+        got = runner(*inputs).last_hidden_state
+        assert torch.equal(got, want)
+        model.exact_reorder = False
+        assert torch.equal(runner(*inputs).last_hidden_state, model(*inputs).last_hidden_state)

@@ -181,13 +181,18 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
             vision_tokens = tiles * model.config.vision_config.num_patches
         decoder = get_decoder(model, batch, total, vision_tokens)
         cache = decoder.reset()
+        if pixels is not None:
+            from .engine.fast import vision_graphs
+
+            model_inputs["vision_runner"] = vision_graphs(model)
     else:
         cache = MllamaCache.allocate(model.config, batch, total, device, model.dtype)
     mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_len] = attention_mask
     # Positions count real tokens only, so left padding does not shift the prompt (pads get position 0).
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {k: v.to(device) for k, v in model_inputs.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()
+             if isinstance(v, torch.Tensor) or k == "vision_runner"}
     if cross_attention_mask is not None:
         cross_attention_mask = cross_attention_mask.to(device)
         extra["cross_attention_mask"] = cross_attention_mask

@@ -24,7 +24,7 @@ from ..generation import SamplingParams, TextDecoder, next_tokens
 from ..modeling.cache import MllamaCache
 from ..modeling.text import MllamaCrossAttentionDecoderLayer, prepare_cross_attention_mask
 from .fast import (cross_output, cross_query, fuse_projections, length_bucket, self_output, self_qkv,
-                   text_model_of)
+                   text_model_of, vision_graphs)
 
 
 class QueueFull(Exception):
@@ -218,7 +218,8 @@ class DecodeRunner:
         self.functions = _compiled_functions() if use_graphs else LAYER_FUNCTIONS
         self.graphs: collections.OrderedDict[tuple[int, int, int], torch.cuda.CUDAGraph] = collections.OrderedDict()
         self.logits: torch.Tensor | None = None  # [slots, vocab], written by every graph
-        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+        self.pool = None  # made at the first capture (a pool handle unused by any graph does not survive
+        # torch.cuda.empty_cache())
         self.compile_error: str | None = None
 
     def _eager(self, n: int, length: int, vision: int) -> torch.Tensor:
@@ -229,6 +230,8 @@ class DecodeRunner:
         if self.logits is None:
             head = self.model.lm_head.weight
             self.logits = torch.empty(self.tokens.shape[0], head.shape[0], dtype=head.dtype, device=head.device)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -308,6 +311,8 @@ class BatchEngine:
         self.buffers = SlotBuffers(self.text, max_batch, self.max_model_len, self.max_vision, device, self.dtype)
         self.runner = DecodeRunner(model, self.text, self.buffers,
                                    device.type == "cuda" if use_graphs is None else use_graphs)
+        # the vision encoder of prefills as CUDA graphs too (the same function; see fast.VisionGraphs)
+        self.vision_runner = vision_graphs(model) if self.runner.use_graphs else None
         self.slots: list[GenerationRequest | None] = [None] * max_batch
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.lock = threading.Condition()
@@ -546,6 +551,8 @@ class BatchEngine:
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         cache = MllamaCache.allocate(self.model.config, rows, width, self.device, self.dtype)
+        if "pixel_values" in inputs and self.vision_runner is not None:
+            inputs["vision_runner"] = self.vision_runner
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
                          **inputs)

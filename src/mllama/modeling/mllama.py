@@ -181,10 +181,13 @@ class MllamaModel(MllamaPreTrainedModel):
         return seen.nonzero()[:, 0]
 
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                      aspect_ratio_mask: torch.Tensor, keep_tiles: torch.Tensor | None = None) -> torch.Tensor:
+                      aspect_ratio_mask: torch.Tensor, keep_tiles: torch.Tensor | None = None,
+                      vision_runner=None) -> torch.Tensor:
         """Pixels [B, N, T, 3, H, W] -> projected vision tokens [B, N*T*1601, hidden], image-major; with
-        `keep_tiles` (indices into the N*T tiles) only those tiles' tokens."""
-        vision = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
+        `keep_tiles` (indices into the N*T tiles) only those tiles' tokens. `vision_runner`: something that
+        computes vision_model's function another way (engine.fast.VisionGraphs replays it as CUDA graphs)."""
+        encoder = self.vision_model if vision_runner is None else vision_runner
+        vision = encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
         vision = vision.flatten(1, 2)                                        # [B, N*T, 1601, 7680]
         if keep_tiles is not None:
             vision = vision.index_select(1, keep_tiles.to(vision.device))
@@ -194,7 +197,7 @@ class MllamaModel(MllamaPreTrainedModel):
     def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, use_cache=None, past_key_values=None,
-                output_hidden_states: bool = False, **unused) -> ModelOutput:
+                output_hidden_states: bool = False, vision_runner=None, **unused) -> ModelOutput:
         keep = None
         if pixel_values is not None and cross_attention_states is not None:
             raise ValueError("pass pixel_values or cross_attention_states, not both")
@@ -213,7 +216,8 @@ class MllamaModel(MllamaPreTrainedModel):
                 # encoder was queued would hold the text prefill's launches until the encoder has finished.
                 self.language_model._check_ids(input_ids)
             keep = self.kept_tiles(cross_attention_mask, pixel_values)
-            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, keep)
+            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, keep,
+                                                        vision_runner)
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    ids_checked=pixel_values is not None,
                                    cross_attention_states=cross_attention_states,
@@ -252,12 +256,13 @@ class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel):
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep: int | torch.Tensor = 0, past_key_values=None, output_hidden_states: bool = False,
-                num_items_in_batch=None, **unused) -> ModelOutput:
+                num_items_in_batch=None, vision_runner=None, **unused) -> ModelOutput:
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, aspect_ratio_mask=aspect_ratio_mask,
                          aspect_ratio_ids=aspect_ratio_ids, attention_mask=attention_mask,
                          cross_attention_mask=cross_attention_mask, cross_attention_states=cross_attention_states,
                          position_ids=position_ids, cache=cache if cache is not None else past_key_values,
-                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         vision_runner=vision_runner)
         logits = self.lm_head(_keep_logits(out.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
