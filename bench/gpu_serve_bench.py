@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -64,6 +65,64 @@ def check_graph_runner(device: str = "cuda", use_graphs: bool = True) -> dict:
             "compile_error": graph.compile_error, "ok": worst < 1e-4}
 
 
+def check_overlapped_prefill(assets: str, device: str = "cuda") -> dict:
+    """The engine on a tiny fp32 checkpoint with CUDA graphs: a text-only request decodes while image requests
+    arrive, so their vision part runs on the side stream beside decode steps; every request's greedy tokens must
+    equal what generate() gives for it alone with the plain model."""
+    import tempfile
+
+    import PIL.Image
+
+    from mllama.cli import create_tiny
+    from mllama.engine.batch import BatchEngine, GenerationRequest
+    from mllama.generation import SamplingParams
+    from mllama.modeling.mllama import MllamaForConditionalGeneration
+    from mllama.processing.processor import AutoProcessor
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    folder = create_tiny(tempfile.mkdtemp(), assets)
+    model = MllamaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
+                                                           device_map=device).eval()
+    processor = AutoProcessor.from_pretrained(str(folder))
+    engine = BatchEngine(model, processor.tokenizer, max_batch=8, max_model_len=512).start()
+    gen = torch.Generator().manual_seed(0)
+    cases = [("Tell me a long story about the sea.", None, 48)]
+    for i in range(5):
+        pixels = (torch.rand(40 + 9 * i, 30 + 13 * i, 3, generator=gen) * 255).to(torch.uint8).numpy()
+        cases.append((f"Describe picture {i}.", PIL.Image.fromarray(pixels), 12))
+    done, outputs, requests = threading.Event(), {}, []
+    for index, (text, image, n) in enumerate(cases):
+        if image is None:
+            inputs = processor(text=[text], return_tensors="pt")
+        else:
+            inputs = processor(images=[[image]], text=[f"<|image|>{text}"], return_tensors="pt")
+        ids = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask", None)
+
+        def emit(event, index=index):
+            outputs.setdefault(index, []).extend(event.token_ids)
+            if event.finish_reason or event.error:
+                outputs.setdefault("finished", []).append((index, event.finish_reason, event.error))
+                if len(outputs["finished"]) == len(cases):
+                    done.set()
+
+        requests.append((ids, dict(inputs), n))
+        engine.submit(GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=n, do_sample=False),
+                                        model_inputs=dict(inputs), emit=emit))
+        time.sleep(0.05 if index == 0 else 0.01)  # the text-only one is decoding when the images arrive
+    done.wait(120)
+    engine.stop(0)
+    equal = 0
+    for index, (ids, inputs, n) in enumerate(requests):
+        want = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, fast=False)[0, len(ids):].tolist()
+        equal += outputs.get(index, [])[:n] == want
+    return {"requests": len(requests), "equal_to_generate": equal, "overlapped_prefills": engine.overlapped,
+            "errors": [f for f in outputs.get("finished", []) if f[2]],
+            "ok": equal == len(requests) and engine.overlapped > 0}
+
+
 def scrape(port: int) -> dict[str, float]:
     """/metrics as {name{labels}: value}, histogram buckets left out."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -107,6 +166,8 @@ def main() -> None:
     args = ap.parse_args()
     check = check_graph_runner()
     print("graph runner vs eager:", check, flush=True)
+    overlap = check_overlapped_prefill(args.assets)
+    print("overlapped prefill:", overlap, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     from gpu_bench import build_ours
     from mllama import MllamaConfig
@@ -149,7 +210,8 @@ def main() -> None:
             runs.append((args.long_level, 2 * args.long_level, args.long_tokens, 2 * args.time_limit,
                          f"c{args.long_level}-long"))
         summary = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "command": " ".join(sys.argv), "graph_runner_check": check, "levels": []}
+                   "command": " ".join(sys.argv), "graph_runner_check": check, "overlapped_prefill_check": overlap,
+                   "levels": []}
         for level, requests, max_tokens, limit, name in runs:
             before, t0 = scrape(port), time.perf_counter()
             load_json = Path(args.out) / f"serve-load-{name}.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,8 @@ def _find_tokenizer_model(explicit: str | None) -> Path:
 
 def create_tiny(folder: str | os.PathLike, tokenizer_model: str | os.PathLike, seed: int = 0,
                 tile: int = 56) -> Path:
-    """A small random Mllama checkpoint with the real tokenizer and the instruct chat template."""
+    """A small random Mllama checkpoint with the real tokenizer and the instruct chat template. `tokenizer_model`:
+    Meta's tokenizer.model, or a folder of converted tokenizer files (what convert_tiktoken writes) to copy."""
     import torch
 
     from .config import MllamaConfig
@@ -283,7 +285,12 @@ def create_tiny(folder: str | os.PathLike, tokenizer_model: str | os.PathLike, s
     model.generation_config.update(bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
                                    pad_token_id=128004, do_sample=False)
     model.save_pretrained(folder)
-    convert(tokenizer_model, folder, instruct=True)
+    if Path(tokenizer_model).is_dir():  # tokenizer files already converted (tokenizer.json and the rest)
+        for item in Path(tokenizer_model).iterdir():
+            if item.is_file() and item.name not in ("config.json", "generation_config.json", "model.safetensors"):
+                shutil.copy(item, folder / item.name)
+    else:
+        convert(tokenizer_model, folder, instruct=True)
     (folder / "preprocessor_config.json").write_text(json.dumps(
         {**TINY_PREPROCESSOR, "size": {"height": tile, "width": tile}}, indent=2) + "\n")
     return folder

@@ -275,6 +275,30 @@ class DecodeRunner:
         return self.logits[:n]
 
 
+@dataclass
+class _Prefill:
+    """A prefill between its vision part (maybe still running on the side stream) and its text part."""
+    group: list
+    lengths: list[int]
+    width: int
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    inputs: dict
+    keep: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+    ready: Any = None  # a CUDA event recorded after the vision part, or None when nothing is pending
+    started: float = 0.0
+
+
+class _no_context:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 class BatchEngine:
     """The scheduler: admission, prefill, batched decode, sampling, stopping, cancellation, statistics."""
 
@@ -313,6 +337,14 @@ class BatchEngine:
                                    device.type == "cuda" if use_graphs is None else use_graphs)
         # the vision encoder of prefills as CUDA graphs too (the same function; see fast.VisionGraphs)
         self.vision_runner = vision_graphs(model) if self.runner.use_graphs else None
+        # Prefills with images run their vision part on a side stream while the running batch keeps decoding on
+        # the engine thread's (higher-priority) stream, and their text part once that is done: a new image no
+        # longer stops every running request for the encoder's 50 ms. One such prefill is in flight at a time.
+        self.can_overlap = hasattr(model, "model") and hasattr(model.model, "vision_model")
+        self.side_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        self.pending: _Prefill | None = None
+        self.reserved: set[int] = set()  # slots of the pending prefill
+        self.overlapped = 0  # prefills whose vision part ran beside decode steps
         self.slots: list[GenerationRequest | None] = [None] * max_batch
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.lock = threading.Condition()
@@ -366,7 +398,7 @@ class BatchEngine:
             self.accepting = False
             self.lock.notify()
         end = time.monotonic() + deadline
-        while time.monotonic() < end and (self.running or self.waiting):
+        while time.monotonic() < end and (self.running or self.waiting or self.pending is not None):
             time.sleep(0.02)
         with self.lock:
             self.stopping = True
@@ -388,7 +420,7 @@ class BatchEngine:
                 "prompt_tokens": self.prompt_tokens, "queue_depth": self.queue_depth, "running": self.running,
                 "max_batch": self.max_batch, "steps": self.steps, "cache_bytes_in_use": self.cache_bytes_in_use(),
                 "cache_bytes_allocated": self.buffers.allocated_bytes, "ttft": self.ttft.snapshot(),
-                "itl": self.itl.snapshot(), "busy_seconds": dict(self.busy)}
+                "itl": self.itl.snapshot(), "busy_seconds": dict(self.busy), "overlapped_prefills": self.overlapped}
 
     def cache_bytes_in_use(self) -> int:
         total = 0
@@ -402,19 +434,28 @@ class BatchEngine:
     # Engine thread
 
     def _loop(self) -> None:
+        if self.device.type == "cuda":  # decode steps go before the side stream's encoder kernels
+            torch.cuda.set_stream(torch.cuda.Stream(device=self.device, priority=-1))
         while True:
             with self.lock:
-                while not self.stopping and not self.waiting and not self.running:
+                while not self.stopping and not self.waiting and not self.running and self.pending is None:
                     self.lock.wait(timeout=0.5)
                 if self.stopping:
                     break
             self._drop_cancelled()
             self._admit()
+            self._complete_pending()
             if self.running:
                 self._step()
         for slot, r in enumerate(self.slots):
             if r is not None:
                 self._finish(r, "abort")
+        if self.pending is not None:
+            for r, _ in self.pending.group:
+                self.outcomes["aborted"] += 1
+                r.emit(Event(finish_reason="abort", prompt_tokens=len(r.prompt_ids)))
+            self.pending = None
+            self.reserved.clear()
         while self.waiting:
             r = self.waiting.popleft()
             self.outcomes["aborted"] += 1
@@ -481,8 +522,10 @@ class BatchEngine:
         at most --max-prefill-batch): one group per decode step when requests are running, so that prefills
         (the vision encoder above all) never stall the running decodes for more than one group."""
         while True:
+            if self.pending is not None:
+                return  # its text part comes first
             with self.lock:
-                free = [i for i, r in enumerate(self.slots) if r is None]
+                free = [i for i, r in enumerate(self.slots) if r is None and i not in self.reserved]
                 if not free or not self.waiting:
                     return
                 images = self._image_count(self.waiting[0])
@@ -500,9 +543,48 @@ class BatchEngine:
                         group.append(r)
                 for r in group:
                     self.waiting.remove(r)
-            self._prefill_group(list(zip(group, free)))
+            pairs = list(zip(group, free))
+            if images and self.running and self.can_overlap:
+                self._start_overlapped(pairs)
+                return
+            self._prefill_group(pairs)
             if self.running > len(group):
                 return  # decode the running batch before the next group
+
+    def _start_overlapped(self, group: list[tuple[GenerationRequest, int]]) -> None:
+        """Queues the group's vision part on the side stream and returns; _complete_pending does the rest."""
+        start = time.perf_counter()
+        try:
+            prefill = self._prepare(group)
+            self._encode(prefill, overlap=True)
+        except Exception:  # noqa: BLE001 - the plain path finds the request at fault and fails only that one
+            self.busy["prefill"] += time.perf_counter() - start
+            self._prefill_group(group)
+            return
+        self.busy["prefill"] += time.perf_counter() - start
+        self.reserved.update(slot for _, slot in group)
+        self.pending = prefill
+        self.overlapped += 1
+
+    def _complete_pending(self) -> None:
+        """The text part of the pending prefill, once its vision part is done (or at once with nothing to
+        decode meanwhile)."""
+        p = self.pending
+        if p is None or (self.running and p.ready is not None and not p.ready.query()):
+            return
+        self.pending = None
+        start = time.perf_counter()
+        try:
+            self._complete(p)
+            self.busy["prefill"] += time.perf_counter() - start
+            return
+        except Exception:  # noqa: BLE001 - run them one by one, so only the request at fault fails
+            self.busy["prefill"] += time.perf_counter() - start
+        for r, slot in p.group:
+            self.slots[slot] = None
+            self.reserved.discard(slot)
+        for pair in p.group:
+            self._prefill_group([pair])
 
     @staticmethod
     def _image_count(r: GenerationRequest) -> int:
@@ -520,6 +602,7 @@ class BatchEngine:
             self.busy["prefill"] += time.perf_counter() - start
         for r, slot in group:
             self.slots[slot] = None
+            self.reserved.discard(slot)
         if len(group) > 1:  # run them one by one, so only the request at fault fails
             for pair in group:
                 self._prefill_group([pair])
@@ -530,8 +613,13 @@ class BatchEngine:
 
     @torch.no_grad()
     def _prefill(self, group: list[tuple[GenerationRequest, int]]) -> None:
-        """One forward of the plain model over the group's prompts, left-padded to the longest (real tokens keep
-        positions 0..L-1, so each row computes what it would alone); then each row's K/V go to its slot."""
+        """One forward of the plain model over the group's prompts, left-padded (real tokens keep positions
+        0..L-1, so each row computes what it would alone); then each row's K/V go to its slot."""
+        prefill = self._prepare(group)
+        self._encode(prefill, overlap=False)
+        self._complete(prefill)
+
+    def _prepare(self, group: list[tuple[GenerationRequest, int]]) -> "_Prefill":
         lengths = [len(r.prompt_ids) for r, _ in group]
         # Widths rounded up (more left padding, exact): attention kernels that build a plan per shape (cuDNN's,
         # 150-1200 ms each on the H200) then meet a few widths again and again, not a new one per prompt length.
@@ -550,15 +638,54 @@ class BatchEngine:
             inputs[name] = torch.cat(parts).to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        cache = MllamaCache.allocate(self.model.config, rows, width, self.device, self.dtype)
-        if "pixel_values" in inputs and self.vision_runner is not None:
-            inputs["vision_runner"] = self.vision_runner
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
-                         **inputs)
+        return _Prefill(group, lengths, width, ids.to(self.device), mask.to(self.device),
+                        positions.to(self.device), inputs)
+
+    def _encode(self, p: "_Prefill", overlap: bool) -> None:
+        """The vision part of a prefill: projected vision tokens of the kept tiles, into p.states. With
+        `overlap`, queued on the side stream (the engine thread returns at once and decode steps go on while the
+        GPU encodes); p.ready then marks the end."""
+        pixels = p.inputs.get("pixel_values")
+        if pixels is None or not self.can_overlap:
+            return  # text only, or a model without a vision encoder: the whole forward runs in _complete
+        inner = self.model.model
+        inner.language_model._check_ids(p.ids)  # host reads, before anything is queued
+        mask = p.inputs.get("cross_attention_mask")
+        if mask is not None and mask.shape[2] != pixels.shape[1]:
+            raise ValueError(f"cross_attention_mask covers {mask.shape[2]} images per sample but pixel_values "
+                             f"has {pixels.shape[1]}")
+        p.keep = inner.kept_tiles(mask, pixels)
+        stream = self.side_stream if overlap else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else _no_context():
+            p.states = inner.encode_images(pixels, p.inputs["aspect_ratio_ids"], p.inputs["aspect_ratio_mask"],
+                                           p.keep, self.vision_runner)
+            if stream is not None:
+                p.ready = torch.cuda.Event()
+                p.ready.record(stream)
+
+    @torch.no_grad()
+    def _complete(self, p: "_Prefill") -> None:
+        """The text part of a prefill (the whole forward if nothing was encoded before), then the slots."""
+        group, lengths, width = p.group, p.lengths, p.width
+        if p.ready is not None:  # encoded on the side stream: this stream waits for it, then owns the tokens
+            torch.cuda.current_stream().wait_event(p.ready)
+            p.states.record_stream(torch.cuda.current_stream())
+        cache = MllamaCache.allocate(self.model.config, len(group), width, self.device, self.dtype)
+        if p.states is not None:
+            out = self.model.model.language_model(
+                input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, ids_checked=True,
+                cross_attention_states=p.states, cross_attention_mask=p.inputs.get("cross_attention_mask"),
+                cross_tiles=p.keep, cache=cache, use_cache=True)
+            logits = self.model.lm_head(out.last_hidden_state[:, -1])
+        else:
+            out = self.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, cache=cache,
+                             use_cache=True, logits_to_keep=1, **p.inputs)
+            logits = out.logits[:, -1]
         b = self.buffers
         vision = cache.cross_length()
-        cross_rows = self._cross_rows(cache, inputs.get("cross_attention_mask"), vision)
+        cross_rows = self._cross_rows(cache, p.inputs.get("cross_attention_mask"), vision)
         for row, (r, slot) in enumerate(group):
             pad = width - lengths[row]
             for i, k in cache.key.items():
@@ -582,8 +709,9 @@ class BatchEngine:
             if r.seed is not None:
                 r.generator = torch.Generator(device=self.device).manual_seed(int(r.seed))
             self.slots[slot] = r
+            self.reserved.discard(slot)
             self.prompt_tokens += lengths[row]
-        self._sample_and_emit([r for r, _ in group], out.logits[:, -1])
+        self._sample_and_emit([r for r, _ in group], logits)
 
     def _cross_rows(self, cache: MllamaCache, mask: torch.Tensor | None, vision: int):
         """What every generated token of each row sees: the vision keys its last prompt token saw (the rule
