@@ -172,16 +172,39 @@ def nest_images(images: Any) -> list[list[Any]]:
     return samples
 
 
-def pil_to_rgb_array(image: PIL.Image.Image, position: str = "image 0") -> np.ndarray:
-    """HWC uint8 RGB. Transparency is composited onto white (transformers' rule; Meta's reference drops alpha)."""
+def pil_to_rgb_image(image: PIL.Image.Image, position: str = "image 0") -> PIL.Image.Image:
+    """The image in mode RGB, loaded. Transparency is composited onto white (transformers' rule; Meta's reference
+    drops alpha). An RGB image without transparency comes back as itself, not as a copy."""
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")
             image = PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return np.array(image.convert("RGB"))
+        if image.mode == "RGB":
+            image.load()  # what convert("RGB") would do before copying
+            return image
+        return image.convert("RGB")
     except (ValueError, OSError) as exc:
         raise ValueError(f"{position}: PIL cannot convert an image of mode {image.mode!r} to RGB ({exc}); "
                          f"convert it to RGB, RGBA or L first") from None
+
+
+def pil_to_rgb_array(image: PIL.Image.Image, position: str = "image 0") -> np.ndarray:
+    """HWC uint8 RGB. Transparency is composited onto white (transformers' rule; Meta's reference drops alpha)."""
+    return np.array(pil_to_rgb_image(image, position))
+
+
+def pil_rgb_planes(image: PIL.Image.Image) -> torch.Tensor:
+    """A loaded RGB PIL image as a contiguous [3, H, W] uint8 tensor (CPU).
+
+    PIL packs each band straight into a plane, which costs what packing the interleaved HWC bytes does; moving
+    HWC to CHW afterwards would cost as much again (a 3-byte-strided gather).
+    """
+    width, height = image.size
+    planes = torch.empty((3, height, width), dtype=torch.uint8)
+    flat = planes.numpy().reshape(3, -1)
+    for channel, band in enumerate("RGB"):
+        flat[channel] = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8)
+    return planes
 
 
 def _is_channels_last(shape: Sequence[int], input_data_format: str | None, position: str) -> bool:
@@ -416,7 +439,8 @@ class _MllamaImageProcessorBase:
         return f"{type(self).__name__} {self.to_json_string()}"
 
     def _batch(self, samples: list[list[Any]], opts: dict[str, Any], encode_one) -> tuple[list, list, list]:
-        """Run `encode_one(item, position)` -> (tiles, (rows, cols)) over every image, keeping the nesting."""
+        """Run `encode_one(item, position)` -> (tiles or image, (rows, cols)) over every image, keeping the nesting;
+        num_tiles is rows * cols of each."""
         tiles, ratios, num_tiles = [], [], []
         for i, sample in enumerate(samples):
             sample_tiles, sample_ratios = [], []
@@ -429,7 +453,7 @@ class _MllamaImageProcessorBase:
                 sample_ratios.append(ratio)
             tiles.append(sample_tiles)
             ratios.append(sample_ratios)
-            num_tiles.append([t.shape[0] for t in sample_tiles])
+            num_tiles.append([rows * cols for rows, cols in sample_ratios])
         return tiles, ratios, num_tiles
 
 
@@ -516,6 +540,13 @@ _TORCH_MODES = {PIL.Image.Resampling.NEAREST.value: "nearest", PIL.Image.Resampl
                 PIL.Image.Resampling.BICUBIC.value: "bicubic"}
 
 
+def _native_resize(device: torch.device, mode: str) -> bool:
+    """Whether resize_uint8 runs torch's uint8 kernel (torchvision's choice) rather than float32 and rounding."""
+    on_cpu = device.type == "cpu"
+    return mode == "nearest" or (on_cpu and (
+        mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")))
+
+
 def resize_uint8(image: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
     """Antialiased resize of a [C, H, W] uint8 tensor to uint8, choosing kernels the way torchvision (0.26) does.
 
@@ -528,9 +559,7 @@ def resize_uint8(image: torch.Tensor, height: int, width: int, mode: str = "bili
     smooth = mode != "nearest"
     kwargs = {"mode": mode, "antialias": smooth, "align_corners": False if smooth else None}
     on_cpu = image.device.type == "cpu"
-    native = mode == "nearest" or (on_cpu and (
-        mode == "bicubic" or torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")))
-    if native:
+    if _native_resize(image.device, mode):
         return F.interpolate(image[None], size=(height, width), **kwargs)[0]
     if smooth and on_cpu and width == 1 and height > 1:
         # torch's float antialias kernel on CPU returns wrong values (off by up to 255) when the output is one pixel
@@ -541,6 +570,26 @@ def resize_uint8(image: torch.Tensor, height: int, width: int, mode: str = "bili
     if mode == "bicubic":
         resized = resized.clamp_(0, 255)  # bicubic overshoots; bilinear weights are positive and cannot
     return resized.round_().to(torch.uint8)
+
+
+def _fill_tiles(out: torch.Tensor, image: torch.Tensor, cols: int) -> None:
+    """Cut a [3, H, W] uint8 image into the row-major float tiles out[k] ([tiles, 3, tile, tile]); the canvas
+    beyond the image is 0.0, as uint8 zero padding converts to. The uint8 -> float32 conversion is exact, so
+    converting while cutting gives what converting the padded uint8 canvas would."""
+    tile = out.shape[-1]
+    height, width = image.shape[-2:]
+    for k in range(out.shape[0]):
+        top, left = (k // cols) * tile, (k % cols) * tile
+        inside_h, inside_w = min(max(height - top, 0), tile), min(max(width - left, 0), tile)
+        dst = out[k]
+        if not (inside_h and inside_w):
+            dst.zero_()
+            continue
+        dst[:, :inside_h, :inside_w].copy_(image[:, top:top + inside_h, left:left + inside_w])
+        if inside_w < tile:
+            dst[:, :inside_h, inside_w:].zero_()
+        if inside_h < tile:
+            dst[:, inside_h:].zero_()
 
 
 class MllamaImageProcessor(_MllamaImageProcessorBase):
@@ -566,15 +615,21 @@ class MllamaImageProcessor(_MllamaImageProcessorBase):
             device = next((item.device for sample in samples for item in sample
                            if isinstance(item, torch.Tensor)), torch.device("cpu"))
         device = torch.device(device)
-        tiles, ratios, num_tiles = self._batch(
+        # Every image fitted to its canvas, in uint8; then written, tile by tile, straight into pixel_values and
+        # normalized there in place: no padded canvas, tile stack or float temporaries per image.
+        resized, ratios, num_tiles = self._batch(
             samples, opts, lambda item, position: self._encode(item, position, opts, input_data_format, device))
         tile = opts["size"]["height"]
         max_images = max(len(sample) for sample in samples)
-        pixel_values = torch.zeros((len(samples), max_images, opts["max_image_tiles"], 3, tile, tile),
+        pixel_values = torch.empty((len(samples), max_images, opts["max_image_tiles"], 3, tile, tile),
                                    dtype=torch.float32, device=device)
-        for i, sample_tiles in enumerate(tiles):
-            for j, image_tiles in enumerate(sample_tiles):
-                pixel_values[i, j, : image_tiles.shape[0]] = image_tiles
+        for i, (sample_images, sample_ratios) in enumerate(zip(resized, ratios)):
+            for j, (image, (rows, cols)) in enumerate(zip(sample_images, sample_ratios)):
+                tiles = pixel_values[i, j, : rows * cols]
+                _fill_tiles(tiles, image, cols)
+                self._rescale_and_normalize_(tiles, opts)
+                pixel_values[i, j, rows * cols:].zero_()  # padding tiles
+            pixel_values[i, len(sample_images):].zero_()  # padding images
         ids, mask = build_aspect_ratio_outputs(ratios, opts["max_image_tiles"])
         data = {"pixel_values": pixel_values, "aspect_ratio_ids": torch.from_numpy(ids).to(device),
                 "aspect_ratio_mask": torch.from_numpy(mask).to(device), "num_tiles": num_tiles}
@@ -582,9 +637,7 @@ class MllamaImageProcessor(_MllamaImageProcessorBase):
 
     def _to_rgb(self, item: Any, position: str, opts: dict, input_data_format: str | None,
                 device: torch.device) -> torch.Tensor:
-        if isinstance(item, PIL.Image.Image):
-            if opts["do_convert_rgb"]:
-                return torch.from_numpy(pil_to_rgb_array(item, position)).to(device).permute(2, 0, 1)
+        if isinstance(item, PIL.Image.Image):  # only with do_convert_rgb=False: _encode converts the others
             item, input_data_format = np.array(item), "channels_last"
         if isinstance(item, np.ndarray):
             # numpy dtypes torch lacks (big-endian, uint16 ...) are handled by the numpy conversion
@@ -605,18 +658,34 @@ class MllamaImageProcessor(_MllamaImageProcessorBase):
 
     def _encode(self, item: Any, position: str, opts: dict, input_data_format: str | None, device: torch.device
                 ) -> tuple[torch.Tensor, tuple[int, int]]:
-        image = self._to_rgb(item, position, opts, input_data_format, device).contiguous()  # [3, H, W] uint8
+        """One image -> (the [3, h, w] uint8 image resized to fit its canvas, any strides; (rows, cols))."""
         tile = opts["size"]["height"]
-        (rows, cols), (new_height, new_width) = tile_arrangement(*image.shape[-2:], opts["max_image_tiles"], tile)
-        image = resize_uint8(image, new_height, new_width, _TORCH_MODES[opts["resample"]])
-        canvas = torch.zeros((3, rows * tile, cols * tile), dtype=torch.uint8, device=device)
-        canvas[:, :new_height, :new_width] = image
-        tiles = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)  # [rows, cols, 3, tile, tile]
-        tiles = tiles.reshape(rows * cols, 3, tile, tile)  # row-major tiles
-        return self._rescale_and_normalize(tiles, opts), (rows, cols)
+        mode = _TORCH_MODES[opts["resample"]]
+        if isinstance(item, PIL.Image.Image) and opts["do_convert_rgb"]:
+            # The common case (decoded files): ask PIL for the layout the next step reads fastest.
+            rgb = pil_to_rgb_image(item, position)
+            width, height = rgb.size
+            (rows, cols), new_size = tile_arrangement(height, width, opts["max_image_tiles"], tile)
+            if new_size == (height, width):
+                image = pil_rgb_planes(rgb).to(device)  # tiles are cut from CHW planes
+            else:
+                image = torch.from_numpy(np.array(rgb)).to(device).permute(2, 0, 1)  # HWC, as the resize reads
+        else:
+            image = self._to_rgb(item, position, opts, input_data_format, device)  # [3, H, W] uint8
+            (rows, cols), new_size = tile_arrangement(*image.shape[-2:], opts["max_image_tiles"], tile)
+        if new_size != tuple(image.shape[-2:]):
+            if not (image.device.type == "cpu" and mode != "nearest" and _native_resize(image.device, mode)):
+                # torch's uint8 antialias kernels on CPU give the same values for any memory layout (channels
+                # last is what they work in); every other kernel gets the contiguous CHW image it always got.
+                image = image.contiguous()
+            image = resize_uint8(image, *new_size, mode)
+        elif image.stride(-1) != 1:
+            image = image.contiguous()  # one strided copy in uint8, then the float conversion runs vectorized
+        return image, (rows, cols)
 
     @staticmethod
-    def _rescale_and_normalize(tiles: torch.Tensor, opts: dict) -> torch.Tensor:
+    def _rescale_and_normalize_(tiles: torch.Tensor, opts: dict) -> None:
+        """In place on float32 tiles holding 0..255: the same float32 operations as transformers' tensor backend."""
         mean, std = opts["image_mean"], opts["image_std"]
         if opts["do_normalize"]:
             mean = torch.tensor(mean, dtype=torch.float32, device=tiles.device)
@@ -624,7 +693,6 @@ class MllamaImageProcessor(_MllamaImageProcessorBase):
             if opts["do_rescale"]:
                 # folding 1/rescale_factor into mean and std (float32) is what transformers' tensor backend does
                 mean, std = mean * (1.0 / opts["rescale_factor"]), std * (1.0 / opts["rescale_factor"])
-            return (tiles.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
-        if opts["do_rescale"]:
-            return tiles * opts["rescale_factor"]
-        return tiles.to(torch.float32)
+            tiles.sub_(mean[:, None, None]).div_(std[:, None, None])
+        elif opts["do_rescale"]:
+            tiles.mul_(opts["rescale_factor"])

@@ -83,6 +83,27 @@ def _init_worker(source: str, context: tuple) -> None:
 
     torch.set_num_threads(1)  # several workers side by side: one thread each
     _WORKER = (AutoProcessor.from_pretrained(source), *context)
+    _warm_up(*_WORKER)
+
+
+def _warm_up(processor, model_name: str, *context) -> None:
+    """Decode one small chat request with an image, so that the first client request a fresh worker gets does not
+    pay for lazy imports and first-call set-up (PIL's PNG plugin, the chat template, the tokenizer, torch's
+    kernels): ~70 ms on a 1120x1120 PNG request, measured. This costs a few milliseconds per worker at start."""
+    import base64
+    import io
+
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (64, 48), (120, 90, 60)).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    body = {"model": model_name, "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe this image."}]}]}
+    try:
+        decode_request(processor, json.dumps(body).encode(), True, model_name, *context)
+    except Exception:  # e.g. a server that accepts no images: the worker still starts, cold
+        pass
 
 
 def _job(raw: bytes, chat: bool):
@@ -529,6 +550,8 @@ def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram]
            [("", stats["cache_bytes_in_use"])])
     metric("mllama_cache_bytes_allocated", "gauge", "K/V cache bytes preallocated for all slots",
            [("", stats["cache_bytes_allocated"])])
+    metric("mllama_prefills_overlapped_total", "counter", "Prefills whose vision encoder ran beside decode steps",
+           [("", stats.get("overlapped_prefills", 0))])
     metric("mllama_engine_busy_seconds_total", "counter", "Engine loop time by phase",
            [(f'{{phase="{p}"}}', v) for p, v in sorted(stats.get("busy_seconds", {}).items())])
     histogram("mllama_time_to_first_token_seconds", "Engine: submit to first token", stats["ttft"])

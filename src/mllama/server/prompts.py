@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import torch
 
 from ..processing.cross_attention_mask import cross_attention_mask
-from ..processing.image_io import decode_image_bytes
+from ..processing.image_io import decode_image_bytes, decode_plain_base64
 from ..processing.processor import add_bos
 
 # Private-use code points: never produced by a template, and removed from user text before rendering.
@@ -71,10 +71,7 @@ def load_image_url(url: Any, param: str, options: ImageOptions):
         if len(payload) * 3 // 4 > options.max_bytes:
             raise RequestError(f"{param} is about {len(payload) * 3 // 4} bytes, more than the limit of "
                                f"{options.max_bytes} bytes per image", param, status=413, code="image_too_large")
-        try:
-            data = base64.b64decode("".join(payload.split()) + "=" * (-len(payload.strip()) % 4), validate=True)
-        except ValueError as e:
-            raise RequestError(f"{param}: the data URL's payload is not valid base64 ({e})", param) from None
+        data = data_url_payload_bytes(payload, param)
         what = "the data URL"
     elif head.startswith(("http://", "https://")):
         if not options.allow_remote:
@@ -95,6 +92,18 @@ def load_image_url(url: Any, param: str, options: ImageOptions):
             raise RequestError(message, param, status=413, code="image_too_large") from None
         raise RequestError(message, param) from None
     return image
+
+
+def data_url_payload_bytes(payload: str, param: str) -> bytes:
+    """The bytes of a data URL's base64 payload; whitespace and stripped padding are tolerated."""
+    data = decode_plain_base64(payload)  # the common case, without copying megabytes to strip whitespace
+    if data is not None:
+        return data
+    compact = "".join(payload.split())  # line-wrapped base64 (MIME's 76 columns) is still base64
+    try:
+        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except ValueError as e:
+        raise RequestError(f"{param}: the data URL's payload is not valid base64 ({e})", param) from None
 
 
 def _check_host(host: str, param: str, options: ImageOptions) -> None:

@@ -1,0 +1,34 @@
+"""Input workers decode one small request while they start, so the first client request does not pay for
+lazy imports and first-call set-up."""
+from __future__ import annotations
+
+import torch
+
+from mllama.processing.processor import AutoProcessor
+from mllama.server import app
+from mllama.server.prompts import ImageOptions
+
+
+def test_worker_start_runs_the_warm_up(tiny_checkpoint, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this test process's threads
+    monkeypatch.setattr(app, "_warm_up", lambda *worker: seen.append(worker))
+    monkeypatch.setattr(app, "_WORKER", None)
+    context = ("served-name", ImageOptions(), "bfloat16")
+    app._init_worker(str(tiny_checkpoint), context)
+    assert app._ready()
+    assert len(seen) == 1 and seen[0] == app._WORKER and seen[0][1:] == context
+
+
+def test_warm_up_decodes_a_chat_request_with_an_image(tiny_checkpoint, monkeypatch):
+    processor = AutoProcessor.from_pretrained(str(tiny_checkpoint))
+    results = []
+    real = app.decode_request
+    monkeypatch.setattr(app, "decode_request", lambda *args: results.append(real(*args)) or results[-1])
+    app._warm_up(processor, "served-name", ImageOptions(), "bfloat16")
+    (parsed, ids, packed), = results  # it went through without a RequestError
+    assert ids.count(processor.image_token_id) == 1
+    assert packed["pixel_values"][1] == "bfloat16"
+    # A server whose options refuse the warm-up request still starts its workers.
+    app._warm_up(processor, "served-name", ImageOptions(max_images=0), None)
+    assert len(results) == 1
