@@ -67,3 +67,43 @@ def test_warm_up_prefills_every_tile_count_and_leaves_no_trace(loaded):
     assert kept == [0] + [t * vision.num_patches for t in range(1, vision.max_num_tiles + 1)]
     assert engine.running == 0 and not engine.outcomes and engine.tokens_generated == 0
     assert engine.ttft.count == 0
+
+
+def test_engine_thread_failure_fails_every_request_and_refuses_new_ones(loaded):
+    """A failure inside the loop (a CUDA error, say) must not leave requests waiting forever: each gets an error
+    event, the engine refuses new requests, and on_failure (the server process exits on it) is called."""
+    import threading
+
+    from mllama.engine.batch import EngineStopped
+
+    model, processor = loaded
+    engine = BatchEngine(model, processor.tokenizer, max_batch=1, max_model_len=128)
+    calls = []
+    original = engine._step
+
+    def failing_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA error: an illegal instruction was encountered")
+        original()
+
+    engine._step = failing_step
+    reasons, events, done = [], {}, threading.Event()
+    engine.on_failure = reasons.append
+    for i in range(2):  # one decoding, one waiting for the single slot
+        def emit(event, i=i):
+            events.setdefault(i, []).append(event)
+            if len([e for evs in events.values() for e in evs if e.error or e.finish_reason]) == 2:
+                done.set()
+        engine.submit(GenerationRequest(prompt_ids=[128000, 9906, 1917], emit=emit,
+                                        params=SamplingParams(max_new_tokens=50, do_sample=False)))
+    engine.start()
+    assert done.wait(60)
+    engine.thread.join(10)
+    assert not engine.thread.is_alive()
+    for i in range(2):
+        assert "illegal instruction" in events[i][-1].error
+    assert reasons and "illegal instruction" in reasons[0] and engine.outcomes["error"] == 2
+    with pytest.raises(EngineStopped):
+        engine.submit(GenerationRequest(prompt_ids=[128000], emit=lambda e: None,
+                                        params=SamplingParams(max_new_tokens=1, do_sample=False)))

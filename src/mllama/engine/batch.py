@@ -305,7 +305,8 @@ class BatchEngine:
     PREFILL_WIDTH = 64  # prefill widths are multiples of this
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                 max_images: int = 4, max_prefill_batch: int = 4, use_graphs: bool | None = None):
+                 max_images: int = 4, max_prefill_batch: int = 4, use_graphs: bool | None = None,
+                 overlap_prefill: bool | None = None):
         if max_batch < 1 or max_queue < 0 or max_prefill_batch < 1:
             raise ValueError(f"max_batch and max_prefill_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{max_prefill_batch} and {max_queue}")
@@ -340,11 +341,16 @@ class BatchEngine:
         # Prefills with images run their vision part on a side stream while the running batch keeps decoding on
         # the engine thread's (higher-priority) stream, and their text part once that is done: a new image no
         # longer stops every running request for the encoder's 50 ms. One such prefill is in flight at a time.
+        # Off on CUDA by default: in its first run on the H200 (11B, concurrency 32, groups of 4 images) a CUDA
+        # "illegal instruction" followed; on CPU (no streams) the same scheduling runs, tested, by default.
+        self.overlap_prefill = device.type != "cuda" if overlap_prefill is None else overlap_prefill
         self.can_overlap = hasattr(model, "model") and hasattr(model.model, "vision_model")
         self.side_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.pending: _Prefill | None = None
         self.reserved: set[int] = set()  # slots of the pending prefill
         self.overlapped = 0  # prefills whose vision part ran beside decode steps
+        self.failed: str | None = None  # why the engine thread ended, if it failed
+        self.on_failure: Callable[[str], None] | None = None  # called on the engine thread after a failure
         self.slots: list[GenerationRequest | None] = [None] * max_batch
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.lock = threading.Condition()
@@ -381,6 +387,8 @@ class BatchEngine:
         """Queues a request or raises QueueFull / EngineStopped / RequestTooLong at once."""
         self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
         with self.lock:
+            if self.failed is not None:
+                raise EngineStopped(f"the engine failed: {self.failed}")
             if not self.accepting:
                 raise EngineStopped("the server is shutting down")
             # Requests that a free slot takes at the next step are not queued in any real sense.
@@ -434,6 +442,25 @@ class BatchEngine:
     # Engine thread
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # noqa: BLE001 - e.g. a CUDA error: the device is unusable from here on
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self.accepting = False
+            error = f"the engine failed: {self.failed}"
+            with self.lock:
+                waiting, self.waiting = list(self.waiting), collections.deque()
+            requests = [r for r in self.slots if r is not None] + waiting
+            requests += [r for r, _ in self.pending.group] if self.pending is not None else []
+            self.slots = [None] * len(self.slots)
+            self.pending = None
+            for r in requests:
+                self.outcomes["error"] += 1
+                r.emit(Event(error=error))
+            if self.on_failure is not None:
+                self.on_failure(self.failed)
+
+    def _run(self) -> None:
         if self.device.type == "cuda":  # decode steps go before the side stream's encoder kernels
             torch.cuda.set_stream(torch.cuda.Stream(device=self.device, priority=-1))
         while True:
@@ -544,7 +571,7 @@ class BatchEngine:
                 for r in group:
                     self.waiting.remove(r)
             pairs = list(zip(group, free))
-            if images and self.running and self.can_overlap:
+            if images and self.running and self.can_overlap and self.overlap_prefill:
                 self._start_overlapped(pairs)
                 return
             self._prefill_group(pairs)

@@ -112,8 +112,21 @@ class _Outbox:
 # The engine process
 
 
+def _exit_after(outbox: "_Outbox | None", reason: str) -> None:
+    """The engine thread failed (a CUDA error leaves the device unusable): say why, flush, end the process; the
+    server then fails what is in flight and answers 503."""
+    import os
+
+    if outbox is not None:
+        outbox.control(("failed", reason))
+        outbox.close()
+    os._exit(3)
+
+
 def _engine_main(conn, spec: dict) -> None:
     import sys
+
+    outbox = None  # made once the engine runs; the failure callback reads it then
 
     # The engine thread waits on the GPU once per step and then wants the GIL back at once; the pipe threads
     # (unpickling a request's tiles) should not hold it for the default 5 ms.
@@ -130,6 +143,7 @@ def _engine_main(conn, spec: dict) -> None:
         model, processor = load(spec["model"], spec["dtype"], device)
         model.eval()
         engine = BatchEngine(model, processor.tokenizer, **spec["engine"])
+        engine.on_failure = lambda reason: _exit_after(outbox, reason)
         engine.start()
     except BaseException as e:  # noqa: BLE001 - reported to the server, which exits with the message
         conn.send(("failed", f"{type(e).__name__}: {e}"))
@@ -227,6 +241,7 @@ class EngineProcess:
         self.warm_up_seconds, self.dtype, self.device = info["warm_up_seconds"], info["dtype"], info["device"]
         self.last_stats = info["stats"]
         self.failed: str | None = None
+        self._failure: str | None = None
         self._accepting = True
         self.requests: dict[int, Callable[[Event], None]] = {}
         self.inflight = 0
@@ -254,7 +269,7 @@ class EngineProcess:
         """On the event loop. Raises EngineStopped, RequestTooLong or QueueFull at once; `emit` is then called on
         the loop for every event of the request."""
         if self.failed is not None:
-            raise EngineStopped(f"the engine failed: {self.failed}")
+            raise EngineStopped(self.failed)
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
         self.check_length(len(prompt_ids), params.max_new_tokens)
@@ -328,8 +343,11 @@ class EngineProcess:
                     self.loop.call_soon_threadsafe(self._resolve, message[1], message[2])
             elif kind == "stopped":
                 return
+            elif kind == "failed":  # the engine's own account; the process exits next
+                self._failure = f"the engine failed: {message[1]}"
         # Gone without being asked to stop (a crash): fail whatever is in flight, and say so on /health.
-        if self._accepting:
+        reason = self._failure or reason
+        if self._accepting or self._failure:
             self.failed = reason
         if self.loop is not None and not self.loop.is_closed():
             try:
