@@ -338,6 +338,8 @@ class BatchEngine:
                                    device.type == "cuda" if use_graphs is None else use_graphs)
         # the vision encoder of prefills as CUDA graphs too (the same function; see fast.VisionGraphs)
         self.vision_runner = vision_graphs(model) if self.runner.use_graphs else None
+        if self.vision_runner is not None:  # the largest prefill group's images: the buffer never grows later
+            self.vision_runner.reserve(max(max_prefill_batch, max_images))
         # Prefills with images run their vision part on a side stream while the running batch keeps decoding on
         # the engine thread's (higher-priority) stream, and their text part once that is done: a new image no
         # longer stops every running request for the encoder's 50 ms. One such prefill is in flight at a time.

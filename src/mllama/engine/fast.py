@@ -291,13 +291,7 @@ class VisionGraphs:
             return self._run(pixels, ids, order, inverse, groups, b, n)
         layout = tuple((count, None if rows is None else tuple(rows.tolist())) for count, rows in groups)
         key = (tuple(pixels.shape), tuple(ids.shape), layout)
-        size = b * n * t * vm.num_patches * (vm.config.vision_output_dim)
-        if self.out is None or self.out.numel() < size:  # a bigger batch of images: graphs of the old buffer go
-            self.graphs.clear()
-            self.out = None
-            torch.cuda.empty_cache()  # the old pool's memory (freed with its graphs), then a new pool
-            self.pool = torch.cuda.graph_pool_handle()
-            self.out = torch.empty(size, dtype=weight.dtype, device=weight.device)
+        self.reserve(b * n)
         if key in self.graphs:
             self.graphs.move_to_end(key)
         else:
@@ -312,6 +306,20 @@ class VisionGraphs:
                 static.copy_(rows)
         graph.replay()
         return ModelOutput(last_hidden_state=out)
+
+    def reserve(self, images: int) -> None:
+        """An output buffer for `images` images at once. A server reserves its largest prefill group up front, so
+        that the buffer never has to grow (which drops every graph) while it serves."""
+        vm = self.vision
+        size = images * vm.max_num_tiles * vm.num_patches * vm.config.vision_output_dim
+        if self.out is not None and self.out.numel() >= size:
+            return
+        weight = vm.patch_embedding.weight
+        self.graphs.clear()
+        self.out = None
+        torch.cuda.empty_cache()  # the old pool's memory (freed with its graphs), then a new pool
+        self.pool = torch.cuda.graph_pool_handle()
+        self.out = torch.empty(size, dtype=weight.dtype, device=weight.device)
 
     def _capture(self, pixels, ids, order, inverse, groups, b: int, n: int):
         inputs = (pixels.clone(), ids.clone(), order.clone(), inverse.clone(),
