@@ -39,6 +39,15 @@ class RequestTooLong(ValueError):
     """prompt + max_tokens exceeds the context the slots were allocated for."""
 
 
+def check_length(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
+    """Raises RequestTooLong, saying what would fit, when prompt + max_tokens exceeds the slots' context."""
+    if prompt_len + max_tokens > max_model_len:
+        raise RequestTooLong(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together "
+                             f"{prompt_len + max_tokens}, more than the context of {max_model_len} tokens "
+                             f"(--max-model-len); shorten the prompt or lower max_tokens to at most "
+                             f"{max(0, max_model_len - prompt_len)}")
+
+
 # Histogram bucket bounds in seconds (Prometheus `le`), shared by TTFT and inter-token latency.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -379,11 +388,7 @@ class BatchEngine:
         return self
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
-        if prompt_len + max_tokens > self.max_model_len:
-            raise RequestTooLong(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together "
-                                 f"{prompt_len + max_tokens}, more than the context of {self.max_model_len} tokens "
-                                 f"(--max-model-len); shorten the prompt or lower max_tokens to at most "
-                                 f"{max(0, self.max_model_len - prompt_len)}")
+        check_length(prompt_len, max_tokens, self.max_model_len)
 
     def submit(self, request: GenerationRequest) -> None:
         """Queues a request or raises QueueFull / EngineStopped / RequestTooLong at once."""

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..engine.batch import EngineStopped, Event, GenerationRequest, QueueFull, RequestTooLong
+from ..engine.batch import EngineStopped, Event, GenerationRequest, QueueFull, check_length
 
 _VIEWS = {"bfloat16": "int16", "float16": "int16"}
 
@@ -258,11 +258,7 @@ class EngineProcess:
         return self._accepting and self.failed is None
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
-        if prompt_len + max_tokens > self.max_model_len:
-            raise RequestTooLong(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together "
-                                 f"{prompt_len + max_tokens}, more than the context of {self.max_model_len} tokens "
-                                 f"(--max-model-len); shorten the prompt or lower max_tokens to at most "
-                                 f"{max(0, self.max_model_len - prompt_len)}")
+        check_length(prompt_len, max_tokens, self.max_model_len)
 
     def submit(self, *, prompt_ids: list[int], params, model_inputs: dict, stop: tuple[str, ...], seed: int | None,
                logprobs: int | None, emit: Callable[[Event], None]) -> _Handle:
