@@ -297,7 +297,6 @@ class _Prefill:
     keep: torch.Tensor | None = None
     states: torch.Tensor | None = None
     ready: Any = None  # a CUDA event recorded after the vision part, or None when nothing is pending
-    started: float = 0.0
 
 
 class _no_context:
