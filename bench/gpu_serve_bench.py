@@ -85,10 +85,10 @@ def check_overlapped_prefill(assets: str, device: str = "cuda") -> dict:
     model = MllamaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
                                                            device_map=device).eval()
     processor = AutoProcessor.from_pretrained(str(folder))
-    engine = BatchEngine(model, processor.tokenizer, max_batch=8, max_model_len=512).start()
+    engine = BatchEngine(model, processor.tokenizer, max_batch=16, max_model_len=512, overlap_prefill=True).start()
     gen = torch.Generator().manual_seed(0)
     cases = [("Tell me a long story about the sea.", None, 48)]
-    for i in range(5):
+    for i in range(13):  # more than 8 waiting: prefill groups of 4 images, as at concurrency 32 on the 11B
         pixels = (torch.rand(40 + 9 * i, 30 + 13 * i, 3, generator=gen) * 255).to(torch.uint8).numpy()
         cases.append((f"Describe picture {i}.", PIL.Image.fromarray(pixels), 12))
     done, outputs, requests = threading.Event(), {}, []
@@ -110,7 +110,8 @@ def check_overlapped_prefill(assets: str, device: str = "cuda") -> dict:
         requests.append((ids, dict(inputs), n))
         engine.submit(GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=n, do_sample=False),
                                         model_inputs=dict(inputs), emit=emit))
-        time.sleep(0.05 if index == 0 else 0.01)  # the text-only one is decoding when the images arrive
+        if index == 0:
+            time.sleep(0.05)  # the text-only one is decoding when the images arrive
     done.wait(120)
     engine.stop(0)
     equal = 0
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=128)
     ap.add_argument("--time-limit", type=float, default=45)
     ap.add_argument("--skip-checks", action="store_true", help="no graph-runner and overlapped-prefill checks")
+    ap.add_argument("--overlap-prefill", action="store_true", help="serve with --overlap-prefill (experimental)")
     args = ap.parse_args()
     check = overlap = "skipped (--skip-checks)"
     if not args.skip_checks:
@@ -194,7 +196,8 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "mllama.server", str(ckpt), "--device", "cuda", "--dtype",
                                "bfloat16", "--port", str(port), "--served-model-name", "m", "--max-batch",
                                str(args.max_batch), "--max-queue", "1024", "--max-model-len", "1024",
-                               "--max-images-per-request", "1"], stdout=sys.stdout, stderr=sys.stderr)
+                               "--max-images-per-request", "1"] + (["--overlap-prefill"] if args.overlap_prefill else []),
+                              stdout=sys.stdout, stderr=sys.stderr)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 240:
         try:

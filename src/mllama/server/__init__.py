@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefill-batch", type=int, default=4,
                         help="images (or text-only requests) prefilled together, between two decode steps of the "
                              "running batch")
+    parser.add_argument("--overlap-prefill", action="store_true",
+                        help="experimental on CUDA: run the vision part of prefills on a side stream while the batch "
+                             "decodes (a CUDA error followed in its first H200 run at concurrency 32; see README)")
     parser.add_argument("--input-workers", type=int, default=None,
                         help="processes that decode requests (template, tokens, images) off the engine's process; "
                              "0: threads of the server process (default: min(8, CPUs / 2), at least 1)")
@@ -53,7 +56,8 @@ def build(args: argparse.Namespace):
     processor = AutoProcessor.from_pretrained(args.model)
     spec = {"model": args.model, "dtype": args.dtype, "device": args.device,
             "engine": {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_model_len": args.max_model_len,
-                       "max_images": args.max_images_per_request, "max_prefill_batch": args.max_prefill_batch}}
+                       "max_images": args.max_images_per_request, "max_prefill_batch": args.max_prefill_batch,
+                       "overlap_prefill": True if args.overlap_prefill else None}}
     engine = EngineProcess(spec)
     name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MLLAMA_API_KEY") or None
