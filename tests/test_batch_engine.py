@@ -107,3 +107,74 @@ def test_engine_thread_failure_fails_every_request_and_refuses_new_ones(loaded):
     with pytest.raises(EngineStopped):
         engine.submit(GenerationRequest(prompt_ids=[128000], emit=lambda e: None,
                                         params=SamplingParams(max_new_tokens=1, do_sample=False)))
+
+
+def test_group_prefill_encodes_one_request_at_a_time_between_decode_steps(loaded):
+    """Without the overlapped prefill (the CUDA default), a group of image requests is encoded request by request
+    with a decode step of the running batch in between; every answer still equals generate's alone."""
+    import threading
+
+    import PIL.Image
+
+    model, processor = loaded
+    engine = BatchEngine(model, processor.tokenizer, max_batch=16, max_model_len=256, max_prefill_batch=4,
+                         overlap_prefill=False)
+    steps_inside, encodes, in_prefill = [], [], [False]
+    original_step, original_prefill = engine._step, engine._prefill
+    inner = model.model
+    original_encode = inner.encode_images
+
+    def step():
+        steps_inside.append(in_prefill[0])
+        original_step()
+
+    def prefill(group):
+        in_prefill[0] = True
+        try:
+            original_prefill(group)
+        finally:
+            in_prefill[0] = False
+
+    def encode(pixels, *args, **kwargs):
+        encodes.append(pixels.shape[0])
+        return original_encode(pixels, *args, **kwargs)
+
+    engine._step, engine._prefill = step, prefill
+    inner.encode_images = encode
+    try:
+        gen = torch.Generator().manual_seed(5)
+        cases = [(processor(text=["Tell me a long story"], return_tensors="pt"), 40)]
+        for i in range(12):
+            pixels = (torch.rand(30 + 7 * i, 20 + 11 * i, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            cases.append((processor(images=[[PIL.Image.fromarray(pixels)]], text=[f"<|image|>Picture {i}"],
+                                    return_tensors="pt"), 6))
+        outputs, done = {}, threading.Event()
+        requests = []
+        for index, (inputs, n) in enumerate(cases):
+            inputs = dict(inputs)
+            ids = inputs.pop("input_ids")[0].tolist()
+            inputs.pop("attention_mask", None)
+
+            def emit(event, index=index):
+                outputs.setdefault(index, []).extend(event.token_ids)
+                if event.finish_reason or event.error:
+                    outputs.setdefault("done", []).append(event.error)
+                    if len(outputs["done"]) == len(cases):
+                        done.set()
+            requests.append((ids, inputs, n))
+            engine.submit(GenerationRequest(prompt_ids=ids, model_inputs=inputs, emit=emit,
+                                            params=SamplingParams(max_new_tokens=n, do_sample=False)))
+            if index == 0:
+                engine.start()
+                while not engine.running:  # the text-only request is decoding before the images arrive
+                    pass
+        assert done.wait(120) and not any(outputs["done"])
+    finally:
+        engine.stop(0)
+        inner.encode_images = original_encode
+    assert set(encodes) == {1}  # one request's images per encoder call
+    assert any(steps_inside)  # decode steps ran between the images of a group
+    for index, (ids, inputs, n) in enumerate(requests):
+        want = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, fast=False)[0, len(ids):].tolist()
+        assert outputs[index][:n] == want, index

@@ -625,14 +625,14 @@ class BatchEngine:
         return 0 if pixels is None else int(pixels.shape[1])
 
     def _prefill_group(self, group: list[tuple[GenerationRequest, int]]) -> None:
-        start = time.perf_counter()
+        start, stepped = time.perf_counter(), self.busy["decode"] + self.busy["emit"]
         try:
             self._prefill(group)
             return
         except Exception as e:  # a bad request must not take the engine (or the rest of its group) down
             failure = e
-        finally:
-            self.busy["prefill"] += time.perf_counter() - start
+        finally:  # decode steps run between the group's images are counted as decode
+            self.busy["prefill"] += time.perf_counter() - start - (self.busy["decode"] + self.busy["emit"] - stepped)
         for r, slot in group:
             self.slots[slot] = None
             self.reserved.discard(slot)
@@ -649,7 +649,7 @@ class BatchEngine:
         """One forward of the plain model over the group's prompts, left-padded (real tokens keep positions
         0..L-1, so each row computes what it would alone); then each row's K/V go to its slot."""
         prefill = self._prepare(group)
-        self._encode(prefill, overlap=False)
+        self._encode(prefill, overlap=False, interleave=True)
         self._complete(prefill)
 
     def _prepare(self, group: list[tuple[GenerationRequest, int]]) -> "_Prefill":
@@ -674,7 +674,7 @@ class BatchEngine:
         return _Prefill(group, lengths, width, ids.to(self.device), mask.to(self.device),
                         positions.to(self.device), inputs)
 
-    def _encode(self, p: "_Prefill", overlap: bool) -> None:
+    def _encode(self, p: "_Prefill", overlap: bool, interleave: bool = False) -> None:
         """The vision part of a prefill: projected vision tokens of the kept tiles, into p.states. With
         `overlap`, queued on the side stream (the engine thread returns at once and decode steps go on while the
         GPU encodes); p.ready then marks the end."""
@@ -688,12 +688,24 @@ class BatchEngine:
             raise ValueError(f"cross_attention_mask covers {mask.shape[2]} images per sample but pixel_values "
                              f"has {pixels.shape[1]}")
         p.keep = inner.kept_tiles(mask, pixels)
-        stream = self.side_stream if overlap else None
+        ratio_ids, ratio_mask = p.inputs["aspect_ratio_ids"], p.inputs["aspect_ratio_mask"]
+        if not overlap:
+            # One request's images at a time, with a decode step of the running batch between two: a group of four
+            # requests stops the batch for one encoder run at a time, not four in a row. The encoder then only
+            # meets one-request shapes, which the start-up warm-up covers (no graph is captured while serving).
+            parts = []
+            for row in range(pixels.shape[0]):
+                if row and interleave and self.running:
+                    self._step()
+                parts.append(inner.encode_images(pixels[row:row + 1], ratio_ids[row:row + 1],
+                                                 ratio_mask[row:row + 1], p.keep, self.vision_runner))
+            p.states = parts[0] if len(parts) == 1 else torch.cat(parts)
+            return
+        stream = self.side_stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else _no_context():
-            p.states = inner.encode_images(pixels, p.inputs["aspect_ratio_ids"], p.inputs["aspect_ratio_mask"],
-                                           p.keep, self.vision_runner)
+            p.states = inner.encode_images(pixels, ratio_ids, ratio_mask, p.keep, self.vision_runner)
             if stream is not None:
                 p.ready = torch.cuda.Event()
                 p.ready.record(stream)
