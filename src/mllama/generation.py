@@ -169,7 +169,7 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                          f"model's context of {limit} tokens")
     fast = device.type == "cuda" if fast is None else fast
-    decoder = None
+    decoder = vision_runner = None
     if fast:
         from .engine.fast import get_decoder
 
@@ -184,15 +184,14 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
         if pixels is not None:
             from .engine.fast import vision_graphs
 
-            model_inputs["vision_runner"] = vision_graphs(model)
+            vision_runner = vision_graphs(model)
     else:
         cache = MllamaCache.allocate(model.config, batch, total, device, model.dtype)
     mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
     mask[:, :prompt_len] = attention_mask
     # Positions count real tokens only, so left padding does not shift the prompt (pads get position 0).
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in model_inputs.items()
-             if isinstance(v, torch.Tensor) or k == "vision_runner"}
+    extra = {k: v.to(device) for k, v in model_inputs.items() if isinstance(v, torch.Tensor)}
     if cross_attention_mask is not None:
         cross_attention_mask = cross_attention_mask.to(device)
         extra["cross_attention_mask"] = cross_attention_mask
@@ -202,7 +201,7 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
     seen = input_ids
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1, **extra)
+                    use_cache=True, logits_to_keep=1, vision_runner=vision_runner, **extra)
         last_position = positions[:, -1:]
         step_cross = cross_attention_mask[:, -1:] if cross_attention_mask is not None else None
         stepper = None

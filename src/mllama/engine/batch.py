@@ -11,6 +11,7 @@ thread) and receive events through the `emit` callback of their request (called 
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 import warnings
@@ -297,14 +298,6 @@ class _Prefill:
     keep: torch.Tensor | None = None
     states: torch.Tensor | None = None
     ready: Any = None  # a CUDA event recorded after the vision part, or None when nothing is pending
-
-
-class _no_context:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class BatchEngine:
@@ -606,28 +599,19 @@ class BatchEngine:
         if p is None or (self.running and p.ready is not None and not p.ready.query()):
             return
         self.pending = None
-        start = time.perf_counter()
-        try:
-            self._complete(p)
-            self.busy["prefill"] += time.perf_counter() - start
-            return
-        except Exception:  # noqa: BLE001 - run them one by one, so only the request at fault fails
-            self.busy["prefill"] += time.perf_counter() - start
-        for r, slot in p.group:
-            self.slots[slot] = None
-            self.reserved.discard(slot)
-        for pair in p.group:
-            self._prefill_group([pair])
+        self._prefill_group(p.group, lambda group: self._complete(p))
 
     @staticmethod
     def _image_count(r: GenerationRequest) -> int:
         pixels = r.model_inputs.get("pixel_values")
         return 0 if pixels is None else int(pixels.shape[1])
 
-    def _prefill_group(self, group: list[tuple[GenerationRequest, int]]) -> None:
+    def _prefill_group(self, group: list[tuple[GenerationRequest, int]], attempt=None) -> None:
+        """`attempt` (default: the whole prefill) on the group; if it fails, each request is prefilled again on
+        its own, so that only the request at fault fails."""
         start, stepped = time.perf_counter(), self.busy["decode"] + self.busy["emit"]
         try:
-            self._prefill(group)
+            (attempt or self._prefill)(group)
             return
         except Exception as e:  # a bad request must not take the engine (or the rest of its group) down
             failure = e
@@ -636,7 +620,7 @@ class BatchEngine:
         for r, slot in group:
             self.slots[slot] = None
             self.reserved.discard(slot)
-        if len(group) > 1:  # run them one by one, so only the request at fault fails
+        if len(group) > 1 or attempt is not None:  # run them one by one, so only the request at fault fails
             for pair in group:
                 self._prefill_group([pair])
             return
@@ -682,13 +666,10 @@ class BatchEngine:
         if pixels is None or not self.can_overlap:
             return  # text only, or a model without a vision encoder: the whole forward runs in _complete
         inner = self.model.model
-        inner.language_model._check_ids(p.ids)  # host reads, before anything is queued
         mask = p.inputs.get("cross_attention_mask")
-        if mask is not None and mask.shape[2] != pixels.shape[1]:
-            raise ValueError(f"cross_attention_mask covers {mask.shape[2]} images per sample but pixel_values "
-                             f"has {pixels.shape[1]}")
+        ratio_ids, ratio_mask = p.inputs.get("aspect_ratio_ids"), p.inputs.get("aspect_ratio_mask")
+        inner.check_image_inputs(p.ids, pixels, ratio_ids, ratio_mask, mask)  # host reads, before anything is queued
         p.keep = inner.kept_tiles(mask, pixels)
-        ratio_ids, ratio_mask = p.inputs["aspect_ratio_ids"], p.inputs["aspect_ratio_mask"]
         if not overlap:
             # One request's images at a time, with a decode step of the running batch between two: a group of four
             # requests stops the batch for one encoder run at a time, not four in a row. The encoder then only
@@ -704,7 +685,7 @@ class BatchEngine:
         stream = self.side_stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else _no_context():
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             p.states = inner.encode_images(pixels, ratio_ids, ratio_mask, p.keep, self.vision_runner)
             if stream is not None:
                 p.ready = torch.cuda.Event()
@@ -718,16 +699,12 @@ class BatchEngine:
             torch.cuda.current_stream().wait_event(p.ready)
             p.states.record_stream(torch.cuda.current_stream())
         cache = MllamaCache.allocate(self.model.config, len(group), width, self.device, self.dtype)
-        if p.states is not None:
-            out = self.model.model.language_model(
-                input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, ids_checked=True,
-                cross_attention_states=p.states, cross_attention_mask=p.inputs.get("cross_attention_mask"),
-                cross_tiles=p.keep, cache=cache, use_cache=True)
-            logits = self.model.lm_head(out.last_hidden_state[:, -1])
-        else:
-            out = self.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, cache=cache,
-                             use_cache=True, logits_to_keep=1, **p.inputs)
-            logits = out.logits[:, -1]
+        inputs = p.inputs
+        if p.states is not None:  # the images are encoded: the text part with their tokens
+            inputs = {"cross_attention_mask": p.inputs.get("cross_attention_mask"), "cross_attention_states": p.states,
+                      "cross_tiles": p.keep, "ids_checked": True}
+        logits = self.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, cache=cache,
+                            use_cache=True, logits_to_keep=1, **inputs).logits[:, -1]
         b = self.buffers
         vision = cache.cross_length()
         cross_rows = self._cross_rows(cache, p.inputs.get("cross_attention_mask"), vision)

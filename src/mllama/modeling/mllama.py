@@ -194,34 +194,43 @@ class MllamaModel(MllamaPreTrainedModel):
         projected = self.multi_modal_projector(vision)                       # [B, K, 1601, hidden]
         return projected.reshape(projected.shape[0], -1, projected.shape[-1])
 
+    def check_image_inputs(self, input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                           cross_attention_mask) -> None:
+        """The checks of a forward with images, the ids' included: all host reads, so a caller runs them before
+        it queues the vision encoder (after it, they would hold the text prefill's launches until it finished)."""
+        if pixel_values.dim() != 6:
+            raise ValueError(f"pixel_values must be [batch, images, tiles, 3, height, width], got shape "
+                             f"{list(pixel_values.shape)}")
+        if aspect_ratio_ids is None or aspect_ratio_mask is None:
+            raise ValueError("pixel_values need aspect_ratio_ids and aspect_ratio_mask (the processor returns "
+                             "all three)")
+        if cross_attention_mask is not None and cross_attention_mask.shape[2] != pixel_values.shape[1]:
+            raise ValueError(f"cross_attention_mask covers {cross_attention_mask.shape[2]} images per sample "
+                             f"but pixel_values has {pixel_values.shape[1]}")
+        if input_ids is not None:
+            self.language_model._check_ids(input_ids)
+
     def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, use_cache=None, past_key_values=None,
-                output_hidden_states: bool = False, vision_runner=None, **unused) -> ModelOutput:
-        keep = None
+                output_hidden_states: bool = False, vision_runner=None, cross_tiles=None, ids_checked: bool = False,
+                **unused) -> ModelOutput:
+        """cross_tiles: with cross_attention_states encoded beforehand (encode_images with kept_tiles), the
+        tiles they hold; ids_checked: the caller ran check_image_inputs already."""
         if pixel_values is not None and cross_attention_states is not None:
             raise ValueError("pass pixel_values or cross_attention_states, not both")
         if pixel_values is not None:
-            if pixel_values.dim() != 6:
-                raise ValueError(f"pixel_values must be [batch, images, tiles, 3, height, width], got shape "
-                                 f"{list(pixel_values.shape)}")
-            if aspect_ratio_ids is None or aspect_ratio_mask is None:
-                raise ValueError("pixel_values need aspect_ratio_ids and aspect_ratio_mask (the processor returns "
-                                 "all three)")
-            if cross_attention_mask is not None and cross_attention_mask.shape[2] != pixel_values.shape[1]:
-                raise ValueError(f"cross_attention_mask covers {cross_attention_mask.shape[2]} images per sample "
-                                 f"but pixel_values has {pixel_values.shape[1]}")
-            if input_ids is not None:
-                # Checked now, while the GPU is idle: checking reads the ids on the host, which after the vision
-                # encoder was queued would hold the text prefill's launches until the encoder has finished.
-                self.language_model._check_ids(input_ids)
-            keep = self.kept_tiles(cross_attention_mask, pixel_values)
-            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask, keep,
-                                                        vision_runner)
+            if not ids_checked:
+                self.check_image_inputs(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                                        cross_attention_mask)
+            ids_checked = True
+            cross_tiles = self.kept_tiles(cross_attention_mask, pixel_values)
+            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                                                        cross_tiles, vision_runner)
         return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   ids_checked=pixel_values is not None,
+                                   ids_checked=ids_checked,
                                    cross_attention_states=cross_attention_states,
-                                   cross_attention_mask=cross_attention_mask, cross_tiles=keep,
+                                   cross_attention_mask=cross_attention_mask, cross_tiles=cross_tiles,
                                    cache=cache if cache is not None else past_key_values,
                                    inputs_embeds=inputs_embeds, use_cache=use_cache,
                                    output_hidden_states=output_hidden_states)
@@ -256,13 +265,14 @@ class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel):
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep: int | torch.Tensor = 0, past_key_values=None, output_hidden_states: bool = False,
-                num_items_in_batch=None, vision_runner=None, **unused) -> ModelOutput:
+                num_items_in_batch=None, vision_runner=None, cross_tiles=None, ids_checked: bool = False,
+                **unused) -> ModelOutput:
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, aspect_ratio_mask=aspect_ratio_mask,
                          aspect_ratio_ids=aspect_ratio_ids, attention_mask=attention_mask,
                          cross_attention_mask=cross_attention_mask, cross_attention_states=cross_attention_states,
                          position_ids=position_ids, cache=cache if cache is not None else past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         vision_runner=vision_runner)
+                         vision_runner=vision_runner, cross_tiles=cross_tiles, ids_checked=ids_checked)
         logits = self.lm_head(_keep_logits(out.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
