@@ -124,6 +124,74 @@ def check_overlapped_prefill(assets: str, device: str = "cuda") -> dict:
             "ok": equal == len(requests) and engine.overlapped > 0}
 
 
+def profile_engine_prefill(model, folder: Path, requests: int = 6) -> dict:
+    """Where a one-image request's time to first token goes inside the engine (no HTTP, no pipes): the 11B in
+    this process, one 1120x1120 image and a short chat prompt, requests one after another; then the same with
+    each prefill phase timed between device synchronisations, and one request under the profiler."""
+    import PIL.Image
+
+    from mllama.engine.batch import BatchEngine, GenerationRequest
+    from mllama.generation import SamplingParams
+    from mllama.processing.processor import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder))
+    pixels = (torch.rand(1120, 1120, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}], add_generation_prompt=True)
+    inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=[prompt], return_tensors="pt")
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    t0 = time.perf_counter()
+    engine = BatchEngine(model, processor.tokenizer, max_batch=8, max_model_len=1024, max_images=1).start()
+    warm_up = time.perf_counter() - t0
+
+    def one() -> float:
+        first = threading.Event()
+        start = time.perf_counter()
+        engine.submit(GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=2, do_sample=False),
+                                        model_inputs=dict(inputs), emit=lambda e: first.set()))
+        first.wait(60)
+        took = time.perf_counter() - start
+        time.sleep(0.05)  # its second token and finish
+        return took
+
+    plain = [one() for _ in range(requests)]
+    phases: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = fn(*a, **k)
+            torch.cuda.synchronize()
+            phases.setdefault(name, []).append(time.perf_counter() - start)
+            return result
+        return wrapper
+
+    for name in ("_prepare", "_encode", "_complete", "_sample_and_emit"):
+        setattr(engine, name, timed(name, getattr(engine, name)))
+    synced = [one() for _ in range(3)]
+    for name in ("_prepare", "_encode", "_complete", "_sample_and_emit"):
+        delattr(engine, name)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        profiled = one()
+    engine.stop(0)
+    table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60)
+    table_gpu = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    gpu_busy = sum(e.device_time for e in kernels) / 1e3
+    result = {"warm_up_s": warm_up, "ttft_ms": [1e3 * x for x in plain],
+              "ttft_synced_phases_ms": [1e3 * x for x in synced],
+              "phases_ms": {k: [1e3 * x for x in v] for k, v in phases.items()},
+              "profiled_ttft_ms": 1e3 * profiled, "profiled_gpu_kernel_ms": gpu_busy,
+              "profiled_kernels": len(kernels), "cpu_table": table_cpu, "gpu_table": table_gpu}
+    print("engine prefill profile:", json.dumps({k: v for k, v in result.items() if "table" not in k}), flush=True)
+    print(table_cpu, table_gpu, sep="\n", flush=True)
+    return result
+
+
 def scrape(port: int) -> dict[str, float]:
     """/metrics as {name{labels}: value}, histogram buckets left out."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -166,6 +234,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=45)
     ap.add_argument("--skip-checks", action="store_true", help="no graph-runner and overlapped-prefill checks")
     ap.add_argument("--overlap-prefill", action="store_true", help="serve with --overlap-prefill (experimental)")
+    ap.add_argument("--profile-prefill", action="store_true", help="first profile the engine's prefill in-process")
     args = ap.parse_args()
     check = overlap = "skipped (--skip-checks)"
     if not args.skip_checks:
@@ -182,8 +251,6 @@ def main() -> None:
     model = build_ours(MllamaConfig.llama_3_2_11b())
     model.generation_config.update(do_sample=False, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
     model.save_pretrained(ckpt)
-    del model
-    torch.cuda.empty_cache()
     for name in os.listdir(args.assets):
         shutil.copy(Path(args.assets) / name, ckpt / name)
     (ckpt / "preprocessor_config.json").write_text(json.dumps({
@@ -192,6 +259,9 @@ def main() -> None:
         "resample": 2, "rescale_factor": 1 / 255, "image_mean": [0.48145466, 0.4578275, 0.40821073],
         "image_std": [0.26862954, 0.26130258, 0.27577711]}))
     print(f"checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
+    prefill_profile = profile_engine_prefill(model, ckpt) if args.profile_prefill else None
+    del model
+    torch.cuda.empty_cache()
     port = 8011
     server = subprocess.Popen([sys.executable, "-m", "mllama.server", str(ckpt), "--device", "cuda", "--dtype",
                                "bfloat16", "--port", str(port), "--served-model-name", "m", "--max-batch",
@@ -211,13 +281,16 @@ def main() -> None:
     try:
         import load_server
 
-        runs = [(level, max(8, 3 * level), args.max_tokens, args.time_limit, f"c{level}") for level in args.levels]
+        # enough requests at low concurrency that the first (simultaneous) round is not most of the samples
+        counts = {1: 16, 8: 64}
+        runs = [(level, counts.get(level, max(8, 3 * level)), args.max_tokens, args.time_limit, f"c{level}")
+                for level in args.levels]
         if args.long_level:
             runs.append((args.long_level, 2 * args.long_level, args.long_tokens, 2 * args.time_limit,
                          f"c{args.long_level}-long"))
         summary = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "command": " ".join(sys.argv), "graph_runner_check": check, "overlapped_prefill_check": overlap,
-                   "levels": []}
+                   "engine_prefill_profile": prefill_profile, "levels": []}
         for level, requests, max_tokens, limit, name in runs:
             before, t0 = scrape(port), time.perf_counter()
             load_json = Path(args.out) / f"serve-load-{name}.json"

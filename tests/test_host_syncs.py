@@ -18,13 +18,13 @@ def model():
 def test_no_host_read_between_the_vision_encoder_and_the_text_prefill(model, monkeypatch):
     inputs = make_inputs([[BOS, IMAGE, 5, 6, 7], [BOS, 8, IMAGE, 9, 10]], [[2], [4]], 28)
     events = []
-    # the first encoder work queued is the patch embedding
-    conv = model.model.vision_model.patch_embedding
-    original_forward = conv.forward
+    # the first encoder work queued is the embedding of the patches
+    vision = model.model.vision_model
+    original_embed = vision.embed
 
-    def conv_forward(*args, **kwargs):
+    def embed(*args, **kwargs):
         events.append("vision")
-        return original_forward(*args, **kwargs)
+        return original_embed(*args, **kwargs)
 
     for name in ("item", "tolist"):
         original = getattr(torch.Tensor, name)
@@ -32,7 +32,7 @@ def test_no_host_read_between_the_vision_encoder_and_the_text_prefill(model, mon
     original_int, original_bool = torch.Tensor.__int__, torch.Tensor.__bool__
     monkeypatch.setattr(torch.Tensor, "__int__", lambda self: (events.append("int"), original_int(self))[1])
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: (events.append("bool"), original_bool(self))[1])
-    monkeypatch.setattr(conv, "forward", conv_forward)
+    monkeypatch.setattr(vision, "embed", embed)
     with torch.no_grad():
         model(**inputs)
     monkeypatch.undo()

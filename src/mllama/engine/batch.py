@@ -298,6 +298,7 @@ class _Prefill:
     keep: torch.Tensor | None = None
     states: torch.Tensor | None = None
     ready: Any = None  # a CUDA event recorded after the vision part, or None when nothing is pending
+    ratio_mask_host: torch.Tensor | None = None  # aspect_ratio_mask on the host, for the encoder's planning
 
 
 class BatchEngine:
@@ -582,7 +583,7 @@ class BatchEngine:
         start = time.perf_counter()
         try:
             prefill = self._prepare(group)
-            self._encode(prefill, overlap=True)
+            overlapped = self._encode(prefill, overlap=True)
         except Exception:  # noqa: BLE001 - the plain path finds the request at fault and fails only that one
             self.busy["prefill"] += time.perf_counter() - start
             self._prefill_group(group)
@@ -590,7 +591,7 @@ class BatchEngine:
         self.busy["prefill"] += time.perf_counter() - start
         self.reserved.update(slot for _, slot in group)
         self.pending = prefill
-        self.overlapped += 1
+        self.overlapped += overlapped
 
     def _complete_pending(self) -> None:
         """The text part of the pending prefill, once its vision part is done (or at once with nothing to
@@ -647,49 +648,55 @@ class BatchEngine:
             ids[row, width - lengths[row]:] = torch.tensor(r.prompt_ids)
             mask[row, width - lengths[row]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = {}
+        inputs, host = {}, {}
         for name in group[0][0].model_inputs:
             parts = [r.model_inputs[name] for r, _ in group]
             if name == "cross_attention_mask":  # [1, L, N, T]: pad on the left like the prompts
                 parts = [F.pad(m, (0, 0, 0, 0, width - m.shape[1], 0)) for m in parts]
-            inputs[name] = torch.cat(parts).to(self.device)
+            host[name] = torch.cat(parts)
+            inputs[name] = host[name].to(self.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return _Prefill(group, lengths, width, ids.to(self.device), mask.to(self.device),
-                        positions.to(self.device), inputs)
+                        positions.to(self.device), inputs, ratio_mask_host=host.get("aspect_ratio_mask"))
 
-    def _encode(self, p: "_Prefill", overlap: bool, interleave: bool = False) -> None:
+    def _encode(self, p: "_Prefill", overlap: bool, interleave: bool = False) -> bool:
         """The vision part of a prefill: projected vision tokens of the kept tiles, into p.states. With
         `overlap`, queued on the side stream (the engine thread returns at once and decode steps go on while the
-        GPU encodes); p.ready then marks the end."""
+        GPU encodes; p.ready then marks the end) if every graph it needs was captured before. Returns whether it
+        was queued that way."""
         pixels = p.inputs.get("pixel_values")
         if pixels is None or not self.can_overlap:
-            return  # text only, or a model without a vision encoder: the whole forward runs in _complete
+            return False  # text only, or a model without a vision encoder: the whole forward runs in _complete
         inner = self.model.model
         mask = p.inputs.get("cross_attention_mask")
         ratio_ids, ratio_mask = p.inputs.get("aspect_ratio_ids"), p.inputs.get("aspect_ratio_mask")
         inner.check_image_inputs(p.ids, pixels, ratio_ids, ratio_mask, mask)  # host reads, before anything is queued
         p.keep = inner.kept_tiles(mask, pixels)
-        if not overlap:
-            # One request's images at a time, with a decode step of the running batch between two: a group of four
-            # requests stops the batch for one encoder run at a time, not four in a row. The encoder then only
-            # meets one-request shapes, which the start-up warm-up covers (no graph is captured while serving).
+        rows = range(pixels.shape[0])
+        if self.vision_runner is not None and p.ratio_mask_host is not None:
+            ratio_mask = p.ratio_mask_host  # the graphs plan on the host: no read-back behind queued encoder work
+            if overlap and not all(self.vision_runner.captured(pixels[r:r + 1], ratio_ids[r:r + 1],
+                                                               ratio_mask[r:r + 1]) for r in rows):
+                overlap = False  # graphs are captured on the engine's stream, never beside running decode steps
+        # One request's images at a time: the encoder only meets one-request shapes, which the start-up warm-up
+        # covers, and without overlap a decode step of the running batch goes between two requests, so that a
+        # group of four stops the batch for one encoder run at a time, not four in a row.
+        stream = self.side_stream if overlap else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             parts = []
-            for row in range(pixels.shape[0]):
-                if row and interleave and self.running:
+            for row in rows:
+                if row and interleave and not overlap and self.running:
                     self._step()
                 parts.append(inner.encode_images(pixels[row:row + 1], ratio_ids[row:row + 1],
                                                  ratio_mask[row:row + 1], p.keep, self.vision_runner))
             p.states = parts[0] if len(parts) == 1 else torch.cat(parts)
-            return
-        stream = self.side_stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            p.states = inner.encode_images(pixels, ratio_ids, ratio_mask, p.keep, self.vision_runner)
             if stream is not None:
                 p.ready = torch.cuda.Event()
                 p.ready.record(stream)
+        return overlap
 
     @torch.no_grad()
     def _complete(self, p: "_Prefill") -> None:

@@ -274,23 +274,40 @@ class VisionGraphs:
         x = self.vision.embed(pixels, ids)
         return self.vision._forward_reordered(x, ids.reshape(b * n, 1), (order, inverse, groups), b, n)
 
-    def __call__(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                 aspect_ratio_mask: torch.Tensor, **unused) -> ModelOutput:
+    def _plan(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor):
+        """The valid-first order, computed on the host (a mask already on the GPU is read back once), and the key
+        of the graph that replays it."""
         from ..modeling.vision import vision_token_order
 
         vm = self.vision
-        if not vm.exact_reorder:  # the mask form was asked for: nothing to replay
-            return vm(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
-        weight = vm.patch_embedding.weight
         b, n, t = pixel_values.shape[:3]
-        tile_mask = aspect_ratio_mask.reshape(b * n, t).to(weight.device)
+        tile_mask = aspect_ratio_mask.reshape(b * n, t).cpu()
         order, inverse, groups = vision_token_order(tile_mask, vm.num_patches, vm.num_pad)
+        layout = tuple((count, None if rows is None else tuple(rows.tolist())) for count, rows in groups)
+        key = (tuple(pixel_values.shape), tuple(aspect_ratio_ids.shape), layout)
+        return order, inverse, groups, key
+
+    def captured(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                 aspect_ratio_mask: torch.Tensor) -> bool:
+        """Whether a call with these inputs would replay a graph captured before (rather than capture one)."""
+        return not self.use_graphs or not self.vision.exact_reorder or \
+            self._plan(pixel_values, aspect_ratio_ids, aspect_ratio_mask)[3] in self.graphs
+
+    def __call__(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                 aspect_ratio_mask: torch.Tensor, **unused) -> ModelOutput:
+        vm = self.vision
+        weight = vm.patch_embedding.weight
+        if not vm.exact_reorder:  # the mask form was asked for: nothing to replay
+            return vm(pixel_values, aspect_ratio_ids, aspect_ratio_mask.to(weight.device))
+        b, n = pixel_values.shape[:2]
+        order, inverse, groups, key = self._plan(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         pixels = pixel_values.to(weight.device, weight.dtype)
         ids = aspect_ratio_ids.to(weight.device)
+        device = weight.device
+        order, inverse = order.to(device, non_blocking=True), inverse.to(device, non_blocking=True)
+        groups = [(count, None if rows is None else rows.to(device, non_blocking=True)) for count, rows in groups]
         if not self.use_graphs:
             return self._run(pixels, ids, order, inverse, groups, b, n)
-        layout = tuple((count, None if rows is None else tuple(rows.tolist())) for count, rows in groups)
-        key = (tuple(pixels.shape), tuple(ids.shape), layout)
         self.reserve(b * n)
         if key in self.graphs:
             self.graphs.move_to_end(key)

@@ -94,13 +94,18 @@ def _valid_first_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         # Every pair is blocked: each score becomes the same finfo.min, so the mask form's softmax is uniform over
         # all keys. Reproduce that instead of attending to nothing (which would give NaN).
         return v.mean(dim=2, keepdim=True).expand_as(q).transpose(1, 2)
-    # exact: valid queries see every key, valid or padding, so they need no mask at all
-    head = F.scaled_dot_product_attention(q[:, :, :count], k, v).transpose(1, 2)
+    # exact: valid queries see every key, valid or padding, so they need no mask at all. All rows are computed
+    # (attention rows are independent; the few padding rows cost ~0.4% more) and the padding rows then replaced:
+    # joining two results would copy the whole output (on the H200 that copy took 2 ms of the 50 ms encoder).
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
     if count == seq:
-        return head
+        return out
     # exact: padding queries see only the valid keys, which are the first `count` after the reordering
     tail = F.scaled_dot_product_attention(q[:, :, count:], k[:, :, :count], v[:, :, :count]).transpose(1, 2)
-    return torch.cat([head, tail], dim=1)  # one copy: joins the two and makes the token-major layout
+    if out.requires_grad:  # autograd keeps the attention output for the backward pass: no writing into it
+        return torch.cat([out[:, :count], tail], dim=1)
+    out[:, count:] = tail
+    return out
 
 
 def reordered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: ValidGroups) -> torch.Tensor:
@@ -261,8 +266,12 @@ class MllamaVisionModel(MllamaPreTrainedModel):
             raise ValueError(f"pixel_values tiles are {h}x{w}; this model expects {self.image_size}x"
                              f"{self.image_size}")
         weight = self.patch_embedding.weight
-        x = self.patch_embedding(pixel_values.reshape(b * n * t, c, h, w).to(weight.device, weight.dtype))
-        x = x.flatten(2).transpose(1, 2)                                    # [B*N*T, P*P, D]
+        # The stride-p convolution as one matrix product over the flattened patches (the same sums): on the H200
+        # cuDNN ran this convolution in 0.46 ms, as long as ten of the encoder's big matrix products.
+        p, gh, gw = self.patch_size, h // self.patch_size, w // self.patch_size
+        x = pixel_values.reshape(b * n * t, c, h, w)[:, :, :gh * p, :gw * p].to(weight.device, weight.dtype)
+        x = x.reshape(b * n * t, c, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(b * n * t, gh * gw, c * p * p)
+        x = x @ weight.reshape(weight.shape[0], -1).t()                   # [B*N*T, P*P, D]
         ids = aspect_ratio_ids.reshape(b * n, 1).to(weight.device)
         x = self.pre_tile_positional_embedding(x.reshape(b * n, t, -1, self.hidden_size), ids)
         cls = self.class_embedding.to(x.dtype).expand(b * n * t, 1, self.hidden_size)
