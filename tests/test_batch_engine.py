@@ -178,3 +178,41 @@ def test_group_prefill_encodes_one_request_at_a_time_between_decode_steps(loaded
         want = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, fast=False)[0, len(ids):].tolist()
         assert outputs[index][:n] == want, index
+
+
+def test_prefill_through_the_static_graph_path_equals_the_plain_prefill(loaded):
+    """fast.PrefillGraphs (run eagerly here: the same static inputs, ids_checked forward and cache it hands back
+    as the CUDA graph replays) gives the same logits and slot caches as the plain prefill, with and without an
+    image; a text prompt with an id outside the table is still refused before anything runs."""
+    from mllama.engine.fast import PrefillGraphs
+
+    model, processor = loaded
+    import PIL.Image
+
+    image = PIL.Image.new("RGB", (50, 20), (20, 130, 90))
+    with_image = processor(images=[[image]], text=["<|image|>What is it? It is"], return_tensors="pt")
+    text_only = processor(text=["A text prompt without any image at all"], return_tensors="pt")
+    for inputs in (with_image, text_only):
+        ids = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask", None)
+        results = []
+        for graphs in (None, PrefillGraphs(model, use_graphs=False)):
+            engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128)
+            engine.prefill_graphs = graphs
+            request = GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=1, do_sample=False),
+                                        model_inputs=dict(inputs), emit=lambda event: None)
+            logits, keys = _prefill_logits(engine, request)
+            cross = [k[0, :, :engine.buffers.vision_len[0]].clone() for k in engine.buffers.cross_k.values()]
+            results.append((logits, keys, cross))
+        (logits_a, keys_a, cross_a), (logits_b, keys_b, cross_b) = results
+        torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+        for a, b in zip(keys_a + cross_a, keys_b + cross_b):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert all(bool(c.numel()) == ("pixel_values" in inputs) for c in cross_a)  # vision K/V with the image
+    engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128)
+    engine.prefill_graphs = PrefillGraphs(model, use_graphs=False)
+    engine.prefill_graphs._forward = lambda *a: pytest.fail("the forward ran with a bad id")
+    bad = GenerationRequest(prompt_ids=[1, 2, model.model.language_model.embed_tokens.num_embeddings + 3],
+                            params=SamplingParams(max_new_tokens=1, do_sample=False), emit=lambda event: None)
+    with pytest.raises(ValueError, match="outside the embedding table"):
+        engine._prefill([(bad, 0)])

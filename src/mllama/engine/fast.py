@@ -356,6 +356,91 @@ class VisionGraphs:
         return graph, inputs, out
 
 
+class PrefillGraphs:
+    """The text part of one-request prefills replayed as CUDA graphs, one per (prompt width, vision tokens).
+
+    Run eagerly, the text part of a prefill launches about 1,700 kernels and the host cannot keep up with the
+    GPU: on the H200 a one-image request's first token came 15-20 ms after the GPU's own 61 ms of work
+    (bench/results/2026-11-29-h200-serve-load-overlap-profile.json). A replay is one launch. Inputs are copied
+    into static buffers; the outputs (last-row logits and the prefill's cache) are static too and shared by
+    all graphs (one memory pool), so a caller uses them before the next call. Prompt ids must be checked by the
+    caller (the eager forward's check reads them on the host, which a graph cannot do).
+    """
+
+    def __init__(self, model: nn.Module, budget_bytes: int = 2 * 2**30, use_graphs: bool = True):
+        self.model = model
+        self.use_graphs = use_graphs  # False: the same calls, run eagerly (for CPU tests)
+        self.graphs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self.pool = None
+        # Each graph keeps its outputs (the prompt's caches: up to ~350 MB at 1,024 tokens and four tiles): the
+        # least recently used graphs are dropped to keep their total under the budget.
+        self.budget_bytes = budget_bytes
+        self.failed: str | None = None  # why a capture failed (the caller then stays eager)
+
+    @staticmethod
+    def _inputs(ids, mask, positions, cross_mask, states, keep) -> dict:
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, ids_checked=True)
+        if states is not None:
+            inputs.update(cross_attention_mask=cross_mask, cross_attention_states=states, cross_tiles=keep)
+        return inputs
+
+    def _forward(self, static: tuple, rows: int, width: int):
+        param = next(self.model.parameters())
+        cache = MllamaCache.allocate(self.model.config, rows, width, param.device, param.dtype)
+        out = self.model(cache=cache, use_cache=True, logits_to_keep=1, **self._inputs(*static))
+        return out.logits[:, -1], cache
+
+    @staticmethod
+    def _bytes(logits: torch.Tensor, cache: MllamaCache) -> int:
+        tensors = [logits, *cache.key.values(), *cache.value.values(), *cache.cross_key.values(),
+                   *cache.cross_value.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def __call__(self, ids, mask, positions, cross_mask=None, states=None, keep=None):
+        """-> (logits [rows, vocab], MllamaCache of the prompt), the same as the eager forward; None if a graph
+        could not be captured (self.failed says why), and the caller runs the eager forward."""
+        if self.failed is not None:
+            return None
+        given = (ids, mask, positions, cross_mask, states, keep)
+        if not self.use_graphs:
+            return self._forward(given, ids.shape[0], ids.shape[1])
+        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in given)
+        if key in self.graphs:
+            self.graphs.move_to_end(key)
+        else:
+            captured = self._capture(given, ids.shape[0], ids.shape[1])
+            if captured is None:
+                return None
+            self.graphs[key] = captured
+            while len(self.graphs) > 1 and sum(g[-1] for g in self.graphs.values()) > self.budget_bytes:
+                self.graphs.popitem(last=False)
+        graph, static, logits, cache, _ = self.graphs[key]
+        for buffer, value in zip(static, given):
+            if buffer is not None:
+                buffer.copy_(value)
+        graph.replay()
+        return logits, cache
+
+    def _capture(self, given: tuple, rows: int, width: int):
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        static = tuple(None if t is None else t.clone() for t in given)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # first calls (attention plans, cuBLAS set-up) outside the capture
+            self._forward(static, rows, width)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits, cache = self._forward(static, rows, width)
+        except Exception as e:  # noqa: BLE001 - e.g. a host read inside the forward: stay eager from here on
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            warnings.warn(f"capturing the prefill as a CUDA graph failed ({self.failed}); prefills run eagerly")
+            return None
+        return graph, static, logits, cache, self._bytes(logits, cache)
+
+
 def vision_graphs(model: nn.Module) -> VisionGraphs | None:
     """The model's VisionGraphs (made on first use), or None for a model without a vision encoder."""
     inner = getattr(model, "model", None)
