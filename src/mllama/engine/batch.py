@@ -348,8 +348,9 @@ class BatchEngine:
         # Prefills with images run their vision part on a side stream while the running batch keeps decoding on
         # the engine thread's (higher-priority) stream, and their text part once that is done: a new image no
         # longer stops every running request for the encoder's 50 ms. One such prefill is in flight at a time.
-        # Off on CUDA by default: in its first run on the H200 (11B, concurrency 32, groups of 4 images) a CUDA
-        # "illegal instruction" followed; on CPU (no streams) the same scheduling runs, tested, by default.
+        # Off on CUDA by default: on the H200 it was slower (the encoder and the decode steps share the GPU: at
+        # concurrency 64 the per-token p50 went from 12-13 to 29 ms), and its first version met a CUDA "illegal
+        # instruction" whose cause was not found. On CPU (no streams) the same scheduling runs, tested, by default.
         self.overlap_prefill = device.type != "cuda" if overlap_prefill is None else overlap_prefill
         self.can_overlap = hasattr(model, "model") and hasattr(model.model, "vision_model")
         self.side_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None

@@ -360,11 +360,12 @@ class PrefillGraphs:
     """The text part of one-request prefills replayed as CUDA graphs, one per (prompt width, vision tokens).
 
     Run eagerly, the text part of a prefill launches about 1,700 kernels and the host cannot keep up with the
-    GPU: on the H200 a one-image request's first token came 15-20 ms after the GPU's own 61 ms of work
-    (bench/results/2026-11-29-h200-serve-load-overlap-profile.json). A replay is one launch. Inputs are copied
-    into static buffers; the outputs (last-row logits and the prefill's cache) are static too and shared by
-    all graphs (one memory pool), so a caller uses them before the next call. Prompt ids must be checked by the
-    caller (the eager forward's check reads them on the host, which a graph cannot do).
+    GPU: on the H200 a one-image request's first token came 10-20 ms after the GPU's own ~61 ms of work
+    ("engine_prefill_profile" in bench/results/2026-11-29-h200-serve-load-s4-overlap.json). A replay is one
+    launch. Inputs are copied into static buffers; the outputs (last-row logits and the prompt's cache) are the
+    graph's own static tensors, overwritten by its next replay, so a caller uses them before then. The graphs
+    share one memory pool for their intermediates. Prompt ids must be checked by the caller (the eager forward's
+    check reads them on the host, which a graph cannot do).
     """
 
     def __init__(self, model: nn.Module, budget_bytes: int = 2 * 2**30, use_graphs: bool = True):

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "running batch")
     parser.add_argument("--overlap-prefill", action="store_true",
                         help="experimental on CUDA: run the vision part of prefills on a side stream while the batch "
-                             "decodes (a CUDA error followed in its first H200 run at concurrency 32; see README)")
+                             "decodes (slower on the H200, where it also once ended in a CUDA error; see README)")
     parser.add_argument("--input-workers", type=int, default=None,
                         help="processes that decode requests (template, tokens, images) off the engine's process; "
                              "0: threads of the server process (default: min(8, CPUs / 2), at least 1)")
