@@ -192,6 +192,64 @@ def profile_engine_prefill(model, folder: Path, requests: int = 6) -> dict:
     return result
 
 
+def profile_engine_decode(model, folder: Path, batch: int = 64, seconds: float = 1.0) -> dict:
+    """Where a decode step's time goes at a large batch, in-process: `batch` one-image requests running, then
+    the engine loop profiled for about `seconds`: wall time per step against the GPU's kernel time per step."""
+    import PIL.Image
+
+    from mllama.engine.batch import BatchEngine, GenerationRequest
+    from mllama.generation import SamplingParams
+    from mllama.processing.processor import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder))
+    pixels = (torch.rand(1120, 1120, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}], add_generation_prompt=True)
+    inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=[prompt], return_tensors="pt")
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    engine = BatchEngine(model, processor.tokenizer, max_batch=batch, max_model_len=1024, max_images=1).start()
+    started = threading.Semaphore(0)
+    seen: set[int] = set()
+
+    def emitter(i):
+        def emit(event):
+            if i not in seen:
+                seen.add(i)
+                started.release()
+        return emit
+
+    params = SamplingParams(max_new_tokens=900, min_new_tokens=900, do_sample=False)
+    for i in range(batch):
+        engine.submit(GenerationRequest(prompt_ids=ids, params=params, model_inputs=dict(inputs), emit=emitter(i)))
+    for _ in range(batch):
+        started.acquire(timeout=120)
+    time.sleep(0.3)
+    steps, t0 = engine.steps, time.perf_counter()
+    time.sleep(seconds)  # without the profiler first: its tracing slows the host down
+    plain_ms = 1e3 * (time.perf_counter() - t0) / max(engine.steps - steps, 1)
+    from torch.profiler import ProfilerActivity, profile
+    steps, busy, t0 = engine.steps, dict(engine.busy), time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        time.sleep(seconds)
+    wall = time.perf_counter() - t0
+    n = engine.steps - steps
+    busy = {k: 1e3 * (engine.busy[k] - busy.get(k, 0.0)) / max(n, 1) for k in engine.busy}
+    engine.stop(0)
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    result = {"batch": batch, "running": len(seen), "steps": n, "unprofiled_wall_ms_per_step": plain_ms,
+              "wall_ms_per_step": 1e3 * wall / max(n, 1),
+              "busy_ms_per_step": busy, "gpu_kernel_ms_per_step": sum(e.device_time for e in kernels) / 1e3 / max(n, 1),
+              "cpu_table": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                                     max_name_column_width=60),
+              "gpu_table": prof.key_averages().table(sort_by="self_device_time_total", row_limit=10,
+                                                     max_name_column_width=60)}
+    print("engine decode profile:", json.dumps({k: v for k, v in result.items() if "table" not in k}), flush=True)
+    print(result["cpu_table"], result["gpu_table"], sep="\n", flush=True)
+    return result
+
+
 def scrape(port: int) -> dict[str, float]:
     """/metrics as {name{labels}: value}, histogram buckets left out."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -235,6 +293,9 @@ def main() -> None:
     ap.add_argument("--skip-checks", action="store_true", help="no graph-runner and overlapped-prefill checks")
     ap.add_argument("--overlap-prefill", action="store_true", help="serve with --overlap-prefill (experimental)")
     ap.add_argument("--profile-prefill", action="store_true", help="first profile the engine's prefill in-process")
+    ap.add_argument("--profile-decode", type=int, default=0, metavar="BATCH",
+                    help="first profile the engine's decode loop in-process with BATCH one-image requests running")
+    ap.add_argument("--profile-only", action="store_true", help="only the in-process profiles, no server")
     args = ap.parse_args()
     check = overlap = "skipped (--skip-checks)"
     if not args.skip_checks:
@@ -260,6 +321,13 @@ def main() -> None:
         "image_std": [0.26862954, 0.26130258, 0.27577711]}))
     print(f"checkpoint written in {time.perf_counter() - t0:.0f} s", flush=True)
     prefill_profile = profile_engine_prefill(model, ckpt) if args.profile_prefill else None
+    decode_profile = profile_engine_decode(model, ckpt, args.profile_decode) if args.profile_decode else None
+    if args.profile_only:
+        (Path(args.out) / "engine-profiles.json").write_text(json.dumps(
+            {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+             "command": " ".join(sys.argv), "engine_prefill_profile": prefill_profile,
+             "engine_decode_profile": decode_profile}, indent=1))
+        return
     del model
     torch.cuda.empty_cache()
     port = 8011
@@ -290,7 +358,8 @@ def main() -> None:
                          f"c{args.long_level}-long"))
         summary = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "command": " ".join(sys.argv), "graph_runner_check": check, "overlapped_prefill_check": overlap,
-                   "engine_prefill_profile": prefill_profile, "levels": []}
+                   "engine_prefill_profile": prefill_profile,
+                   "engine_decode_profile": decode_profile, "levels": []}
         for level, requests, max_tokens, limit, name in runs:
             before, t0 = scrape(port), time.perf_counter()
             load_json = Path(args.out) / f"serve-load-{name}.json"
