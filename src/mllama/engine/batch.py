@@ -694,6 +694,8 @@ class BatchEngine:
             parts = []
             for row in rows:
                 if row and interleave and not overlap and self.running:
+                    if self.device.type == "cuda":  # the encoder's wait counts as prefill time, not decode
+                        torch.cuda.current_stream(self.device).synchronize()
                     self._step()
                 parts.append(inner.encode_images(pixels[row:row + 1], ratio_ids[row:row + 1],
                                                  ratio_mask[row:row + 1], p.keep, self.vision_runner))
