@@ -124,24 +124,31 @@ def check_overlapped_prefill(assets: str, device: str = "cuda") -> dict:
             "ok": equal == len(requests) and engine.overlapped > 0}
 
 
+def one_image_request(folder: Path, seed: int):
+    """(processor, prompt ids, model inputs) of a chat request with one random 1120x1120 image (4 tiles)."""
+    import PIL.Image
+
+    from mllama.processing.processor import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(folder))
+    pixels = (torch.rand(1120, 1120, 3, generator=torch.Generator().manual_seed(seed)) * 255).to(torch.uint8)
+    prompt = processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}], add_generation_prompt=True)
+    inputs = processor(images=[[PIL.Image.fromarray(pixels.numpy())]], text=[prompt], return_tensors="pt")
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    return processor, ids, dict(inputs)
+
+
 def profile_engine_prefill(model, folder: Path, requests: int = 6) -> dict:
     """Where a one-image request's time to first token goes inside the engine (no HTTP, no pipes): the 11B in
     this process, one 1120x1120 image and a short chat prompt, requests one after another; then the same with
     each prefill phase timed between device synchronisations, and one request under the profiler."""
-    import PIL.Image
-
     from mllama.engine.batch import BatchEngine, GenerationRequest
     from mllama.generation import SamplingParams
-    from mllama.processing.processor import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(folder))
-    pixels = (torch.rand(1120, 1120, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
-    prompt = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}], add_generation_prompt=True)
-    inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=[prompt], return_tensors="pt")
-    ids = inputs.pop("input_ids")[0].tolist()
-    inputs.pop("attention_mask", None)
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    processor, ids, inputs = one_image_request(folder, seed=0)
     t0 = time.perf_counter()
     engine = BatchEngine(model, processor.tokenizer, max_batch=8, max_model_len=1024, max_images=1).start()
     warm_up = time.perf_counter() - t0
@@ -195,20 +202,10 @@ def profile_engine_prefill(model, folder: Path, requests: int = 6) -> dict:
 def profile_engine_decode(model, folder: Path, batch: int = 64, seconds: float = 1.0) -> dict:
     """Where a decode step's time goes at a large batch, in-process: `batch` one-image requests running, then
     the engine loop profiled for about `seconds`: wall time per step against the GPU's kernel time per step."""
-    import PIL.Image
-
     from mllama.engine.batch import BatchEngine, GenerationRequest
     from mllama.generation import SamplingParams
-    from mllama.processing.processor import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(folder))
-    pixels = (torch.rand(1120, 1120, 3, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8).numpy()
-    prompt = processor.apply_chat_template([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]}], add_generation_prompt=True)
-    inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=[prompt], return_tensors="pt")
-    ids = inputs.pop("input_ids")[0].tolist()
-    inputs.pop("attention_mask", None)
-    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    processor, ids, inputs = one_image_request(folder, seed=1)
     engine = BatchEngine(model, processor.tokenizer, max_batch=batch, max_model_len=1024, max_images=1).start()
     started = threading.Semaphore(0)
     seen: set[int] = set()

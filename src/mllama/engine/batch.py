@@ -25,7 +25,7 @@ from ..generation import SamplingParams, TextDecoder, next_tokens
 from ..modeling.cache import MllamaCache
 from ..modeling.text import MllamaCrossAttentionDecoderLayer, prepare_cross_attention_mask
 from .fast import (PrefillGraphs, cross_output, cross_query, fuse_projections, length_bucket, self_output,
-                   self_qkv, text_model_of, vision_graphs)
+                   self_qkv, text_model_of, text_prefill, vision_graphs)
 
 
 class QueueFull(Exception):
@@ -652,18 +652,18 @@ class BatchEngine:
             ids[row, width - lengths[row]:] = torch.tensor(r.prompt_ids)
             mask[row, width - lengths[row]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs, host = {}, {}
+        inputs = {}
         for name in group[0][0].model_inputs:
             parts = [r.model_inputs[name] for r, _ in group]
             if name == "cross_attention_mask":  # [1, L, N, T]: pad on the left like the prompts
                 parts = [F.pad(m, (0, 0, 0, 0, width - m.shape[1], 0)) for m in parts]
-            host[name] = torch.cat(parts)
-            inputs[name] = host[name].to(self.device)
+            inputs[name] = torch.cat(parts)
+        ratio_mask_host = inputs.get("aspect_ratio_mask")
+        inputs = {name: value.to(self.device) for name, value in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return _Prefill(group, lengths, width, ids.to(self.device), mask.to(self.device),
-                        positions.to(self.device), inputs, ratio_mask_host=host.get("aspect_ratio_mask"),
-                        ids_host=ids)
+                        positions.to(self.device), inputs, ratio_mask_host=ratio_mask_host, ids_host=ids)
 
     def _encode(self, p: "_Prefill", overlap: bool, interleave: bool = False) -> bool:
         """The vision part of a prefill: projected vision tokens of the kept tiles, into p.states. With
@@ -676,7 +676,7 @@ class BatchEngine:
         inner = self.model.model
         mask = p.inputs.get("cross_attention_mask")
         ratio_ids, ratio_mask = p.inputs.get("aspect_ratio_ids"), p.inputs.get("aspect_ratio_mask")
-        inner.check_image_inputs(p.ids, pixels, ratio_ids, ratio_mask, mask)  # host reads, before anything is queued
+        inner.check_image_inputs(p.ids_host, pixels, ratio_ids, ratio_mask, mask)  # before anything is queued
         p.keep = inner.kept_tiles(mask, pixels)
         rows = range(pixels.shape[0])
         if self.vision_runner is not None and p.ratio_mask_host is not None:
@@ -712,22 +712,16 @@ class BatchEngine:
         if p.ready is not None:  # encoded on the side stream: this stream waits for it, then owns the tokens
             torch.cuda.current_stream().wait_event(p.ready)
             p.states.record_stream(torch.cuda.current_stream())
-        replayed = None
-        if self.prefill_graphs is not None and len(group) == 1 and (p.states is not None or not p.inputs):
+        if p.states is not None or not p.inputs:  # images encoded already, or text only: the text part alone
             if p.states is None:
                 self.text._check_ids(p.ids_host)  # (the image path checked them before its encoder ran)
-            replayed = self.prefill_graphs(p.ids, p.mask, p.positions, p.inputs.get("cross_attention_mask"),
-                                           p.states, p.keep)
-        if replayed is not None:
-            logits, cache = replayed
-        else:
+            given = (p.ids, p.mask, p.positions, p.inputs.get("cross_attention_mask"), p.states, p.keep)
+            replayed = self.prefill_graphs(*given) if self.prefill_graphs is not None and len(group) == 1 else None
+            logits, cache = replayed if replayed is not None else text_prefill(self.model, *given)
+        else:  # inputs the encoder path left alone (a model without a vision encoder): the model's own forward
             cache = MllamaCache.allocate(self.model.config, len(group), width, self.device, self.dtype)
-            inputs = p.inputs
-            if p.states is not None:  # the images are encoded: the text part with their tokens
-                inputs = {"cross_attention_mask": p.inputs.get("cross_attention_mask"),
-                          "cross_attention_states": p.states, "cross_tiles": p.keep, "ids_checked": True}
             logits = self.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, cache=cache,
-                                use_cache=True, logits_to_keep=1, **inputs).logits[:, -1]
+                                use_cache=True, logits_to_keep=1, **p.inputs).logits[:, -1]
         b = self.buffers
         vision = cache.cross_length()
         cross_rows = self._cross_rows(cache, p.inputs.get("cross_attention_mask"), vision)

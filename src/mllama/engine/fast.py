@@ -356,8 +356,21 @@ class VisionGraphs:
         return graph, inputs, out
 
 
+def text_prefill(model: nn.Module, ids, mask, positions, cross_mask=None, states=None, keep=None):
+    """The text part of a prefill, into a fresh cache as wide as the prompts: -> (last-row logits, cache).
+    `states`/`keep`: vision tokens encoded beforehand (MllamaModel.encode_images) and the tiles they hold, or None
+    for text only. The ids must have been checked (MllamaModel.check_image_inputs, or the text model's
+    _check_ids): this forward does not read them on the host."""
+    param = next(model.parameters())
+    cache = MllamaCache.allocate(model.config, ids.shape[0], ids.shape[1], param.device, param.dtype)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, ids_checked=True)
+    if states is not None:
+        inputs.update(cross_attention_mask=cross_mask, cross_attention_states=states, cross_tiles=keep)
+    return model(cache=cache, use_cache=True, logits_to_keep=1, **inputs).logits[:, -1], cache
+
+
 class PrefillGraphs:
-    """The text part of one-request prefills replayed as CUDA graphs, one per (prompt width, vision tokens).
+    """`text_prefill` of one-request prefills replayed as CUDA graphs, one per (prompt width, vision tokens).
 
     Run eagerly, the text part of a prefill launches about 1,700 kernels and the host cannot keep up with the
     GPU: on the H200 a one-image request's first token came 10-20 ms after the GPU's own ~61 ms of work
@@ -378,18 +391,8 @@ class PrefillGraphs:
         self.budget_bytes = budget_bytes
         self.failed: str | None = None  # why a capture failed (the caller then stays eager)
 
-    @staticmethod
-    def _inputs(ids, mask, positions, cross_mask, states, keep) -> dict:
-        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, ids_checked=True)
-        if states is not None:
-            inputs.update(cross_attention_mask=cross_mask, cross_attention_states=states, cross_tiles=keep)
-        return inputs
-
-    def _forward(self, static: tuple, rows: int, width: int):
-        param = next(self.model.parameters())
-        cache = MllamaCache.allocate(self.model.config, rows, width, param.device, param.dtype)
-        out = self.model(cache=cache, use_cache=True, logits_to_keep=1, **self._inputs(*static))
-        return out.logits[:, -1], cache
+    def _forward(self, static: tuple):
+        return text_prefill(self.model, *static)
 
     @staticmethod
     def _bytes(logits: torch.Tensor, cache: MllamaCache) -> int:
@@ -404,12 +407,12 @@ class PrefillGraphs:
             return None
         given = (ids, mask, positions, cross_mask, states, keep)
         if not self.use_graphs:
-            return self._forward(given, ids.shape[0], ids.shape[1])
+            return self._forward(given)
         key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in given)
         if key in self.graphs:
             self.graphs.move_to_end(key)
         else:
-            captured = self._capture(given, ids.shape[0], ids.shape[1])
+            captured = self._capture(given)
             if captured is None:
                 return None
             self.graphs[key] = captured
@@ -422,19 +425,19 @@ class PrefillGraphs:
         graph.replay()
         return logits, cache
 
-    def _capture(self, given: tuple, rows: int, width: int):
+    def _capture(self, given: tuple):
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         static = tuple(None if t is None else t.clone() for t in given)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # first calls (attention plans, cuBLAS set-up) outside the capture
-            self._forward(static, rows, width)
+            self._forward(static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                logits, cache = self._forward(static, rows, width)
+                logits, cache = self._forward(static)
         except Exception as e:  # noqa: BLE001 - e.g. a host read inside the forward: stay eager from here on
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             warnings.warn(f"capturing the prefill as a CUDA graph failed ({self.failed}); prefills run eagerly")

@@ -216,7 +216,7 @@ class MllamaModel(MllamaPreTrainedModel):
                 output_hidden_states: bool = False, vision_runner=None, cross_tiles=None, ids_checked: bool = False,
                 **unused) -> ModelOutput:
         """cross_tiles: with cross_attention_states encoded beforehand (encode_images with kept_tiles), the
-        tiles they hold; ids_checked: the caller ran check_image_inputs already."""
+        tiles they hold; ids_checked: the caller checked the ids already (check_image_inputs with images)."""
         if pixel_values is not None and cross_attention_states is not None:
             raise ValueError("pass pixel_values or cross_attention_states, not both")
         if pixel_values is not None:
