@@ -216,3 +216,88 @@ def test_prefill_through_the_static_graph_path_equals_the_plain_prefill(loaded):
                             params=SamplingParams(max_new_tokens=1, do_sample=False), emit=lambda event: None)
     with pytest.raises(ValueError, match="outside the embedding table"):
         engine._prefill([(bad, 0)])
+
+
+def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded):
+    """Greedy steps are read by the host one step late (the next step takes its tokens from the device), steps
+    with a sampled row are read at once; either way every answer equals generate's alone, including a request
+    that ends on an end token the engine could not foresee (its row, computed once more, is ignored and its slot
+    reused) and requests waiting for a slot. No row is ever run for a token after its request's last one."""
+    import threading
+
+    import PIL.Image
+
+    model, processor = loaded
+    gen = torch.Generator().manual_seed(11)
+    pixels = (torch.rand(40, 60, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    image_inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=["<|image|>Describe it"],
+                             return_tensors="pt")
+    cases = [  # (inputs, max_new_tokens, sampling options)
+        (processor(text=["Once upon a time"], return_tensors="pt"), 9, {}),
+        (image_inputs, 17, {}),
+        (processor(text=["A sampled answer"], return_tensors="pt"), 8, {"temperature": 0.9, "seed": 7}),
+        (processor(text=["Short"], return_tensors="pt"), 3, {}),
+        (processor(text=["This one meets an end token early"], return_tensors="pt"), 30, {}),
+        (processor(text=["Waiting for a slot"], return_tensors="pt"), 12, {}),
+        (processor(text=["Waiting too, and long"], return_tensors="pt"), 21, {}),
+    ]
+    prepared, full = [], []
+    for inputs, n, options in cases:
+        inputs = dict(inputs)
+        ids = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask", None)
+        sample = {"do_sample": True, "temperature": options["temperature"], "seed": options["seed"]} if options \
+            else {"do_sample": False}
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=n, min_new_tokens=n,
+                                 fast=False, **sample)[0, len(ids):].tolist()
+        prepared.append((ids, inputs, n, options))
+        full.append(out)
+    # an end token the fifth request meets at its fourth token, not before
+    end = next(t for i, t in enumerate(full[4]) if i >= 3 and t not in full[4][:i])
+    expected = [out[:out.index(end) + 1] if end in out else out for out in full]
+    assert len(expected[4]) < len(full[4])
+
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=128, max_prefill_batch=2)
+    engine.eos = (end,)
+    calls = []
+
+    class Recording:  # the engine's runner, recording each step's rows
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, tokens, positions, vision, from_host=None):
+            live = {r.slot: r for r in engine.slots if r is not None}
+            calls.append([(live[row], positions[row], from_host[row]) for row in range(len(tokens)) if row in live])
+            return self.inner(tokens, positions, vision, from_host)
+
+    engine.runner = Recording(engine.runner)
+    outputs, finished, done = {}, {}, threading.Event()
+    for index, (ids, inputs, n, options) in enumerate(prepared):
+        def emit(event, index=index):
+            assert event.error is None, event.error
+            outputs.setdefault(index, []).extend(event.token_ids)
+            if event.finish_reason:
+                finished[index] = event.finish_reason
+                if len(finished) == len(prepared):
+                    done.set()
+        params = SamplingParams(max_new_tokens=n, do_sample=bool(options), temperature=options.get("temperature", 1.0))
+        engine.submit(GenerationRequest(prompt_ids=ids, model_inputs=inputs, emit=emit, params=params,
+                                        seed=options.get("seed")))
+    engine.start()
+    try:
+        assert done.wait(120)
+    finally:
+        engine.stop(0)
+    for index, want in enumerate(expected):
+        assert outputs[index] == want, index
+    assert finished[4] == "stop" and finished[3] == "length"
+    rows = [row for call in calls for row in call]
+    assert any(not given for _, _, given in rows)  # some rows took the previous step's token on the device
+    for r, position, _ in rows:  # the last token a request feeds is its (max_new_tokens - 1)-th, at this position
+        assert position <= len(r.prompt_ids) + r.params.max_new_tokens - 2
+    sampled = [given for r, _, given in rows if r.params.do_sample]
+    assert sampled and all(sampled)  # a sampled row's token always comes from the host

@@ -223,8 +223,15 @@ class DecodeRunner:
         self.use_graphs = use_graphs
         slots = buffers.row_index.shape[0]
         device = buffers.row_index.device
+        # Inputs of a step (static addresses, read by every graph): tokens given by the host, positions, and per row
+        # whether the host gave its token or the row continues from the previous step's greedy choice, `carried`.
         self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.from_host = torch.ones(slots, dtype=torch.long, device=device)
+        self.carried = torch.zeros(slots, dtype=torch.long, device=device)
+        # Output besides the logits: each row's greedy token (argmax), which the next step can take without the
+        # host reading it first (see BatchEngine._launch).
+        self.greedy = torch.zeros(slots, dtype=torch.long, device=device)
         self.functions = _compiled_functions() if use_graphs else LAYER_FUNCTIONS
         self.graphs: collections.OrderedDict[tuple[int, int, int], torch.cuda.CUDAGraph] = collections.OrderedDict()
         self.logits: torch.Tensor | None = None  # [slots, vocab], written by every graph
@@ -233,8 +240,11 @@ class DecodeRunner:
         self.compile_error: str | None = None
 
     def _eager(self, n: int, length: int, vision: int) -> torch.Tensor:
-        return decode_step(self.text, self.model.lm_head, self.buffers, self.tokens[:n], self.positions[:n], length,
-                           vision, self.functions)
+        tokens = torch.where(self.from_host[:n] > 0, self.tokens[:n], self.carried[:n])
+        logits = decode_step(self.text, self.model.lm_head, self.buffers, tokens, self.positions[:n], length,
+                             vision, self.functions)
+        self.greedy[:n].copy_(logits.argmax(-1))
+        return logits
 
     def _capture(self, key) -> torch.cuda.CUDAGraph:
         if self.logits is None:
@@ -259,21 +269,31 @@ class DecodeRunner:
             self.logits[:key[0]].copy_(self._eager(*key))
         return graph
 
-    def __call__(self, tokens: list[int], positions: list[int], vision: int) -> torch.Tensor:
-        """tokens/positions: one entry per slot 0..n-1 (free slots: 0). Returns logits [n, vocab]."""
+    def __call__(self, tokens: list[int], positions: list[int], vision: int,
+                 from_host: list[bool] | None = None) -> torch.Tensor:
+        """tokens/positions: one entry per slot 0..n-1 (free slots: 0). A row whose `from_host` entry is False
+        ignores its entry in `tokens` and takes the greedy token the previous call chose for it (still on the
+        device). Returns logits [n, vocab]; `self.greedy[:n]` holds their argmax."""
         n = len(tokens)
         slots = self.tokens.shape[0]
         length = max(positions) + 1
+        given = [1] * n if from_host is None else [int(bool(f)) for f in from_host]
         if not self.use_graphs:
+            self.carried[:n].copy_(self.greedy[:n])
             self.tokens[:n].copy_(torch.tensor(tokens))
             self.positions[:n].copy_(torch.tensor(positions))
+            self.from_host[:n].copy_(torch.tensor(given))
             return self._eager(n, length, vision)
         rows = _bucket(n, ROW_BUCKETS, slots)
         key_len = min(length_bucket(length), self.buffers.key_index.shape[0])
         pad = rows - n
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad], dtype=torch.long).pin_memory()
+        # greedy -> carried outside the graphs: a capture's warm-up runs write `greedy` but never read it
+        self.carried[:rows].copy_(self.greedy[:rows])
+        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, given + [1] * pad],
+                            dtype=torch.long).pin_memory()
         self.tokens[:rows].copy_(host[0], non_blocking=True)
         self.positions[:rows].copy_(host[1], non_blocking=True)
+        self.from_host[:rows].copy_(host[2], non_blocking=True)
         key = (rows, key_len, vision)
         if key in self.graphs:
             self.graphs.move_to_end(key)
@@ -300,6 +320,19 @@ class _Prefill:
     ready: Any = None  # a CUDA event recorded after the vision part, or None when nothing is pending
     ratio_mask_host: torch.Tensor | None = None  # aspect_ratio_mask on the host, for the encoder's planning
     ids_host: torch.Tensor | None = None
+
+
+@dataclass
+class _Step:
+    """A decode step queued on the device. `logits` is set when a row needs the host's choice (sampling, a
+    repetition penalty, min_new_tokens, logprobs): the step is then read at once. Otherwise only its greedy
+    tokens come back, copied to `tokens` (host) behind the step, ready once `done` (a CUDA event) is."""
+    requests: list
+    start: float
+    launch_seconds: float
+    logits: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    done: Any = None
 
 
 class BatchEngine:
@@ -355,6 +388,7 @@ class BatchEngine:
         self.can_overlap = hasattr(model, "model") and hasattr(model.model, "vision_model")
         self.side_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         self.pending: _Prefill | None = None
+        self.inflight: _Step | None = None  # the last decode step, queued, its tokens not read yet
         self.reserved: set[int] = set()  # slots of the pending prefill
         self.overlapped = 0  # prefills whose vision part ran beside decode steps
         self.failed: str | None = None  # why the engine thread ended, if it failed
@@ -410,7 +444,8 @@ class BatchEngine:
             self.accepting = False
             self.lock.notify()
         end = time.monotonic() + deadline
-        while time.monotonic() < end and (self.running or self.waiting or self.pending is not None):
+        while time.monotonic() < end and (self.running or self.waiting or self.pending is not None
+                                          or self.inflight is not None):
             time.sleep(0.02)
         with self.lock:
             self.stopping = True
@@ -457,7 +492,7 @@ class BatchEngine:
             requests = [r for r in self.slots if r is not None] + waiting
             requests += [r for r, _ in self.pending.group] if self.pending is not None else []
             self.slots = [None] * len(self.slots)
-            self.pending = None
+            self.pending = self.inflight = None
             for r in requests:
                 self.outcomes["error"] += 1
                 r.emit(Event(error=error))
@@ -469,15 +504,19 @@ class BatchEngine:
             torch.cuda.set_stream(torch.cuda.Stream(device=self.device, priority=-1))
         while True:
             with self.lock:
-                while not self.stopping and not self.waiting and not self.running and self.pending is None:
+                while (not self.stopping and not self.waiting and not self.running and self.pending is None
+                       and self.inflight is None):
                     self.lock.wait(timeout=0.5)
                 if self.stopping:
                     break
             self._drop_cancelled()
             self._admit()
             self._complete_pending()
-            if self.running:
+            if self.running or self.inflight is not None:
                 self._step()
+        if self.inflight is not None:  # its tokens are the requests' last ones: emitted before the aborts
+            step, self.inflight = self.inflight, None
+            self._land(step)
         for slot, r in enumerate(self.slots):
             if r is not None:
                 self._finish(r, "abort")
@@ -766,11 +805,50 @@ class BatchEngine:
         return prepare_cross_attention_mask(mask[:, -1:], vision // tiles, self.dtype, keep)
 
     def _step(self) -> None:
-        active = [r for r in self.slots if r is not None]
+        """One decode step of the running batch. A step whose rows all decode greedily without logprobs is read
+        one step late: the next step is queued first (its rows take their tokens straight from the device), and the
+        host detokenizes, checks stops and sends events while the GPU computes it, instead of the GPU waiting for
+        the host between steps. A request that ends in the step read late was computed once more in the step
+        queued meanwhile; that row is ignored (a request's last position is known beforehand, so no row ever
+        writes past the context)."""
+        launched = self._launch()
+        previous, self.inflight = self.inflight, None
+        if previous is not None:
+            self._land(previous)
+        if launched is not None:
+            if launched.logits is not None:
+                self._land(launched)
+            else:
+                self.inflight = launched
+
+    @staticmethod
+    def _chosen_on_host(r: GenerationRequest, count: int) -> bool:
+        """Whether the token after `count` generated ones is not the plain argmax: sampled (with the request's own
+        generator, as generate() alone would), repeats penalised, or EOS not allowed yet."""
+        p = r.params
+        return p.do_sample or p.repetition_penalty != 1.0 or bool(count < p.min_new_tokens and p.eos_token_id)
+
+    def _launch(self) -> _Step | None:
+        """Queues a decode step for every running request that has a token left to make; returns it, or None."""
+        carried = {id(r) for r in self.inflight.requests} if self.inflight is not None else set()
+        active, counts = [], []
+        for r in self.slots:
+            if r is None:
+                continue
+            count = len(r.generated) + (id(r) in carried)  # tokens it will have once the step in flight is read
+            if count >= r.params.max_new_tokens:
+                continue  # its last token is in flight: it ends when that step is read
+            active.append(r)
+            counts.append(count)
+        if not active:
+            return None
         n = max(r.slot for r in active) + 1
-        tokens, positions = [0] * n, [0] * n
+        tokens, positions, given = [0] * n, [0] * n, [True] * n
         for r in active:
-            tokens[r.slot] = r.generated[-1]
+            if id(r) in carried:
+                given[r.slot] = False  # its token is the greedy choice of the step in flight, on the device
+            else:
+                tokens[r.slot] = r.generated[-1]
             positions[r.slot] = r.length  # the new token's index = its RoPE position (prompts are unpadded)
         # Vision keys looked at: rounded up to whole images (a row's keys past its own are masked), so that the
         # steps' shapes, and the CUDA graphs, take few values even though dropped padding tiles vary the lengths.
@@ -778,27 +856,46 @@ class BatchEngine:
         vision = min(self.max_vision, -(-vision // self.tokens_per_image) * self.tokens_per_image)
         start = time.perf_counter()
         try:
-            logits = self.runner(tokens, positions, vision)
+            logits = self.runner(tokens, positions, vision, given)
         except Exception as e:  # fail the batch, keep serving
             for r in active:
                 self.slots[r.slot] = None
                 self.outcomes["error"] += 1
                 r.emit(Event(error=f"{type(e).__name__}: {e}"))
-            return
+            return None
         self.steps += 1
         for r in active:
             r.length += 1
-        self._sample_and_emit(active, logits[[r.slot for r in active]], start)
+        if any(self._chosen_on_host(r, c) or r.logprobs is not None for r, c in zip(active, counts)):
+            return _Step(active, start, 0.0, logits=logits)
+        if self.device.type == "cuda":
+            tokens = torch.empty(n, dtype=torch.long, pin_memory=True)
+            tokens.copy_(self.runner.greedy[:n], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            tokens, done = self.runner.greedy[:n].clone(), None
+        return _Step(active, start, time.perf_counter() - start, tokens=tokens, done=done)
+
+    def _land(self, step: _Step) -> None:
+        """Emits a queued step's tokens to its requests that still run (not cancelled or ended meanwhile)."""
+        live = [r for r in step.requests if self.slots[r.slot] is r]
+        if step.logits is not None:
+            self._sample_and_emit(live, step.logits[[r.slot for r in live]], step.start)
+            return
+        wait = time.perf_counter()
+        if step.done is not None:
+            step.done.synchronize()
+        chosen = step.tokens.tolist()
+        self.busy["decode"] += step.launch_seconds + time.perf_counter() - wait
+        self._emit(live, [chosen[r.slot] for r in live])
 
     def _sample_and_emit(self, requests: list[GenerationRequest], logits: torch.Tensor,
                          start: float | None = None) -> None:
-        """Greedy rows take one batched argmax and one transfer to the host for the whole step; rows that
-        sample (each with its own generator, as generate() alone would), penalise repeats or must not stop yet
-        go through next_tokens one by one."""
+        """Greedy rows take one batched argmax and one transfer to the host for the whole step; rows chosen on
+        the host (_chosen_on_host) go through next_tokens one by one."""
         greedy = logits.argmax(-1)
-        special = [row for row, r in enumerate(requests)
-                   if r.params.do_sample or r.params.repetition_penalty != 1.0
-                   or (len(r.generated) < r.params.min_new_tokens and r.params.eos_token_id)]
+        special = [row for row, r in enumerate(requests) if self._chosen_on_host(r, len(r.generated))]
         wanted = [row for row, r in enumerate(requests) if r.logprobs is not None]
         logprobs = torch.log_softmax(logits[wanted].float(), dim=-1) if wanted else None
         chosen = greedy.tolist()
@@ -807,10 +904,15 @@ class BatchEngine:
             seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
                 if r.params.repetition_penalty != 1.0 else None
             chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
+        if start is not None:
+            self.busy["decode"] += time.perf_counter() - start
+        self._emit(requests, chosen, logprobs, wanted)
+
+    def _emit(self, requests: list[GenerationRequest], chosen: list[int], logprobs: torch.Tensor | None = None,
+              wanted: list[int] = ()) -> None:
+        """Appends each request's chosen token, records latencies and sends what is new (or ends the request)."""
         now = time.monotonic()
         emit_start = time.perf_counter()
-        if start is not None:
-            self.busy["decode"] += emit_start - start
         for row, r in enumerate(requests):
             token = chosen[row]
             if r.generated:
