@@ -300,6 +300,10 @@ def main() -> None:
     ap.add_argument("--long-level", type=int, default=64, help="also run this level with --long-tokens")
     ap.add_argument("--long-tokens", type=int, default=512)
     ap.add_argument("--max-batch", type=int, default=128)
+    ap.add_argument("--max-prefill-batch", type=int, default=None, help="passed to the server (default: its own)")
+    ap.add_argument("--varied-level", type=int, default=0,
+                    help="also run this level with answer lengths spread by --varied-spread (load_server.py)")
+    ap.add_argument("--varied-spread", type=float, default=0.5)
     ap.add_argument("--time-limit", type=float, default=45)
     ap.add_argument("--skip-checks", action="store_true", help="no graph-runner and overlapped-prefill checks")
     ap.add_argument("--overlap-prefill", action="store_true", help="serve with --overlap-prefill (experimental)")
@@ -345,7 +349,9 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "mllama.server", str(ckpt), "--device", "cuda", "--dtype",
                                "bfloat16", "--port", str(port), "--served-model-name", "m", "--max-batch",
                                str(args.max_batch), "--max-queue", "1024", "--max-model-len", "1024",
-                               "--max-images-per-request", "1"] + (["--overlap-prefill"] if args.overlap_prefill else []),
+                               "--max-images-per-request", "1"] + (["--overlap-prefill"] if args.overlap_prefill else [])
+                              + ([] if args.max_prefill_batch is None else
+                                 ["--max-prefill-batch", str(args.max_prefill_batch)]),
                               stdout=sys.stdout, stderr=sys.stderr)
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < 240:
@@ -362,20 +368,25 @@ def main() -> None:
 
         # enough requests at low concurrency that the first (simultaneous) round is not most of the samples
         counts = {1: 16, 8: 64}
-        runs = [(level, counts.get(level, max(8, 3 * level)), args.max_tokens, args.time_limit, f"c{level}")
+        runs = [(level, counts.get(level, max(8, 3 * level)), args.max_tokens, args.time_limit, f"c{level}", 0.0)
                 for level in args.levels]
         if args.long_level:
             runs.append((args.long_level, 2 * args.long_level, args.long_tokens, 2 * args.time_limit,
-                         f"c{args.long_level}-long"))
+                         f"c{args.long_level}-long", 0.0))
+        if args.varied_level:
+            level = args.varied_level
+            runs.append((level, counts.get(level, max(8, 3 * level)), args.max_tokens, args.time_limit,
+                         f"c{level}-varied", args.varied_spread))
         summary = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "command": " ".join(sys.argv), "graph_runner_check": check, "overlapped_prefill_check": overlap,
                    "engine_prefill_profile": prefill_profile,
                    "engine_decode_profile": decode_profile, "levels": []}
-        for level, requests, max_tokens, limit, name in runs:
+        for level, requests, max_tokens, limit, name, spread in runs:
             before, t0 = scrape(port), time.perf_counter()
             load_json = Path(args.out) / f"serve-load-{name}.json"
             load_server.main([str(level), "--url", f"http://127.0.0.1:{port}", "--requests", str(requests),
                               "--max-tokens", str(max_tokens), "--time-limit", str(limit), "--image-size", "1120",
+                              "--max-tokens-spread", str(spread),
                               "--json", str(load_json)])
             delta = metrics_delta(before, scrape(port), time.perf_counter() - t0)
             print(f"server metrics {name}:", json.dumps(delta), flush=True)

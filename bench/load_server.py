@@ -14,6 +14,7 @@ import base64
 import io
 import ipaddress
 import json
+import random
 import socket
 import sys
 import time
@@ -83,24 +84,37 @@ async def _one(client: httpx.AsyncClient, body: bytes, record: dict) -> None:
     record["itl"].extend(gaps)
 
 
+def request_lengths(requests: int, max_tokens: int, spread: float, seed: int = 0) -> list[int]:
+    """max_tokens of each request: all equal, or with `spread` s > 0 drawn uniformly from
+    [max_tokens * (1 - s), max_tokens * (1 + s)] (seeded, so runs compare)."""
+    if spread <= 0:
+        return [max_tokens] * requests
+    if spread >= 1:
+        raise ValueError(f"--max-tokens-spread must be below 1, got {spread}")
+    rng = random.Random(seed)
+    low, high = max(1, round(max_tokens * (1 - spread))), round(max_tokens * (1 + spread))
+    return [rng.randint(low, high) for _ in range(requests)]
+
+
 async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int, image: str,
-                    time_limit: float) -> dict:
+                    time_limit: float, spread: float = 0.0) -> dict:
     record = {"concurrency": concurrency, "ok": 0, "tokens": 0, "ttft": [], "itl": [], "errors": {}}
-    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True},
+    body = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                       {"type": "text", "text": "Describe this image."}]}]}
-    body = json.dumps(body).encode()  # once: re-encoding a multi-megabyte image per request would load the client
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(requests):
-        queue.put_nowait(i)
+    # once: re-encoding a multi-megabyte image per request would load the client; model and max_tokens go first
+    rest = json.dumps(body).encode()[1:]
+    head = b'{"model": ' + json.dumps(model).encode() + b', "max_tokens": '
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for n in request_lengths(requests, max_tokens, spread):
+        queue.put_nowait(head + str(n).encode() + b", " + rest)
     start = time.perf_counter()
     deadline = start + time_limit
 
     async def worker(client):
         while time.perf_counter() < deadline:
             try:
-                queue.get_nowait()
+                body = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
             await _one(client, body, record)
@@ -126,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model id (default: the first of /v1/models)")
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens-spread", type=float, default=0.0,
+                        help="0: every request asks for --max-tokens; s in (0, 1): each asks for a length drawn "
+                             "uniformly from max_tokens * [1 - s, 1 + s] (closed-loop clients asking for equal "
+                             "lengths end together and come back together; unequal ones drift apart)")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per level")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--json", default="load_server.json", help="where to write the results")
@@ -138,13 +156,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{'itl p99':>9}  errors")
     fmt = lambda v: f"{v * 1000:8.1f}ms" if v is not None else f"{'-':>10}"  # noqa: E731
     for level in args.concurrency:
-        r = asyncio.run(run_level(args.url, model, level, args.requests, args.max_tokens, image, args.time_limit))
+        r = asyncio.run(run_level(args.url, model, level, args.requests, args.max_tokens, image, args.time_limit,
+                                  args.max_tokens_spread))
         results.append(r)
         print(f"{level:>5} {r['requests_ok']:>5} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:9.1f}"
               f"{fmt(r['ttft_p50_s'])}{fmt(r['ttft_p99_s'])}{fmt(r['itl_p50_s'])}{fmt(r['itl_p99_s'])}  "
               f"{r['errors'] or ''}", flush=True)
     with open(args.json, "w") as f:
-        json.dump({"url": args.url, "model": model, "max_tokens": args.max_tokens, "results": results}, f, indent=2)
+        json.dump({"url": args.url, "model": model, "max_tokens": args.max_tokens,
+                   "max_tokens_spread": args.max_tokens_spread, "results": results}, f, indent=2)
     print(f"wrote {args.json}")
     return 0
 
