@@ -52,20 +52,23 @@ def test_rounded_prefill_width_is_exact(loaded):
 
 def test_warm_up_prefills_every_tile_count_and_leaves_no_trace(loaded):
     model, processor = loaded
-    engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128)
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=128, max_prefill_batch=3)
     vision = model.config.vision_config
     kept = []
     original = engine._prefill
 
     def recording(group):
         original(group)
-        kept.append(engine.buffers.vision_len[0])
+        kept.append((len(group), [engine.buffers.vision_len[slot] for _, slot in group]))
 
     engine._prefill = recording
     engine._warm_up_prefill()
-    # text only, then one image with 1..max tiles: the vision keys kept are exactly those tiles' tokens
-    assert kept == [0] + [t * vision.num_patches for t in range(1, vision.max_num_tiles + 1)]
-    assert engine.running == 0 and not engine.outcomes and engine.tokens_generated == 0
+    # text only, then one image with 1..max tiles: the vision keys kept are exactly those tiles' tokens; then groups
+    # of 2..max_prefill_batch requests, text-only and with the most tiles, in slots 0..rows-1
+    most = vision.max_num_tiles * vision.num_patches
+    assert kept == [(1, [0])] + [(1, [t * vision.num_patches]) for t in range(1, vision.max_num_tiles + 1)] + \
+        [(rows, [v] * rows) for rows in (2, 3) for v in (0, most)]
+    assert engine.running == 0 and not engine.outcomes and engine.tokens_generated == 0 and not engine.reserved
     assert engine.ttft.count == 0
 
 

@@ -550,18 +550,27 @@ class BatchEngine:
 
     def _warm_up(self) -> None:
         """Compiles the layer functions (for one row, then for a dynamic row count) and captures the first graphs
-        before the first request, so that no request pays for it. Writes only position 0 of free slots."""
+        before the first request, so that no request pays for it. Writes only position 0 of free slots.
+
+        Then a graph for every batch-size bucket up to --max-batch, with no image and with one, at the shortest
+        key length: besides the capture, each new shape makes the attention kernels set themselves up (cuDNN
+        builds a plan per shape, 0.15-1.2 s on the H200), which a first burst of requests would otherwise meet
+        one bucket after another while the batch fills."""
         t0 = time.perf_counter()
         for n in (1, 2):
             for vision in (0, self.max_vision):
                 self.runner([0] * n, [0] * n, vision)
+        slots = self.buffers.row_index.shape[0]
+        for rows in sorted({min(b, slots) for b in ROW_BUCKETS}):
+            for vision in (0, min(self.tokens_per_image, self.max_vision)):
+                self.runner([0] * rows, [0] * rows, vision)
         self._warm_up_prefill()
         torch.cuda.synchronize()
         self.warm_up_seconds = time.perf_counter() - t0
 
     def _warm_up_prefill(self) -> None:
         """Prefills of one-image requests (black tiles) with 1..max tiles and of a text-only request, into slot 0,
-        then the slot is freed: the kernels' first-call set-up for these shapes (cuDNN attention plans above all:
+        and groups of them (below), then the slots are freed: the kernels' first-call set-up for these shapes (cuDNN attention plans above all:
         150-1200 ms for each new shape on the H200, bench/results/2026-11-29-h200-prefill-shapes.json) happens
         here, not in the first clients' TTFT."""
         config = self.model.config
@@ -579,10 +588,17 @@ class BatchEngine:
                                    "aspect_ratio_ids": torch.full((1, 1), used, dtype=torch.long),
                                    "aspect_ratio_mask": (torch.arange(tiles) < used).long()[None, None],
                                    "cross_attention_mask": mask}))
-        for ids, inputs in warm:
-            request = GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, emit=lambda event: None)
-            self._prefill([(request, 0)])
-            self.slots[0] = None
+        groups = [[(ids, inputs)] for ids, inputs in warm]
+        # Groups as _admit forms them from a long queue (2..--max-prefill-batch requests), text-only and with one
+        # image of the most tiles (the usual case for photos): the text part of a group runs eagerly, with shapes
+        # of its own.
+        for rows in range(2, min(self.max_prefill_batch, self.max_batch) + 1):
+            groups += [[warm[0]] * rows] + ([[warm[-1]] * rows] if len(warm) > 1 else [])
+        for group in groups:
+            self._prefill([(GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs,
+                                              emit=lambda event: None), slot) for slot, (ids, inputs) in enumerate(group)])
+            for slot in range(len(group)):
+                self.slots[slot] = None
         self.outcomes.clear()
         self.ttft = Histogram()
         self.tokens_generated = self.prompt_tokens = 0
