@@ -771,6 +771,9 @@ class BatchEngine:
             if p.states is None:
                 self.text._check_ids(p.ids_host)  # (the image path checked them before its encoder ran)
             given = (p.ids, p.mask, p.positions, p.inputs.get("cross_attention_mask"), p.states, p.keep)
+            # one-request prefills only: a group's text part as a graph too was measured no faster (its launches
+            # overlap the last image's encoder work; bench/results/2026-11-29-h200-serve-load-s5-group-prefill-
+            # graphs.json), and its graphs' outputs would hold rows x 210 MB each
             replayed = self.prefill_graphs(*given) if self.prefill_graphs is not None and len(group) == 1 else None
             logits, cache = replayed if replayed is not None else text_prefill(self.model, *given)
         else:  # inputs the encoder path left alone (a model without a vision encoder): the model's own forward

@@ -431,14 +431,15 @@ class PrefillGraphs:
         static = tuple(None if t is None else t.clone() for t in given)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # first calls (attention plans, cuBLAS set-up) outside the capture
-            self._forward(static)
-        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
+            with torch.cuda.stream(stream):  # first calls (attention plans, cuBLAS set-up) outside the capture
+                self._forward(static)
+            torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(graph, pool=self.pool):
                 logits, cache = self._forward(static)
-        except Exception as e:  # noqa: BLE001 - e.g. a host read inside the forward: stay eager from here on
+        except Exception as e:  # noqa: BLE001 - e.g. a host read inside the forward, or out of memory for the
+            # graph's own outputs: stay eager from here on
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             warnings.warn(f"capturing the prefill as a CUDA graph failed ({self.failed}); prefills run eagerly")
             return None
