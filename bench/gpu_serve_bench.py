@@ -351,7 +351,8 @@ def main() -> None:
     server = subprocess.Popen([sys.executable, "-m", "mllama.server", str(ckpt), "--device", "cuda", "--dtype",
                                "bfloat16", "--port", str(port), "--served-model-name", "m", "--max-batch",
                                str(args.max_batch), "--max-queue", "1024", "--max-model-len", "1024",
-                               "--max-images-per-request", "1"] + (["--overlap-prefill"] if args.overlap_prefill else [])
+                               "--max-images-per-request", "1"]
+                              + (["--overlap-prefill"] if args.overlap_prefill else [])
                               + ([] if args.max_prefill_batch is None else
                                  ["--max-prefill-batch", str(args.max_prefill_batch)]),
                               stdout=sys.stdout, stderr=sys.stderr)

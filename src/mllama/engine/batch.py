@@ -570,9 +570,9 @@ class BatchEngine:
 
     def _warm_up_prefill(self) -> None:
         """Prefills of one-image requests (black tiles) with 1..max tiles and of a text-only request, into slot 0,
-        and groups of them (below), then the slots are freed: the kernels' first-call set-up for these shapes (cuDNN attention plans above all:
-        150-1200 ms for each new shape on the H200, bench/results/2026-11-29-h200-prefill-shapes.json) happens
-        here, not in the first clients' TTFT."""
+        and groups of them (below), then the slots are freed: the kernels' first-call set-up for these shapes
+        (cuDNN attention plans above all: 150-1200 ms for each new shape on the H200,
+        bench/results/2026-11-29-h200-prefill-shapes.json) happens here, not in the first clients' TTFT."""
         config = self.model.config
         vision = getattr(config, "vision_config", None)
         bos = getattr(config.text_config, "bos_token_id", None) or 0
@@ -595,8 +595,9 @@ class BatchEngine:
         for rows in range(2, min(self.max_prefill_batch, self.max_batch) + 1):
             groups += [[warm[0]] * rows] + ([[warm[-1]] * rows] if len(warm) > 1 else [])
         for group in groups:
-            self._prefill([(GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs,
-                                              emit=lambda event: None), slot) for slot, (ids, inputs) in enumerate(group)])
+            requests = [GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, emit=lambda event: None)
+                        for ids, inputs in group]
+            self._prefill([(request, slot) for slot, request in enumerate(requests)])
             for slot in range(len(group)):
                 self.slots[slot] = None
         self.outcomes.clear()
