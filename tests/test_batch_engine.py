@@ -225,7 +225,7 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
     """Greedy steps are read by the host one step late (the next step takes its tokens from the device), steps
     with a sampled row are read at once; either way every answer equals generate's alone, including a request
     that ends on an end token the engine could not foresee (its row, computed once more, is ignored and its slot
-    reused) and requests waiting for a slot. No row is ever run for a token after its request's last one."""
+    reused by a waiting request meanwhile). No row is ever run for a token after its request's last one."""
     import threading
 
     import PIL.Image
@@ -235,14 +235,14 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
     pixels = (torch.rand(40, 60, 3, generator=gen) * 255).to(torch.uint8).numpy()
     image_inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=["<|image|>Describe it"],
                              return_tensors="pt")
-    cases = [  # (inputs, max_new_tokens, sampling options)
-        (processor(text=["Once upon a time"], return_tensors="pt"), 9, {}),
+    cases = [  # (inputs, max_new_tokens, sampling options); three slots, so the last four wait for one
+        (processor(text=["Once upon a time"], return_tensors="pt"), 20, {}),
+        (processor(text=["This one meets an end token early"], return_tensors="pt"), 30, {}),
+        (processor(text=["Short"], return_tensors="pt"), 3, {}),
+        (processor(text=["Waiting for a slot"], return_tensors="pt"), 12, {}),
+        (processor(text=["Waiting too, and long"], return_tensors="pt"), 9, {}),
         (image_inputs, 17, {}),
         (processor(text=["A sampled answer"], return_tensors="pt"), 8, {"temperature": 0.9, "seed": 7}),
-        (processor(text=["Short"], return_tensors="pt"), 3, {}),
-        (processor(text=["This one meets an end token early"], return_tensors="pt"), 30, {}),
-        (processor(text=["Waiting for a slot"], return_tensors="pt"), 12, {}),
-        (processor(text=["Waiting too, and long"], return_tensors="pt"), 21, {}),
     ]
     prepared, full = [], []
     for inputs, n, options in cases:
@@ -256,14 +256,21 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
                                  fast=False, **sample)[0, len(ids):].tolist()
         prepared.append((ids, inputs, n, options))
         full.append(out)
-    # an end token the fifth request meets at its fourth token, not before
-    end = next(t for i, t in enumerate(full[4]) if i >= 3 and t not in full[4][:i])
+    # an end token the second request meets at its fourth token, not before
+    end = next(t for i, t in enumerate(full[1]) if i >= 3 and t not in full[1][:i])
     expected = [out[:out.index(end) + 1] if end in out else out for out in full]
-    assert len(expected[4]) < len(full[4])
+    assert len(expected[1]) < len(full[1])
 
-    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=128, max_prefill_batch=2)
+    engine = BatchEngine(model, processor.tokenizer, max_batch=3, max_model_len=128)
     engine.eos = (end,)
-    calls = []
+    calls, reused = [], []
+    original_land = engine._land
+
+    def land(step):  # requests of a step read late whose slot another request has taken since
+        reused.extend(r for r in step.requests if engine.slots[r.slot] not in (None, r))
+        original_land(step)
+
+    engine._land = land
 
     class Recording:  # the engine's runner, recording each step's rows
         def __init__(self, inner):
@@ -297,7 +304,8 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
         engine.stop(0)
     for index, want in enumerate(expected):
         assert outputs[index] == want, index
-    assert finished[4] == "stop" and finished[3] == "length"
+    assert finished[1] == "stop" and finished[2] == "length"
+    assert cases[1][0]["input_ids"][0].tolist() in [r.prompt_ids for r in reused]  # the unforeseen end, reused
     rows = [row for call in calls for row in call]
     assert any(not given for _, _, given in rows)  # some rows took the previous step's token on the device
     for r, position, _ in rows:  # the last token a request feeds is its (max_new_tokens - 1)-th, at this position
