@@ -87,7 +87,7 @@ class Event:
     error: str | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: compared and hashed by identity (queue, sets)
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
@@ -850,12 +850,12 @@ class BatchEngine:
 
     def _launch(self) -> _Step | None:
         """Queues a decode step for every running request that has a token left to make; returns it, or None."""
-        carried = {id(r) for r in self.inflight.requests} if self.inflight is not None else set()
+        carried = set(self.inflight.requests) if self.inflight is not None else set()
         active, counts = [], []
         for r in self.slots:
             if r is None:
                 continue
-            count = len(r.generated) + (id(r) in carried)  # tokens it will have once the step in flight is read
+            count = len(r.generated) + (r in carried)  # tokens it will have once the step in flight is read
             if count >= r.params.max_new_tokens:
                 continue  # its last token is in flight: it ends when that step is read
             active.append(r)
@@ -865,7 +865,7 @@ class BatchEngine:
         n = max(r.slot for r in active) + 1
         tokens, positions, given = [0] * n, [0] * n, [True] * n
         for r in active:
-            if id(r) in carried:
+            if r in carried:
                 given[r.slot] = False  # its token is the greedy choice of the step in flight, on the device
             else:
                 tokens[r.slot] = r.generated[-1]
