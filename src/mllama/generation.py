@@ -18,6 +18,11 @@ from .modeling.outputs import ModelOutput
 _IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
 
 
+# Temperatures below this act as greedy (vLLM's rule too): logits divided by a value near zero overflow float32 to
+# inf (2e-39 does), and softmax of inf is nan; greedy is the limit such a temperature means.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 20
@@ -30,6 +35,10 @@ class SamplingParams:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.do_sample and 0 < self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.do_sample = False
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

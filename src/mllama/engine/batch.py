@@ -921,9 +921,12 @@ class BatchEngine:
         chosen = greedy.tolist()
         for row in special:
             r = requests[row]
-            seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
-                if r.params.repetition_penalty != 1.0 else None
-            chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
+            try:
+                seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
+                    if r.params.repetition_penalty != 1.0 else None
+                chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
+            except Exception as e:  # noqa: BLE001 - this request's sampling failed: it ends, the batch goes on
+                self._fail(r, "sampling", e)
         if start is not None:
             self.busy["decode"] += time.perf_counter() - start
         self._emit(requests, chosen, logprobs, wanted)
@@ -934,6 +937,8 @@ class BatchEngine:
         now = time.monotonic()
         emit_start = time.perf_counter()
         for row, r in enumerate(requests):
+            if self.slots[r.slot] is not r:
+                continue  # failed while its token was chosen (_fail freed the slot)
             token = chosen[row]
             if r.generated:
                 self.itl.observe(now - r.last_token_time)
@@ -943,10 +948,24 @@ class BatchEngine:
             r.generated.append(token)
             self.tokens_generated += 1
             r.pending_ids.append(token)
-            if logprobs is not None and r.logprobs is not None:
-                r.pending_logprobs.append(self._logprob_entry(logprobs[wanted.index(row)], token, r.logprobs))
-            self._advance_text(r, token)
+            try:
+                if logprobs is not None and r.logprobs is not None:
+                    r.pending_logprobs.append(self._logprob_entry(logprobs[wanted.index(row)], token, r.logprobs))
+                self._advance_text(r, token)
+            except Exception as e:  # noqa: BLE001 - detokenizing or the caller's emit failed: end this request only
+                self._fail(r, "emitting its output", e)
         self.busy["emit"] += time.perf_counter() - emit_start
+
+    def _fail(self, r: GenerationRequest, stage: str, error: BaseException) -> None:
+        """Ends one request with an error event; the engine and the other requests go on."""
+        if 0 <= r.slot < len(self.slots) and self.slots[r.slot] is r:
+            self.slots[r.slot] = None
+        self.outcomes["error"] += 1
+        try:
+            r.emit(Event(error=f"{stage} failed: {type(error).__name__}: {error}", prompt_tokens=len(r.prompt_ids),
+                         completion_tokens=len(r.generated)))
+        except Exception:  # noqa: BLE001 - its caller is gone; nobody else to tell
+            pass
 
     def _logprob_entry(self, row: torch.Tensor, token: int, top: int) -> dict:
         entry = {"id": token, "logprob": float(row[token]), "top": []}

@@ -1,0 +1,116 @@
+"""One request's failure while its token is chosen or its output is made ends that request alone: the engine thread
+and every other request go on. Sampling is numerically safe for every temperature the server accepts."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from mllama.engine import batch as batch_module
+from mllama.engine.batch import BatchEngine, Event, GenerationRequest
+from mllama.generation import GREEDY_BELOW_TEMPERATURE, SamplingParams, filter_logits
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    from mllama.modeling.mllama import MllamaForConditionalGeneration
+    from mllama.processing.processor import AutoProcessor
+
+    model = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32,
+                                                           device_map="cpu").eval()
+    return model, AutoProcessor.from_pretrained(str(tiny_checkpoint))
+
+
+class Collector:
+    """Events of one request; `done` is set by its final event."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.finish_reason or event.error:
+            self.done.set()
+        elif self.fail_on is not None and len(self.events) == self.fail_on:
+            raise RuntimeError("the client's callback broke")
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for e in self.events for i in e.token_ids]
+
+
+def _greedy_alone(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def _prompt(processor, text: str) -> list[int]:
+    return processor.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def _wait(collectors: list[Collector]) -> None:
+    for c in collectors:
+        assert c.done.wait(120), "a request never got its final event"
+
+
+def test_tiny_temperatures_act_as_greedy_and_stay_finite():
+    for t in (2e-39, 1e-300, 5e-324, GREEDY_BELOW_TEMPERATURE / 2):
+        assert not SamplingParams(do_sample=True, temperature=t).do_sample, t
+    assert SamplingParams(do_sample=True, temperature=GREEDY_BELOW_TEMPERATURE).do_sample
+    # the smallest temperature that still samples gives finite probabilities on large logits
+    logits = torch.tensor([[30.0, 29.0, -50.0]])
+    probs = filter_logits(logits, GREEDY_BELOW_TEMPERATURE, 0, 1.0).softmax(-1)
+    assert torch.isfinite(probs).all() and probs[0, 0] == 1.0
+
+
+def test_temperature_2e_39_is_greedy_in_the_engine(loaded):
+    """Before: logits / 2e-39 overflowed to inf, softmax gave nan and multinomial raised inside the step."""
+    model, processor = loaded
+    engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128).start()
+    try:
+        ids = _prompt(processor, "A tiny temperature")
+        c = Collector()
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=c, seed=3,
+                                        params=SamplingParams(max_new_tokens=6, do_sample=True, temperature=2e-39)))
+        _wait([c])
+        assert c.events[-1].error is None and c.ids == _greedy_alone(model, ids, 6)
+        assert engine.failed is None
+    finally:
+        engine.stop()
+
+
+def test_a_failing_request_ends_alone_and_the_engine_goes_on(loaded, monkeypatch):
+    """Three failures at once in one batch: a request whose sampling raises, one whose emit callback raises on its
+    second event, and a good one beside them; then a new request after them. Only the two fail."""
+    model, processor = loaded
+    real = batch_module.next_tokens
+
+    def next_tokens(logits, seen, params, count, generator, eos=None):
+        if params.top_p == 0.5:  # the marked request
+            raise FloatingPointError("probabilities are not finite")
+        return real(logits, seen, params, count, generator, eos)
+
+    monkeypatch.setattr(batch_module, "next_tokens", next_tokens)
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=128).start()
+    try:
+        ids = _prompt(processor, "Several requests together")
+        sampled, broken, good = Collector(), Collector(fail_on=2), Collector()
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=sampled, seed=1,
+                                        params=SamplingParams(max_new_tokens=8, do_sample=True, top_p=0.5)))
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=broken, params=SamplingParams(max_new_tokens=8)))
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=good, params=SamplingParams(max_new_tokens=8)))
+        _wait([sampled, broken, good])
+        assert sampled.events[-1].error and "sampling failed: FloatingPointError" in sampled.events[-1].error
+        assert broken.events[-1].error and "RuntimeError" in broken.events[-1].error
+        assert good.events[-1].error is None and good.ids == _greedy_alone(model, ids, 8)
+        assert engine.failed is None and engine.running == 0
+        later = Collector()
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=later, params=SamplingParams(max_new_tokens=5)))
+        _wait([later])
+        assert later.ids == _greedy_alone(model, ids, 5)
+        assert engine.outcomes["error"] == 2
+    finally:
+        engine.stop()
