@@ -7,6 +7,7 @@ import torch
 
 from mllama.engine.batch import BatchEngine, GenerationRequest
 from mllama.generation import SamplingParams
+from waiting import GUARD, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +102,8 @@ def test_engine_thread_failure_fails_every_request_and_refuses_new_ones(loaded):
         engine.submit(GenerationRequest(prompt_ids=[128000, 9906, 1917], emit=emit,
                                         params=SamplingParams(max_new_tokens=50, do_sample=False)))
     engine.start()
-    assert done.wait(60)
-    engine.thread.join(10)
+    assert done.wait(GUARD), "a request never got its final event"
+    engine.thread.join(GUARD)
     assert not engine.thread.is_alive()
     for i in range(2):
         assert "illegal instruction" in events[i][-1].error
@@ -126,8 +127,12 @@ def test_group_prefill_encodes_one_request_at_a_time_between_decode_steps(loaded
     original_step, original_prefill = engine._step, engine._prefill
     inner = model.model
     original_encode = inner.encode_images
+    # The text-only request's first decode step waits until every image request is queued, so the engine meets
+    # them as one long queue (prefilled in groups), however the two threads are scheduled.
+    all_queued = threading.Event()
 
     def step():
+        assert all_queued.wait(GUARD), "the image requests were never all queued"
         steps_inside.append(in_prefill[0])
         original_step()
 
@@ -169,10 +174,13 @@ def test_group_prefill_encodes_one_request_at_a_time_between_decode_steps(loaded
                                             params=SamplingParams(max_new_tokens=n, do_sample=False)))
             if index == 0:
                 engine.start()
-                while not engine.running:  # the text-only request is decoding before the images arrive
-                    pass
-        assert done.wait(120) and not any(outputs["done"])
+                # the text-only request has its slot before the images arrive
+                wait_until(lambda: engine.running, "the text-only request to take its slot", poll=0.001)
+        all_queued.set()
+        assert done.wait(GUARD), "a request never got its final event"
+        assert not any(outputs["done"])
     finally:
+        all_queued.set()  # never leave the engine thread waiting
         engine.stop(0)
         inner.encode_images = original_encode
     assert set(encodes) == {1}  # one request's images per encoder call
@@ -299,7 +307,7 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
                                         seed=options.get("seed")))
     engine.start()
     try:
-        assert done.wait(120)
+        assert done.wait(GUARD), "a request never got its final event"
     finally:
         engine.stop(0)
     for index, want in enumerate(expected):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ from conftest_tokenizer import (  # noqa: F401  (fixtures)
     hf_tokenizer, meta_tokenizer_model, tik, tokenizer, tokenizer_dir,
 )
 from mllama.processing.convert_tiktoken import (
-    build_tokenizer, convert, llama32_vision_special_tokens, load_tiktoken_ranks, main, vocab_and_merges,
+    build_tokenizer, llama32_vision_special_tokens, load_tiktoken_ranks, main, vocab_and_merges,
 )
 from mllama.processing.tokenizer import MllamaTokenizer
 
@@ -162,13 +161,6 @@ def test_converter_matches_transformers_tiktoken_converter(tokenizer_dir):
     assert ours["model"]["vocab"] == theirs["model"]["vocab"]
     assert [tuple(m) for m in ours["model"]["merges"]] == [tuple(m) for m in theirs["model"]["merges"]]
     assert ours["pre_tokenizer"] == theirs["pre_tokenizer"]
-
-
-def test_conversion_is_fast(tmp_path):
-    start = time.perf_counter()
-    convert(meta_tokenizer_model(), tmp_path)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 8.0, f"conversion took {elapsed:.1f}s (Meta's notes: ~1.5 s)"
 
 
 def test_cli_base_model(tmp_path, capsys):
