@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx2 as httpx
@@ -24,8 +23,11 @@ import PIL.Image
 import pytest
 import torch
 
+from waiting import GUARD, wait_until
+
 MODEL = "tiny"
 ROOT = Path(__file__).resolve().parents[1]
+ENGINE_LINE = re.compile(r"mllama serve: .*engine process (\d+)")
 
 
 def _free_port() -> int:
@@ -43,30 +45,49 @@ class Server:
         environment = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", **(env or {})}
         self.proc = subprocess.Popen(cmd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
+        # The output is read as it comes, on a thread: a pipe nobody reads fills up and blocks the server.
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+        try:
+            wait_until(self._healthy, "the server to answer /health with 200", poll=0.2, state=self._tail)
+            # the start-up line, printed before the server listens, names the engine's process
+            match = wait_until(self._engine_line, "the start-up line naming the engine process", state=self._tail)
+        except BaseException:
             self.stop()
-            raise RuntimeError("server did not start in 90 s")
-        # the start-up line, printed before the server listens, names the engine's process
+            raise
+        self.engine_pid = int(match.group(1))
+
+    def _read_output(self) -> None:
         for line in self.proc.stdout:
-            match = re.search(r"mllama serve: .*engine process (\d+)", line)
-            if match:
-                self.engine_pid = int(match.group(1))
-                break
+            self.output.append(line)
+
+    def _tail(self) -> str:
+        return "".join(self.output[-20:])
+
+    def _engine_line(self) -> re.Match | None:
+        return next((m for m in map(ENGINE_LINE.search, list(self.output)) if m), None)
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            self._reader.join(GUARD)  # the rest of what it printed
+            raise RuntimeError(f"server exited ({self.proc.returncode}): {''.join(self.output)}")
+        try:
+            return httpx.get(self.url + "/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of one /metrics scrape: name (with its labels) -> value."""
+        # the server waits up to 5 s for the engine's counters, so the client waits longer than that
+        text = httpx.get(self.url + "/metrics", timeout=60).text
+        samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        return {name: float(value) for name, value in samples}
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", timeout=5).text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
+        samples = self.metrics()
+        assert name in samples, f"{name} not in /metrics"
+        return samples[name]
 
     def processes(self) -> list[int]:
         """The server and every process under it (the engine, the input workers)."""
@@ -95,7 +116,7 @@ class Server:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=GUARD)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
@@ -303,14 +324,12 @@ def test_disconnect_mid_stream_frees_slot(server):
         got = [next(lines) for _ in range(4)]
         assert got[0].startswith("data: ")
         assert server.metric("mllama_running_requests") == 1
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        if server.metric("mllama_running_requests") == 0 and \
-                server.metric('mllama_requests_total{outcome="cancelled"}') == cancelled + 1:
-            break
-        time.sleep(0.05)
-    assert server.metric("mllama_running_requests") == 0
-    assert server.metric('mllama_requests_total{outcome="cancelled"}') == cancelled + 1
+    def counts():
+        m = server.metrics()
+        return m["mllama_running_requests"], m['mllama_requests_total{outcome="cancelled"}'] - cancelled
+
+    wait_until(lambda: counts() == (0, 1), "the request to be cancelled and leave its slot (running, cancelled)",
+               state=counts)
     assert server.metric("mllama_cache_bytes_in_use") == 0
 
 
@@ -387,7 +406,8 @@ def test_bad_inputs_are_4xx_while_a_good_request_succeeds(server):
     _assert_error(post(user([{"type": "image_url", "image_url": {"url": big}}])), 413)
     c = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "<|image|>hi"}, timeout=30)
     _assert_error(c, 400, "images")
-    worker.join(timeout=60)
+    worker.join(GUARD)
+    assert not worker.is_alive(), "the good request never came back"
     assert good_result["r"].choices[0].finish_reason == "length"
     assert good_result["r"].usage.completion_tokens == 40
 
@@ -424,8 +444,12 @@ def test_soak_500_requests_concurrency_16(server):
 
 
 def test_queue_full_429_api_key_and_sigterm(tiny_checkpoint):
-    s = Server(tiny_checkpoint, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "20",
-               env={"MLLAMA_API_KEY": "sekret"})
+    # One slot, one queue place. The first request is long (2,000 tokens, seconds of decoding: --max-model-len
+    # 4096 overrides the class's 512) so that it is still decoding while the queue fills, the next three are
+    # refused and SIGTERM comes, which all take a fraction of a second. --shutdown-timeout only guards against a
+    # hang here: what is tested is that both requests in flight finish before the process exits.
+    s = Server(tiny_checkpoint, "--max-batch", "1", "--max-queue", "1", "--max-model-len", "4096",
+               "--shutdown-timeout", "120", env={"MLLAMA_API_KEY": "sekret"})
     try:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "long"}], "max_tokens": 400,
                 "temperature": 0}
@@ -433,38 +457,42 @@ def test_queue_full_429_api_key_and_sigterm(tiny_checkpoint):
         _assert_error(httpx.post(s.url + "/v1/chat/completions", json=body, timeout=10,
                                  headers={"Authorization": "Bearer wrong"}), 401)
         auth = {"Authorization": "Bearer sekret"}
-        results = []
+        results = {}
 
-        def fire():
-            results.append(httpx.post(s.url + "/v1/chat/completions", json=body, headers=auth, timeout=120))
+        def fire(max_tokens):
+            results[max_tokens] = httpx.post(s.url + "/v1/chat/completions", json={**body, "max_tokens": max_tokens},
+                                             headers=auth, timeout=GUARD)
 
-        threads = [threading.Thread(target=fire) for _ in range(5)]
-        for t in threads:
-            t.start()
-            time.sleep(0.3)  # in order: the first takes the slot, the second waits, the rest are refused
-        deadline = time.time() + 20
-        while len(results) < 3 and time.time() < deadline:
-            time.sleep(0.05)
-        refused = [r for r in results if r.status_code == 429]
-        assert len(refused) == 3, [r.status_code for r in results]
-        for r in refused:
+        def engine_state():  # (running, waiting) from one scrape
+            m = s.metrics()
+            return m["mllama_running_requests"], m["mllama_queue_depth"]
+
+        threads = [threading.Thread(target=fire, args=(n,)) for n in (2000, 400)]
+        threads[0].start()
+        wait_until(lambda: engine_state() == (1, 0), "the first request to take the slot (running, waiting)",
+                   state=engine_state)
+        threads[1].start()
+        wait_until(lambda: engine_state() == (1, 1), "the second request to wait for the slot (running, waiting)",
+                   state=engine_state)
+        for _ in range(3):  # slot and queue taken: refused
+            r = httpx.post(s.url + "/v1/chat/completions", json=body, headers=auth, timeout=GUARD)
             error = _assert_error(r, 429)
             assert error["type"] == "rate_limit_exceeded" and int(r.headers["retry-after"]) >= 1
         # SIGTERM with two requests in flight: they finish within the deadline, then the process exits 0 and
         # leaves no process behind (engine, input workers).
         children = s.processes()[1:]
         assert s.engine_pid in children
+        assert engine_state() == (1, 1) and not results
         s.proc.send_signal(signal.SIGTERM)
-        s.proc.wait(timeout=60)
+        s.proc.wait(timeout=GUARD)
         assert s.proc.returncode == 0
-        deadline = time.time() + 10
-        while any(_alive(pid) for pid in children) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(pid) for pid in children)
+        wait_until(lambda: not any(_alive(pid) for pid in children), "the server's child processes to exit",
+                   state=lambda: [pid for pid in children if _alive(pid)])
         for t in threads:
-            t.join(timeout=30)
-        finished = [r for r in results if r.status_code == 200]
-        assert len(finished) == 2 and all(r.json()["usage"]["completion_tokens"] == 400 for r in finished)
+            t.join(GUARD)
+            assert not t.is_alive(), "a request in flight at SIGTERM never came back"
+        assert {n: r.status_code for n, r in results.items()} == {2000: 200, 400: 200}
+        assert all(r.json()["usage"]["completion_tokens"] == n for n, r in results.items())
     finally:
         s.stop()
 
@@ -479,9 +507,11 @@ def _alive(pid: int) -> bool:
 def test_engine_process_crash_fails_requests_and_health(tiny_checkpoint):
     """The engine runs in its own process; if it dies, requests in flight end with an error instead of hanging,
     /health says 503, new requests get 503, and the HTTP process keeps answering."""
-    s = Server(tiny_checkpoint, "--max-batch", "2")
+    # a request far longer than the test needs (--max-model-len 4096 overrides the class's 512): still decoding
+    # when the engine is killed
+    s = Server(tiny_checkpoint, "--max-batch", "2", "--max-model-len", "4096")
     try:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 400,
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
                 "temperature": 0, "stream": True}
         with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as resp:
             lines = resp.iter_lines()
