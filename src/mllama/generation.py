@@ -161,9 +161,10 @@ def _check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
 
 def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, attention_mask=None,
                  cross_attention_mask=None, generator: torch.Generator | None = None,
-                 stop_checker=None, fast: bool | None = None,
+                 stop_checker=None, fast: bool | None = None, on_logits=None,
                  **model_inputs) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yields (tokens [B], finished [B]) once per new token. Finished rows get pad tokens from then on.
+    on_logits(logits [B, vocab], seen [B, length], step) sees each step's logits before its tokens are chosen.
 
     fast (default: on CUDA) runs the decode steps through engine.fast.FastDecoder (fused projections, CUDA
     graph) and looks at the finished flags on the host only every few steps; the tokens are the same."""
@@ -218,6 +219,8 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
             decoder.bind(mask, step_cross)
             stepper = decoder
         for step in range(params.max_new_tokens):
+            if on_logits is not None:
+                on_logits(out.logits[:, -1], seen, step)
             tokens = next_tokens(out.logits[:, -1], seen, params, step, generator, eos)
             tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
             if eos.numel():
@@ -266,9 +269,66 @@ def _make_generator(seed: int | None, generator: torch.Generator | None, device:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+class GenerateOutput(ModelOutput):
+    """generate's result with return_dict_in_generate=True, read by attribute or key like transformers' own:
+    `sequences` (prompt + new tokens, what generate returns otherwise) and, when asked for, `scores` and `logits`:
+    one float32 [batch, vocab] tensor per new token, after the logit processing / as the model gave them."""
+
+
+def processed_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int) -> torch.Tensor:
+    """The scores of output_scores, as transformers defines them: the logits after the repetition penalty and the
+    min-length rule and, when sampling, after temperature, top-k and top-p (the steps next_tokens takes)."""
+    scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if new_count < params.min_new_tokens and params.eos_token_id:
+        scores = scores.index_fill(1, torch.tensor(params.eos_token_id, device=scores.device), float("-inf"))
+    if params.do_sample:
+        scores = filter_logits(scores, params.temperature, params.top_k, params.top_p)
+    return scores
+
+
+class _StepOutputs:
+    """Collects output_scores / output_logits, one entry per step."""
+
+    def __init__(self, params: SamplingParams, scores: bool, logits: bool):
+        self.params = params
+        self.scores: list[torch.Tensor] | None = [] if scores else None
+        self.logits: list[torch.Tensor] | None = [] if logits else None
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor, step: int) -> None:
+        # A copy: the fast path's logits are a static buffer that its next step overwrites.
+        logits = logits.to(torch.float32, copy=True)
+        if self.logits is not None:
+            self.logits.append(logits)
+        if self.scores is not None:
+            self.scores.append(processed_scores(logits, seen, self.params, step))
+
+    def result(self, sequences: torch.Tensor, steps: int) -> GenerateOutput:
+        def kept(items):
+            return None if items is None else tuple(items[:steps])
+
+        return GenerateOutput(sequences=sequences, scores=kept(self.scores), logits=kept(self.logits))
+
+
+def _output_options(kwargs: dict) -> tuple[bool, bool, bool]:
+    """Pops (return_dict_in_generate, output_scores, output_logits) and the options that change nothing here."""
+    for key in ("use_cache", "synced_gpus"):  # the cache is always used; there is one process
+        kwargs.pop(key, None)
+    if kwargs.pop("num_beams", None) not in (None, 1):
+        raise ValueError("beam search is not supported: use num_beams=1 (greedy or sampling)")
+    as_dict, scores, logits = (bool(kwargs.pop(k, None)) for k in
+                               ("return_dict_in_generate", "output_scores", "output_logits"))
+    if (scores or logits) and not as_dict:
+        raise ValueError("output_scores and output_logits need return_dict_in_generate=True: they come back as the "
+                         "result's .scores and .logits")
+    return as_dict, scores, logits
+
+
 def generate(model, input_ids: torch.Tensor | None = None, *, streamer=None, tokenizer=None, seed: int | None = None,
-             generator: torch.Generator | None = None, fast: bool | None = None, **kwargs) -> torch.Tensor:
-    """Prompt + new tokens [B, prompt_len + new], rows that finished early padded with pad_token_id."""
+             generator: torch.Generator | None = None, fast: bool | None = None,
+             stop_event: threading.Event | None = None, **kwargs) -> torch.Tensor | GenerateOutput:
+    """Prompt + new tokens [B, prompt_len + new], rows that finished early padded with pad_token_id; a
+    GenerateOutput with return_dict_in_generate=True. Once `stop_event` is set, generation ends after the step
+    under way and returns the tokens so far (how `stream` is stopped from another thread)."""
     if input_ids is None:
         raise ValueError("generate needs input_ids (the processor returns them)")
     if hasattr(tokenizer, "tokenizer"):  # a processor was given
@@ -276,31 +336,34 @@ def generate(model, input_ids: torch.Tensor | None = None, *, streamer=None, tok
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     params = resolve_params(model, kwargs, input_ids.shape[-1])
-    for key in ("use_cache", "return_dict_in_generate", "output_scores", "num_beams", "synced_gpus"):
-        value = kwargs.pop(key, None)
-        if key == "num_beams" and value not in (None, 1):
-            raise ValueError("beam search is not supported: use num_beams=1 (greedy or sampling)")
+    as_dict, want_scores, want_logits = _output_options(kwargs)
     model_inputs = {k: v for k, v in kwargs.items() if k in _IMAGE_KEYS + ("attention_mask", "cross_attention_mask")}
     unknown = sorted(set(kwargs) - set(model_inputs))
     if unknown:
         raise ValueError(f"generate got unknown arguments {unknown}")
     stop = StopStrings(tokenizer, params.stop_strings) if params.stop_strings else None
     gen = _make_generator(seed, generator, model.device)
+    outputs = _StepOutputs(params, want_scores, want_logits) if want_scores or want_logits else None
     if streamer is not None:
         streamer.put(input_ids.cpu())
     pieces, done = [], []
     for tokens, finished in decode_steps(model, input_ids, params, generator=gen, stop_checker=stop, fast=fast,
-                                         **model_inputs):
+                                         on_logits=outputs, **model_inputs):
         pieces.append(tokens)
         done.append(finished.all())
         if streamer is not None:
             streamer.put(tokens.cpu())
+        if stop_event is not None and stop_event.is_set():
+            break
     if streamer is not None:
         streamer.end()
     # The fast path looks at the finished flags only every few steps: drop the steps after all rows finished.
     all_done = torch.stack(done).nonzero()
     keep = int(all_done[0, 0]) + 1 if all_done.numel() else len(pieces)
-    return torch.cat([input_ids.to(model.device), torch.stack(pieces[:keep], dim=1)], dim=1)
+    sequences = torch.cat([input_ids.to(model.device), torch.stack(pieces[:keep], dim=1)], dim=1)
+    if not as_dict:
+        return sequences
+    return outputs.result(sequences, keep) if outputs is not None else GenerateOutput(sequences=sequences)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,20 +468,28 @@ class TextStreamer(TextIteratorStreamer):
 
 
 def stream(model, tokenizer, **kwargs) -> Iterator[str]:
-    """Generates in a background thread and yields text pieces of the first sequence as they come."""
+    """Generates in a background thread and yields text pieces of the first sequence as they come.
+
+    Closing the iterator (`close()`, the end of a `with contextlib.closing(stream(...))` block, or an exception
+    such as KeyboardInterrupt while it waits for a piece) stops the generation after the step under way and
+    waits for the thread: a thread still inside torch when the interpreter exits aborts the process."""
     streamer = TextIteratorStreamer(tokenizer)
+    stop = threading.Event()
     errors: list[BaseException] = []
 
     def run():
         try:
-            generate(model, streamer=streamer, tokenizer=tokenizer, **kwargs)
+            generate(model, streamer=streamer, tokenizer=tokenizer, stop_event=stop, **kwargs)
         except BaseException as e:  # re-raised in the consumer's thread
             errors.append(e)
             streamer.queue.put(None)
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=run, name="mllama-generate", daemon=True)
     thread.start()
-    yield from streamer
-    thread.join()
+    try:
+        yield from streamer
+    finally:
+        stop.set()
+        thread.join()
     if errors:
         raise errors[0]
