@@ -48,6 +48,25 @@ def _resolve_device(device: Any, device_map: Any) -> torch.device:
     return dev
 
 
+# What from_pretrained passes on to the Hub download; low_cpu_mem_usage is what loading always does (one tensor at
+# a time, straight to its device), so either value is honoured.
+_HUB_OPTIONS = ("token", "use_auth_token", "revision", "cache_dir", "local_files_only")
+_QUANTIZATION = ("load_in_4bit", "load_in_8bit", "quantization_config")
+
+
+def _refuse_unhonoured(options: dict[str, Any]) -> None:
+    """A keyword that loading would ignore is an error: a model asked for in 4 bits must not come back in 16."""
+    quantized = [k for k in _QUANTIZATION if options.get(k) not in (None, False)]
+    if quantized:
+        raise ValueError(f"from_pretrained({quantized[0]}=...) is not supported: mllama does not quantize; load in "
+                         f"dtype=torch.bfloat16 or torch.float16 (half the memory of float32)")
+    unknown = sorted(set(options) - set(_HUB_OPTIONS) - set(_QUANTIZATION) - {"low_cpu_mem_usage"})
+    if unknown:
+        raise ValueError(f"from_pretrained got unsupported arguments {unknown}: it takes config, dtype (or "
+                         f"torch_dtype), device_map (or device), compat, attn_implementation and the Hub options "
+                         f"{', '.join(_HUB_OPTIONS)}")
+
+
 class GenerationConfig(dict):
     """generation_config.json as a dict with attribute access (defaults for `generate`)."""
 
@@ -121,10 +140,12 @@ class MllamaPreTrainedModel(nn.Module):
                         attn_implementation: str | None = None, **hub_kwargs: Any) -> "MllamaPreTrainedModel":
         """Loads a Hugging Face checkpoint (folder or Hub id) in either key layout, streaming each tensor from the
         memory-mapped safetensors to `device` (or `device_map`: "auto", "cpu", "cuda", "cuda:N") in `dtype`."""
+        _refuse_unhonoured(hub_kwargs)
         if attn_implementation not in (None, "eager", "sdpa"):
             raise ValueError(f"attn_implementation {attn_implementation!r} is not supported: use 'sdpa' or 'eager'")
         token = hub_kwargs.pop("token", None) or hub_kwargs.pop("use_auth_token", None)
-        folder = weights.resolve_folder(name_or_path, token=token, **hub_kwargs)
+        hub = {k: v for k, v in hub_kwargs.items() if k in _HUB_OPTIONS}
+        folder = weights.resolve_folder(name_or_path, token=token, **hub)
         if config is None:
             config_path = folder / "config.json"
             if not config_path.is_file():

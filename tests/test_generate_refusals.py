@@ -1,0 +1,37 @@
+"""Keywords that from_pretrained and generate would ignore are refused by name instead."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny_config
+from test_parity import make_inputs
+from mllama import MllamaForCausalLM, MllamaForConditionalGeneration
+
+
+@pytest.mark.parametrize("keyword, value", [("load_in_4bit", True), ("load_in_8bit", True),
+                                            ("quantization_config", {"load_in_4bit": True})])
+def test_quantized_loading_is_refused(tiny_checkpoint, keyword, value):
+    for cls in (MllamaForConditionalGeneration, MllamaForCausalLM):
+        with pytest.raises(ValueError, match=rf"{keyword}=.*not supported.*bfloat16"):
+            cls.from_pretrained(tiny_checkpoint, **{keyword: value})
+
+
+def test_unknown_loading_keywords_are_refused_by_name(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"unsupported arguments \['force_download', 'subfolder'\].*revision"):
+        MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, subfolder="x", force_download=True)
+
+
+def test_keywords_that_loading_honours_still_load(tiny_checkpoint):
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, low_cpu_mem_usage=True,
+                                                           load_in_8bit=False, quantization_config=None,
+                                                           local_files_only=True, revision=None)
+    assert model.num_parameters() > 0
+
+
+@pytest.mark.parametrize("keyword", ["output_attentions", "output_hidden_states", "num_return_sequences",
+                                     "logits_processor", "stopping_criteria", "generation_config"])
+def test_generate_refuses_what_it_does_not_honour(keyword):
+    model = MllamaForConditionalGeneration.from_config(tiny_config()).eval()
+    inputs = make_inputs([[1, 5, 6]], None, 28)
+    with pytest.raises(ValueError, match=rf"unknown arguments \['{keyword}'\]"):
+        model.generate(**inputs, max_new_tokens=2, **{keyword: True})
