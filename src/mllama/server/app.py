@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import multiprocessing
+import threading
 import time
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.batch import BatchEngine, EngineStopped, Event, Histogram, QueueFull, RequestTooLong, sampling_params
+from ..generation import GREEDY_BELOW_TEMPERATURE
 from .engine_process import EngineProcess, LocalEngine, pack_tensors
-from .prompts import ImageOptions, RequestError, chat_inputs, completion_inputs
+from .prompts import ImageOptions, RemoteImagesNeeded, RequestError, chat_inputs, completion_inputs, fetch_remote
+
+
+ACCESS_LOG = logging.getLogger("mllama.access")  # one line per request; `mllama serve` prints it on stderr
 
 
 @dataclass
@@ -30,6 +38,7 @@ class ServerOptions:
     default_max_tokens: int | None = None  # None: whatever the context leaves
     retry_after: int = 1
     max_body_bytes: int = 100 * 1024 * 1024
+    body_timeout: float = 60.0  # seconds from the request's head to the end of its body
     # Where input worker processes load the processor from (the checkpoint); None or 0 workers: decode requests on
     # threads of this process instead.
     processor_source: str | None = None
@@ -42,15 +51,69 @@ class ServerOptions:
 # comes back is small (the fields) or plain bytes (the tiles, already in the model's dtype).
 
 
-def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
-                   pixel_dtype: str | None) -> tuple["Parsed", list[int], dict]:
-    """A request body -> (its options, prompt ids, packed model inputs); RequestError names the field at fault."""
+# A JSON body's memory grows with its number of values, not its bytes: 100 MB of `[{},{},...]` are 33 million
+# dicts, gigabytes of a worker. Bodies are big because of their data URLs (long strings), so the values are counted
+# (an upper bound: the bytes that open or separate one) before parsing. Nesting is bounded too: the parser and the
+# checks below walk it.
+MAX_JSON_VALUES = 1_000_000
+MAX_JSON_DEPTH = 64
+
+
+def parse_body(raw: bytes) -> dict:
+    """A request body -> its JSON object; RequestError for what is not a JSON object within the limits above or
+    holds text that is not Unicode (a lone surrogate such as \\ud800)."""
+    values = raw.count(b",") + raw.count(b"{") + raw.count(b"[")
+    if values > MAX_JSON_VALUES:
+        raise RequestError(f"the request body has up to {values} JSON values, more than the limit of "
+                           f"{MAX_JSON_VALUES}", None, 413, "request_too_large")
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise RequestError(f"the request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)", None) \
+            from None
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON ({e})", None) from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", None)
+    check_values(body)
+    return body
+
+
+def check_values(body: dict) -> None:
+    """Walks the body without recursion: at most MAX_JSON_DEPTH levels, and every string (keys too) encodable as
+    UTF-8. The error names the field, as `messages[0].content[1].text`."""
+    stack: list[tuple[Any, str, int]] = [(body, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise RequestError(f"{path} is nested too deeply (at most {MAX_JSON_DEPTH} levels)", path)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                _check_text(key, where)
+                stack.append((item, where, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, where: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{where} is not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
+                           f"{e.start}", where) from None
+
+
+def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
+                   pixel_dtype: str | None, max_model_len: int | None = None,
+                   fetched: dict[str, bytes] | None = None) -> tuple["Parsed", list[int], dict]:
+    """A request body -> (its options, prompt ids, packed model inputs); RequestError names the field at fault.
+    RemoteImagesNeeded when http(s) image URLs have no bytes in `fetched` (url -> bytes) yet."""
+    body = parse_body(raw)
     name = body.get("model")
     if not isinstance(name, str):
         raise RequestError(f"model must be a string: the served model is {model_name!r}", "model")
@@ -59,11 +122,12 @@ def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: I
                            "model_not_found")
     parsed = parse_common(body, chat)
     if chat:
-        ids, inputs = chat_inputs(processor, body.get("messages"), images)
+        ids, inputs = chat_inputs(processor, body.get("messages"), images, max_model_len, fetched)
     else:
         if "prompt" not in body:
             raise RequestError("prompt is required", "prompt")
-        ids, inputs = completion_inputs(processor, body.get("prompt"), body.get("images"), images)
+        ids, inputs = completion_inputs(processor, body.get("prompt"), body.get("images"), images, max_model_len,
+                                        fetched)
     if pixel_dtype and "pixel_values" in inputs:
         # the same rounding the engine's .to(dtype) would do, here, so half the bytes cross the pipes
         import torch
@@ -106,9 +170,9 @@ def _warm_up(processor, model_name: str, *context) -> None:
         pass
 
 
-def _job(raw: bytes, chat: bool):
+def _job(raw: bytes, chat: bool, fetched: dict[str, bytes] | None = None):
     processor, *context = _WORKER
-    return decode_request(processor, raw, chat, *context)
+    return decode_request(processor, raw, chat, *context, fetched=fetched)
 
 
 def _ready() -> bool:
@@ -116,18 +180,73 @@ def _ready() -> bool:
 
 
 class InputWorkers:
-    def __init__(self, source: str, workers: int, context: tuple):
-        mp_context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
-        self.pool = ProcessPoolExecutor(workers, mp_context=mp_context, initializer=_init_worker,
-                                        initargs=(source, context))
-        # start them all now (each imports torch and loads the tokenizer), not on the first requests
-        assert all(f.result() for f in [self.pool.submit(_ready) for _ in range(workers * 2)])
+    """`workers` spawned processes that decode requests. A worker that dies (killed, out of memory) breaks a
+    ProcessPoolExecutor for good, so the pool is then replaced by a fresh one, and the requests that were on the
+    broken pool (innocent, most of them) are decoded once more on the new one; a request that breaks a second pool
+    gets a 503. While no pool works, `healthy` says so (and /health answers 503)."""
 
-    async def run(self, raw: bytes, chat: bool):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, _job, raw, chat)
+    def __init__(self, source: str, workers: int, context: tuple):
+        self.source, self.workers, self.context = source, workers, context
+        self.lock = threading.Lock()
+        self.replacements = 0  # pools replaced after a worker died (/metrics)
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        mp_context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
+        pool = ProcessPoolExecutor(self.workers, mp_context=mp_context, initializer=_init_worker,
+                                   initargs=(self.source, self.context))
+        # start them all now (each imports torch and loads the tokenizer), not on the first requests
+        assert all(f.result() for f in [pool.submit(_ready) for _ in range(self.workers * 2)])
+        return pool
+
+    def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        """The working pool: `broken` replaced if no other request has replaced it already (on a thread: a start
+        takes seconds)."""
+        with self.lock:
+            if self.pool is broken:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self.pool = None
+                self.pool = self._start()
+                self.replacements += 1
+            return self.pool
+
+    async def run(self, raw: bytes, chat: bool, fetched: dict[str, bytes] | None = None):
+        loop = asyncio.get_running_loop()
+        for attempt in range(2):
+            pool = self.pool or await asyncio.to_thread(self._replace, None)
+            try:
+                return await loop.run_in_executor(pool, _job, raw, chat, fetched)
+            except BrokenProcessPool:
+                await asyncio.to_thread(self._replace, pool)
+        raise RequestError("an input worker died twice while decoding this request; try again", None, 503,
+                           "worker_died")
+
+    def healthy(self) -> str | None:
+        """None if the pool works, else why not (a dead worker is seen here before any request meets it)."""
+        pool = self.pool
+        if pool is None:
+            return "the input workers are being restarted"
+        try:
+            pool.submit(_ready)  # raises at once on a broken pool; else a no-op job
+        except BrokenProcessPool:
+            threading.Thread(target=self._replace, args=(pool,), daemon=True).start()
+            return "an input worker died; the input workers are being restarted"
+        except RuntimeError:  # shut down
+            return "the input workers are stopped"
+        return None
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        with self.lock:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _disconnected(request: Request, job, events: asyncio.Queue) -> None:
+    """Cancels `job` and wakes its reader (a None event) when the client closes the connection."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+    events.put_nowait(None)
 
 
 def _merge_ready(event: Event, queue: asyncio.Queue) -> Event:
@@ -135,6 +254,9 @@ def _merge_ready(event: Event, queue: asyncio.Queue) -> Event:
     them in fewer, larger chunks instead of falling further behind."""
     while not (event.finish_reason or event.error) and not queue.empty():
         nxt = queue.get_nowait()
+        if nxt is None:  # the client left (collect's watcher): met at the next get
+            queue.put_nowait(None)
+            return event
         if nxt.error:
             return nxt
         event = Event(text=event.text + nxt.text, token_ids=event.token_ids + nxt.token_ids,
@@ -183,7 +305,24 @@ def _stop(body: dict) -> tuple[str, ...]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise RequestError("stop must be a non-empty string or an array of at most 4 non-empty strings", "stop")
+    if max(len(s) for s in stop) > MAX_STOP_CHARS:  # each decode step searches the text's tail this long
+        raise RequestError(f"stop strings must be at most {MAX_STOP_CHARS} characters long", "stop")
     return tuple(stop)
+
+
+MAX_STOP_CHARS = 1000
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what a torch.Generator takes
+# The smallest positive float32: the sampler computes in float32, where a smaller positive temperature is 0.
+SMALLEST_TEMPERATURE = 1.4e-45
+
+
+def _temperature(body: dict) -> float | None:
+    value = _float(body, "temperature", 0.0, 2.0)
+    if value is not None and 0 < value < SMALLEST_TEMPERATURE:
+        raise RequestError(f"temperature {value} is positive but smaller than the smallest float32 number "
+                           f"({SMALLEST_TEMPERATURE}), which sampling computes in: send 0 for greedy decoding "
+                           f"(every temperature below {GREEDY_BELOW_TEMPERATURE} decodes greedily)", "temperature")
+    return value
 
 
 @dataclass
@@ -226,10 +365,8 @@ def parse_common(body: dict, chat: bool) -> Parsed:
         logprobs = (top or 0) if want else None
     else:
         logprobs = _int(body, "logprobs", 0, 5)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f"seed must be an integer, got {type(seed).__name__}", "seed")
-    return Parsed(max_tokens=max_tokens, temperature=_float(body, "temperature", 0.0, 2.0),
+    seed = _int(body, "seed", *SEED_RANGE)
+    return Parsed(max_tokens=max_tokens, temperature=_temperature(body),
                   top_p=_float(body, "top_p", 0.0, 1.0), seed=seed, stop=_stop(body), stream=stream,
                   include_usage=include_usage, logprobs=logprobs)
 
@@ -239,8 +376,8 @@ def parse_common(body: dict, chat: bool) -> Parsed:
 
 
 class Guard:
-    """Authentication and body-size checks before any route reads the body, OpenAI's error shape for anything a
-    route lets escape, and a count of every answer by route and status.
+    """Authentication and the body-size limit before any route reads the body, OpenAI's error shape for anything a
+    route lets escape, a count of every answer by route and status, and one access-log line per request.
 
     A plain ASGI middleware: it sees each streamed chunk pass by and does nothing to it (Starlette's
     `@app.middleware("http")` form would copy every chunk through an extra task and stream, per token of every
@@ -254,25 +391,47 @@ class Guard:
     def _count(self, key: tuple[str, int]) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
 
+    def _refusal(self, path: str, headers: dict[str, str]) -> JSONResponse | None:
+        if self.options.api_key is not None and headers.get("authorization", "") != f"Bearer {self.options.api_key}":
+            return error_response("invalid or missing API key: send 'Authorization: Bearer <key>'", 401, None,
+                                  "invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.options.max_body_bytes:
+            return error_response(f"the request body is {length} bytes, more than {self.options.max_body_bytes}",
+                                  413, None, "request_too_large")
+        return None
+
+    def _limited(self, receive):
+        """`receive` that counts the body's bytes as they arrive (chunked bodies carry no Content-Length) and
+        refuses past the limit, before the rest is read; and a body that trickles in is cut at the body deadline
+        (a connection held open that way holds memory and a connection slot)."""
+        limit, seen = self.options.max_body_bytes, [0]
+        deadline = time.monotonic() + self.options.body_timeout
+        complete = [False]
+
+        async def receive_counted():
+            if complete[0]:  # the body is read: what comes next is the disconnect, whenever it comes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestError(f"the request body did not arrive within {self.options.body_timeout:g} s", None,
+                                   408, "request_timeout") from None
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                complete[0] = not message.get("more_body", False)
+                if seen[0] > limit:
+                    raise RequestError(f"the request body is more than {limit} bytes", None, 413,
+                                       "request_too_large")
+            return message
+        return receive_counted
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope["path"]
-        if path.startswith("/v1/"):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            if self.options.api_key is not None and \
-                    headers.get("authorization", "") != f"Bearer {self.options.api_key}":
-                self._count((path, 401))
-                response = error_response("invalid or missing API key: send 'Authorization: Bearer <key>'", 401,
-                                          None, "invalid_api_key")
-                return await response(scope, receive, send)
-            length = headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.options.max_body_bytes:
-                self._count((path, 413))
-                response = error_response(f"the request body is {length} bytes, more than "
-                                          f"{self.options.max_body_bytes}", 413, None, "request_too_large")
-                return await response(scope, receive, send)
-        status = []
+        began, path, status = time.monotonic(), scope["path"], []
+        route = "/v1/models" if path.startswith("/v1/models/") else path
+        route = route if route in self.ROUTES else "other"
 
         async def send_and_note(message) -> None:
             if message["type"] == "http.response.start":
@@ -280,15 +439,30 @@ class Guard:
             await send(message)
 
         try:
+            if path.startswith("/v1/"):
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                refusal = self._refusal(path, headers)
+                if refusal is not None:
+                    return await refusal(scope, receive, send_and_note)
+                receive = self._limited(receive)
             await self.app(scope, receive, send_and_note)
+        except RequestError as e:  # the body limit, met while a route reads the body
+            if status:
+                raise
+            await error_response(e.message, e.status, e.param, e.code)(scope, receive, send_and_note)
         except Exception as e:  # never a bare 500 page: keep OpenAI's shape
             if status:  # the answer had started (a stream): nothing more can be said over HTTP
                 raise
-            status.append(500)
             response = error_response(f"internal error: {type(e).__name__}: {e}", 500, None, None, "server_error")
-            await response(scope, receive, send)
+            await response(scope, receive, send_and_note)
         finally:
-            self._count((path if path in self.ROUTES else "other", status[0] if status else 500))
+            code = status[0] if status else 500
+            self._count((route, code))
+            usage = scope.get("state", {}).get("usage")
+            tokens = f" tokens {usage[0]}+{usage[1]}" if usage else ""
+            client = scope.get("client") or ("-", 0)
+            ACCESS_LOG.info("%s %s %s %d%s %.3fs", client[0], scope.get("method", "-"), path, code, tokens,
+                            time.monotonic() - began)
 
 
 def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
@@ -304,32 +478,76 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     timings = {"decode": Histogram(), "ttft": Histogram()}  # this side's share of the latency
     app.state.timings = timings
     tokenizer = processor.tokenizer
-    context = (options.model_name, options.images, engine.dtype)
+    context = (options.model_name, options.images, engine.dtype, engine.max_model_len)
     workers = InputWorkers(options.processor_source, options.input_workers, context) \
         if options.processor_source and options.input_workers > 0 else None
     app.state.input_workers = workers
 
     app.add_middleware(Guard, options=options, counts=http_counts)
 
-    async def decode(raw: bytes, chat: bool):
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):  # 404, 405: OpenAI's shape too
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message = {404: f"no route {request.url.path!r}: this server answers /v1/chat/completions, "
+                        f"/v1/completions, /v1/models, /health and /metrics",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
+        return error_response(message, e.status_code, None, kind, headers=getattr(e, "headers", None))
+
+    # Remote images are fetched here, on threads: waiting on an image server is I/O, and inside an input worker one
+    # slow server would hold up every request queued behind it. At most 16 at a time, each within
+    # ImageOptions.timeout in all.
+    fetch_pool = ThreadPoolExecutor(16, thread_name_prefix="mllama-image-fetch")
+
+    async def fetch_images(wanted: list[tuple[str, str]]) -> dict[str, bytes]:
+        params: dict[str, str] = {}
+        for url, param in wanted:
+            params.setdefault(url, param)  # the same URL twice is fetched once
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(fetch_pool, fetch_remote, url, param, options.images)
+                                         for url, param in params.items()), return_exceptions=True)
+        for result in results:  # the first failure in request order, as one image after the other would give
+            if isinstance(result, BaseException):
+                raise result
+        return dict(zip(params, results))
+
+    async def decode_once(raw: bytes, chat: bool, fetched: dict[str, bytes] | None):
         if workers is not None:
-            return await workers.run(raw, chat)
-        return await asyncio.to_thread(decode_request, processor, raw, chat, *context)
+            return await workers.run(raw, chat, fetched)
+        return await asyncio.to_thread(decode_request, processor, raw, chat, *context, fetched=fetched)
+
+    async def decode(raw: bytes, chat: bool):
+        try:
+            return await decode_once(raw, chat, None)  # data URLs only: this one pass is all
+        except RemoteImagesNeeded as needed:
+            fetched = await fetch_images(needed.urls)
+        return await decode_once(raw, chat, fetched)
 
     @app.get("/health")
     async def health():
-        if engine.failed is not None:
-            return JSONResponse({"status": "error", "message": engine.failed}, status_code=503)
+        failed = engine.failed if engine.failed is not None else workers.healthy() if workers is not None else None
+        if failed is not None:
+            return JSONResponse({"status": "error", "message": failed}, status_code=503)
         return {"status": "ok" if engine.accepting else "shutting_down"}
+
+    def model_card() -> dict:
+        return {"id": options.model_name, "object": "model", "created": 0, "owned_by": "mllama",
+                "max_model_len": engine.max_model_len}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": options.model_name, "object": "model", "created": 0,
-                                            "owned_by": "mllama", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != options.model_name:
+            return error_response(f"the model {model_id!r} does not exist: this server serves "
+                                  f"{options.model_name!r}", 404, "model", "model_not_found")
+        return model_card()
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(render_metrics(await engine.stats(), http_counts, timings),
+        restarts = workers.replacements if workers is not None else 0
+        return PlainTextResponse(render_metrics(await engine.stats(), http_counts, timings, restarts),
                                  media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
@@ -381,7 +599,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if parsed.stream:
-            return StreamingResponse(stream(job, events, rid, created, chat, parsed), media_type="text/event-stream",
+            return StreamingResponse(stream(request, job, events, rid, created, chat, parsed),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await collect(request, job, events, rid, created, chat)
 
@@ -410,18 +629,18 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                       chat: bool):
         text, entries = [], []
         done = False
+        # A client that goes away must not keep its slot until max_tokens: its disconnect is the next message of
+        # the connection once the body has been read, so a task waits for it beside the events.
+        watcher = asyncio.ensure_future(_disconnected(request, job, events))
         try:
             while True:
-                try:
-                    ev = _merge_ready(await asyncio.wait_for(events.get(), timeout=1.0), events)
-                except asyncio.TimeoutError:
-                    # A client that went away should not keep its slot until max_tokens.
-                    if await request.is_disconnected():
-                        job.cancel()
-                        return error_response("client disconnected", 499, None, "client_closed")
-                    continue
+                ev = await events.get()
+                if ev is None:  # the client left: the job is cancelled
+                    return error_response("client disconnected", 499, None, "client_closed")
+                ev = _merge_ready(ev, events)
                 if ev.error:
                     done = True
+                    request.state.usage = (ev.prompt_tokens, ev.completion_tokens)
                     return error_response(f"generation failed: {ev.error}", 500, None, None, "server_error")
                 text.append(ev.text)
                 entries.extend(ev.logprobs)
@@ -429,8 +648,10 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                     done = True
                     break
         finally:
+            watcher.cancel()
             if not done:  # cancelled by the server (shutdown) or the client: free the slot
                 job.cancel()
+        request.state.usage = (ev.prompt_tokens, ev.completion_tokens)
         content = "".join(text)
         usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                  "total_tokens": ev.prompt_tokens + ev.completion_tokens}
@@ -446,7 +667,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         return {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
                 "choices": [choice], "usage": usage}
 
-    async def stream(job, events: asyncio.Queue, rid: str, created: int, chat: bool,
+    async def stream(request: Request, job, events: asyncio.Queue, rid: str, created: int, chat: bool,
                      parsed: Parsed):
         kind = "chat.completion.chunk" if chat else "text_completion"
         offset = 0
@@ -488,6 +709,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 yield chunk("", None, [], first=True)
             while True:
                 ev = _merge_ready(await events.get(), events)
+                if ev.error or ev.finish_reason:
+                    request.state.usage = (ev.prompt_tokens, ev.completion_tokens)
                 if ev.error:
                     error = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                        "param": None, "code": None}}
@@ -513,9 +736,10 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     return app
 
 
-def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram] | None = None) -> str:
-    """Prometheus text from the engine's stats snapshot (BatchEngine.stats), the HTTP counts and this side's
-    latency histograms."""
+def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram] | None = None,
+                   worker_restarts: int = 0) -> str:
+    """Prometheus text from the engine's stats snapshot (BatchEngine.stats), the HTTP counts, this side's
+    latency histograms and how often the input workers were replaced."""
     lines = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
@@ -556,6 +780,8 @@ def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram]
            [(f'{{phase="{p}"}}', v) for p, v in sorted(stats.get("busy_seconds", {}).items())])
     histogram("mllama_time_to_first_token_seconds", "Engine: submit to first token", stats["ttft"])
     histogram("mllama_inter_token_latency_seconds", "Engine: time between tokens", stats["itl"])
+    metric("mllama_input_worker_restarts_total", "counter", "Input worker pools replaced after a worker died",
+           [("", worker_restarts)])
     if timings:
         histogram("mllama_request_decode_seconds", "Server: arrival to decoded inputs (body, JSON, template, "
                   "images)", timings["decode"].snapshot())

@@ -11,14 +11,18 @@ what `processor.apply_chat_template(..., tokenize=True)` gives (a test checks th
 from __future__ import annotations
 
 import base64
+import functools
+import http.client
+import io
 import ipaddress
 import re
 import socket
-import urllib.error
-import urllib.request
+import ssl
 import threading
+import time
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import torch
@@ -56,8 +60,9 @@ class ImageOptions:
 _MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif")
 
 
-def load_image_url(url: Any, param: str, options: ImageOptions):
-    """A data: URL (png, jpeg, webp, gif) or, with --allow-remote-images, an http(s) URL -> a PIL image."""
+def load_image_url(url: Any, param: str, options: ImageOptions, fetched: dict[str, bytes] | None = None):
+    """A data: URL (png, jpeg, webp, gif) or, with --allow-remote-images, an http(s) URL -> a PIL image. An http(s)
+    URL's bytes are taken from `fetched` when there (the server fetches them beforehand), else downloaded here."""
     if not isinstance(url, str) or not url:
         raise RequestError(f"{param} must be a non-empty string: a 'data:image/png;base64,...' URL"
                            + (" or an http(s) URL" if options.allow_remote else ""), param)
@@ -78,7 +83,7 @@ def load_image_url(url: Any, param: str, options: ImageOptions):
             raise RequestError(f"{param}: remote image URLs are disabled on this server (start it with "
                                f"--allow-remote-images); send the image inline as a 'data:image/png;base64,...' "
                                f"URL", param)
-        data = fetch_remote(url, param, options)
+        data = fetched[url] if fetched and url in fetched else fetch_remote(url, param, options)
         what = "the downloaded file"
     else:
         raise RequestError(f"{param} must be a 'data:image/<type>;base64,...' URL"
@@ -106,54 +111,206 @@ def data_url_payload_bytes(payload: str, param: str) -> bytes:
         raise RequestError(f"{param}: the data URL's payload is not valid base64 ({e})", param) from None
 
 
-def _check_host(host: str, param: str, options: ImageOptions) -> None:
-    # Resolve once and refuse internal addresses, so the server cannot be used to reach its own network.
-    if options.allow_private_hosts:
+class RemoteImagesNeeded(Exception):
+    """The http(s) image URLs of a request whose bytes were not given, as (url, param) pairs.
+
+    Raised by the first decoding pass: fetching is waiting on the network, not CPU work, so it is not done where
+    requests are decoded (an input worker held by one slow image server would hold up every request queued behind
+    it). The HTTP process fetches these on threads and decodes again with the bytes."""
+
+    def __init__(self, urls: list[tuple[str, str]]):
+        super().__init__(urls)  # the urls as the only argument: the exception pickles back from an input worker
+        self.urls = urls
+
+
+def is_remote(url: Any) -> bool:
+    return isinstance(url, str) and url[:8].lower().startswith(("http://", "https://"))
+
+
+def require_fetched(urls: list[tuple[Any, str]], options: ImageOptions, fetched: dict[str, bytes] | None) -> None:
+    """RemoteImagesNeeded for the http(s) URLs not in `fetched`. Nothing for data URLs, nor when remote images are
+    disabled (load_image_url refuses those with its own message)."""
+    if not options.allow_remote:
         return
+    missing = [(url, param) for url, param in urls if is_remote(url) and url not in (fetched or {})]
+    for url, param in missing:
+        _remote_target(url, param)  # a malformed URL is refused here, before anything is fetched
+    if missing:
+        raise RemoteImagesNeeded(missing)
+
+
+class _Target(NamedTuple):
+    tls: bool
+    host: str  # the URL's host (IDNA): what is resolved, and the name TLS sends (SNI) and verifies
+    port: int
+    host_header: str
+    path: str  # path and query: the target of the request line
+
+
+def _remote_target(url: str, param: str) -> _Target:
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # Credentials would have to go out as a header, and 'http://public.example@10.0.0.1/' reads like a
+        # different host than the one it names.
+        raise RequestError(f"{param}: image URLs with user info ('user:password@host') are not accepted; use a URL "
+                           f"without credentials or send the image as a data URL", param)
     try:
-        infos = socket.getaddrinfo(host, None)
+        port, host = parts.port, (parts.hostname or "").encode("idna").decode("ascii")
+    except ValueError as e:  # a port out of range or not a number; a host name that IDNA refuses
+        raise RequestError(f"{param}: the URL's host or port is not valid ({e})", param) from None
+    if not host:
+        raise RequestError(f"{param}: the URL has no host", param)
+    tls = parts.scheme.lower() == "https"
+    default = 443 if tls else 80
+    name = f"[{host}]" if ":" in host else host  # an IPv6 literal keeps its brackets in the Host header
+    host_header = name if port in (None, default) else f"{name}:{port}"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target(tls, host, default if port is None else port, host_header, path)
+
+
+def _checked_addresses(target: _Target, param: str, options: ImageOptions) -> list[tuple]:
+    """The host's addresses (getaddrinfo entries), resolved once and every one checked. The download connects to
+    exactly these: resolving again to connect would let a DNS answer that changed in between (rebinding) reach an
+    address that was never checked."""
+    try:
+        infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
     except OSError as e:
-        raise RequestError(f"{param}: cannot resolve host {host!r} ({e})", param) from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if (address.is_private or address.is_loopback or address.is_link_local or address.is_reserved
-                or address.is_multicast or address.is_unspecified):
-            raise RequestError(f"{param}: host {host!r} resolves to the non-public address {address}; image URLs "
-                               f"must point to public hosts (or start the server with --allow-private-image-hosts)",
-                               param)
+        raise RequestError(f"{param}: cannot resolve host {target.host!r} ({e})", param) from None
+    if not options.allow_private_hosts:
+        for *_, sockaddr in infos:
+            _check_address(sockaddr[0], target.host, param)
+    return infos
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    # A redirect could lead to an internal address that the host check did not see.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
+def _check_address(ip: str, host: str, param: str) -> None:
+    # Internal addresses are refused, so that the server cannot be used to reach its own network.
+    address = ipaddress.ip_address(ip.split("%")[0])  # an IPv6 zone (fe80::1%eth0) is not part of the address
+    if address.version == 6 and address.ipv4_mapped:  # ::ffff:127.0.0.1 reaches 127.0.0.1
+        address = address.ipv4_mapped
+    # not is_global covers private, loopback, link-local, unspecified and shared (100.64/10) space; it lets
+    # multicast, IPv6's reserved ranges and its old site-local ones through
+    if (not address.is_global or address.is_multicast or address.is_reserved
+            or getattr(address, "is_site_local", False)):
+        raise RequestError(f"{param}: host {host!r} resolves to the non-public address {address}; image URLs "
+                           f"must point to public hosts (or start the server with --allow-private-image-hosts)",
+                           param)
+
+
+class _PastDeadline(Exception):
+    pass
+
+
+def _time_left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _PastDeadline
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket giving every recv only the time left until the fetch's deadline: a socket timeout alone is
+    per read, so a server sending a byte now and then would never trip it."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.sock.settimeout(_time_left(self.deadline))
+        try:
+            return self.sock.recv_into(buffer)
+        except TimeoutError:  # the timeout was all the time left
+            raise _PastDeadline from None
+
+
+class _DeadlineSocket:
+    """What http.client needs of its socket (sendall, makefile, close), under one deadline. Closing is left to the
+    fetch, which owns the real socket: http.client closes its connection before the body is read."""
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock, self.deadline = sock, deadline
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(_time_left(self.deadline))
+        self.sock.sendall(data)
+
+    def makefile(self, mode: str, *args, **kwargs) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self.sock, self.deadline))
+
+    def close(self) -> None:
+        pass
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()  # loads the system's CA certificates: once
+
+
+def _connect(target: _Target, infos: list[tuple], deadline: float) -> socket.socket:
+    """A connection to the first checked address that answers (TLS on top for https)."""
+    error: OSError = OSError(f"no address for {target.host!r}")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(_time_left(deadline))
+            sock.connect(sockaddr)
+            if target.tls:
+                # the name, not the address, is what SNI sends and the certificate must match
+                sock.settimeout(_time_left(deadline))
+                sock = _tls_context().wrap_socket(sock, server_hostname=target.host)
+            return sock
+        except OSError as e:  # e.g. an IPv6 address without a route: the next one
+            error = e
+        except BaseException:  # the deadline
+            sock.close()
+            raise
+        sock.close()
+    raise error
+
+
+def _too_large(param: str, max_bytes: int) -> RequestError:
+    return RequestError(f"{param}: the image is more than {max_bytes} bytes", param, status=413, code="image_too_large")
+
+
+def _download(target: _Target, infos: list[tuple], deadline: float, param: str, max_bytes: int) -> bytes:
+    sock = _connect(target, infos, deadline)
+    try:
+        connection = http.client.HTTPConnection(target.host, target.port)
+        connection.sock = _DeadlineSocket(sock, deadline)  # already connected: http.client must not resolve again
+        connection.request("GET", target.path, headers={"Host": target.host_header, "User-Agent": "mllama-server",
+                                                        "Connection": "close"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RequestError(f"{param}: downloading the image gave HTTP {response.status} (redirects are not "
+                               f"followed)", param)
+        length = response.getheader("Content-Length", "")
+        if length.isdigit() and int(length) > max_bytes:
+            raise _too_large(param, max_bytes)
+        data = response.read(max_bytes + 1)
+    finally:
+        sock.close()
+    if len(data) > max_bytes:
+        raise _too_large(param, max_bytes)
+    return data
 
 
 def fetch_remote(url: str, param: str, options: ImageOptions) -> bytes:
-    parts = urlsplit(url)
-    if not parts.hostname:
-        raise RequestError(f"{param}: the URL has no host", param)
-    _check_host(parts.hostname, param, options)
-    opener = urllib.request.build_opener(_NoRedirects)
-    request = urllib.request.Request(url, headers={"User-Agent": "mllama-server"})
+    """The bytes at an http(s) URL: one GET to a checked address, no redirects (one could lead to an internal
+    address), at most max_bytes, and options.timeout for all of it (connecting, TLS, headers and body)."""
+    target = _remote_target(url, param)
+    deadline = time.monotonic() + options.timeout
+    infos = _checked_addresses(target, param, options)
     try:
-        with opener.open(request, timeout=options.timeout) as response:
-            if response.status != 200:
-                raise RequestError(f"{param}: downloading the image gave HTTP {response.status} "
-                                   f"(redirects are not followed)", param)
-            data = response.read(options.max_bytes + 1)
+        return _download(target, infos, deadline, param, options.max_bytes)
     except RequestError:
         raise
-    except urllib.error.HTTPError as e:
-        raise RequestError(f"{param}: downloading the image gave HTTP {e.code} (redirects are not followed)",
-                           param) from None
-    except Exception as e:  # timeouts, refused connections, TLS errors
-        raise RequestError(f"{param}: could not download the image ({type(e).__name__}: {e}; timeout "
-                           f"{options.timeout}s)", param) from None
-    if len(data) > options.max_bytes:
-        raise RequestError(f"{param}: the image is more than {options.max_bytes} bytes", param,
-                           status=413, code="image_too_large")
-    return data
+    except (_PastDeadline, TimeoutError):  # every timeout given was the time left
+        raise RequestError(f"{param}: downloading the image took longer than {options.timeout:g} s, the limit for "
+                           f"the whole download (connecting, headers and body)", param) from None
+    except Exception as e:  # refused connections, TLS errors, malformed responses
+        raise RequestError(f"{param}: could not download the image ({type(e).__name__}: {e})", param) from None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -220,7 +377,25 @@ def parse_messages(messages: Any, options: ImageOptions) -> tuple[list[dict], li
     return out, texts, urls
 
 
-_tokenizer_lock = threading.Lock()
+_literal_lock = threading.Lock()
+_literal_encoders: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def literal_encoder(tokenizer):
+    """A private copy of `tokenizer`'s backend that encodes special-token strings as plain text.
+
+    encode_special_tokens is a setting of the tokenizer object: switching it on the shared tokenizer would change
+    what every other request encoding at the same moment gets (a completion's <|image|> would stop being a token).
+    The copy is made once per tokenizer and never changed after, so concurrent requests share nothing mutable."""
+    with _literal_lock:
+        encoder = _literal_encoders.get(tokenizer)
+        if encoder is None:
+            from tokenizers import Tokenizer
+
+            encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+            encoder.encode_special_tokens = True
+            _literal_encoders[tokenizer] = encoder
+    return encoder
 
 
 def encode_marked(tokenizer, rendered: str, texts: list[str]) -> list[int]:
@@ -248,20 +423,13 @@ def encode_marked(tokenizer, rendered: str, texts: list[str]) -> list[int]:
         pos = marker.end()
     if current:
         stretches.append(current)
-    backend = tokenizer.backend_tokenizer
+    encoder = literal_encoder(tokenizer)
     ids: list[int] = []
-    # encode_special_tokens is a setting of the shared tokenizer object: hold a lock while it is switched.
-    with _tokenizer_lock:
-        before = backend.encode_special_tokens
-        backend.encode_special_tokens = True
-        try:
-            for piece in stretches:
-                if isinstance(piece, int):
-                    ids.append(piece)
-                else:
-                    ids.extend(backend.encode(piece, add_special_tokens=False).ids)
-        finally:
-            backend.encode_special_tokens = before
+    for piece in stretches:
+        if isinstance(piece, int):
+            ids.append(piece)
+        else:
+            ids.extend(encoder.encode(piece, add_special_tokens=False).ids)
     return ids
 
 
@@ -293,24 +461,60 @@ def image_inputs(processor, ids: list[int], images: list) -> dict[str, torch.Ten
             "aspect_ratio_mask": torch.as_tensor(data["aspect_ratio_mask"]), "cross_attention_mask": mask}
 
 
-def chat_inputs(processor, messages: Any, options: ImageOptions) -> tuple[list[int], dict[str, torch.Tensor]]:
+_longest_tokens: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def longest_token(tokenizer) -> int:
+    """The most characters of text one token can stand for (128 in Llama 3's byte-level vocabulary)."""
+    with _literal_lock:
+        longest = _longest_tokens.get(tokenizer)
+        if longest is None:
+            from tokenizers.pre_tokenizers import ByteLevel
+
+            vocab = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=False)
+            alphabet = set(ByteLevel.alphabet())
+            byte_level = all(set(piece) <= alphabet for piece in vocab)  # one vocabulary character = one byte
+            longest = max(len(p) if byte_level else len(p.encode("utf-8")) for p in vocab)
+            _longest_tokens[tokenizer] = longest
+    return longest
+
+
+def check_text_length(tokenizer, texts: list[str], max_model_len: int | None, param: str) -> None:
+    """Refuses text that cannot fit the context before it is rendered or tokenized: n characters are at least
+    n / longest_token(tokenizer) tokens. A 40 MB prompt used to be tokenized whole (tens of seconds, gigabytes of a
+    worker) before its 400; this costs one pass over the lengths."""
+    if max_model_len is None:
+        return
+    chars = sum(len(t) for t in texts)
+    least = -(-chars // longest_token(tokenizer))
+    if least >= max_model_len:
+        raise RequestError(f"{param}: the text is {chars} characters long, so at least {least} tokens (one token "
+                           f"covers at most {longest_token(tokenizer)} characters), more than the context of "
+                           f"{max_model_len} tokens (--max-model-len)", param, code="context_length_exceeded")
+
+
+def chat_inputs(processor, messages: Any, options: ImageOptions, max_model_len: int | None = None,
+                fetched: dict[str, bytes] | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
     marked, texts, urls = parse_messages(messages, options)
+    check_text_length(processor.tokenizer, texts, max_model_len, "messages")
     rendered = render_chat(processor, marked)
+    require_fetched(urls, options, fetched)  # after the cheap checks, before the tokenizer's work
     ids = encode_marked(processor.tokenizer, rendered, texts)
     if processor.bos_token and not rendered.startswith(processor.bos_token):
         bos = processor.tokenizer.convert_tokens_to_ids(processor.bos_token)
         ids = [bos] + ids  # a template without BOS: the processor would add one
-    images = [load_image_url(url, param, options) for url, param in urls]
+    images = [load_image_url(url, param, options, fetched) for url, param in urls]
     return ids, image_inputs(processor, ids, images)
 
 
-def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions
-                      ) -> tuple[list[int], dict[str, torch.Tensor]]:
+def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions, max_model_len: int | None = None,
+                      fetched: dict[str, bytes] | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
     """/v1/completions: a raw prompt whose <|image|> tokens ARE image slots, one per entry of `images`."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if not isinstance(prompt, str) or not prompt:
         raise RequestError("prompt must be a non-empty string (one prompt per request)", "prompt")
+    check_text_length(processor.tokenizer, [prompt], max_model_len, "prompt")
     if images is None:
         images = []
     if not isinstance(images, list):
@@ -322,10 +526,11 @@ def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions
     if count != len(images):
         raise RequestError(f"the prompt has {count} {processor.image_token} tokens but {len(images)} images were "
                            f"sent in 'images'; send one image per {processor.image_token}", "images")
+    require_fetched([(url, f"images[{i}]") for i, url in enumerate(images)], options, fetched)
     text = add_bos(prompt, processor.bos_token, processor.image_token)
     # The same ids as processor(text=prompt): BOS placed by add_bos, plus the tokenizer's own (the published
     # checkpoints were evaluated that way).
     ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
     ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
-    loaded = [load_image_url(url, f"images[{i}]", options) for i, url in enumerate(images)]
+    loaded = [load_image_url(url, f"images[{i}]", options, fetched) for i, url in enumerate(images)]
     return ids, image_inputs(processor, ids, loaded)
