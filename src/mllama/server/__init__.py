@@ -7,9 +7,11 @@ Wire into the CLI with:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import signal
 import sys
-from pathlib import Path
 
 from .app import ServerOptions, create_app, error_response, render_metrics
 from .prompts import ImageOptions, RequestError
@@ -19,10 +21,13 @@ __all__ = ["add_arguments", "run", "main", "create_app", "ServerOptions", "Image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .http import port_number
+
     parser.add_argument("model", help="Hub id or local checkpoint folder")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: local only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served-model-name", help="the id clients pass as 'model' (default: the folder name)")
+    parser.add_argument("--port", type=port_number, default=8000, help="1..65535, 0: any free port (default 8000)")
+    parser.add_argument("--served-model-name",
+                        help="the id clients pass as 'model' (default: the model argument exactly as given)")
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
     parser.add_argument("--max-prefill-batch", type=int, default=4,
                         help="images (or text-only requests) prefilled together, between two decode steps of the "
@@ -44,8 +49,67 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or MLLAMA_API_KEY)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--shutdown-timeout", type=float, default=10.0,
-                        help="seconds running requests get to finish after SIGTERM before they are cancelled")
+    parser.add_argument("--shutdown-timeout", type=_seconds(zero_ok=True), default=10.0,
+                        help="seconds running requests get to finish after SIGTERM before they are aborted (their "
+                             "streams end with finish_reason 'abort'); default 10")
+    parser.add_argument("--timeout-request-header", type=_seconds(), default=10.0,
+                        help="seconds a client has to send a complete request head (from connecting, or from the "
+                             "first byte of the next request on a kept-alive connection); then it is closed "
+                             "(default 10)")
+    parser.add_argument("--timeout-keep-alive", type=_seconds(), default=75.0,
+                        help="seconds an idle connection is kept open between two requests (default 75: clients "
+                             "such as openai's pool their connections, and a short keep-alive races with reuse)")
+    parser.add_argument("--max-connections", type=_count, default=None,
+                        help="connections open at once; past it a new one closes the connection idle the longest "
+                             "(default: half the file descriptors free after start-up, at most 8192; the soft "
+                             "RLIMIT_NOFILE is raised to the hard one)")
+
+
+def _seconds(zero_ok: bool = False):
+    """argparse type: a finite number of seconds, > 0 (>= 0 if zero_ok)."""
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value < math.inf or (value == 0 and not zero_ok):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds: use a number "
+                                             f"{'>= 0' if zero_ok else '> 0'}")
+        return value
+    return seconds
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: use an integer >= 1")
+    return value
+
+
+def served_model_name(args: argparse.Namespace) -> str:
+    """The id clients send as 'model': --served-model-name, else the model argument exactly as given (a client
+    that names the hub id the server was started with must find it)."""
+    return args.served_model_name or str(args.model)
+
+
+@contextlib.contextmanager
+def _children_ignore_interrupts():
+    """Processes started inside inherit SIGINT and SIGTERM blocked. Ctrl+C reaches every process of the
+    terminal's group and a service manager's SIGTERM often every process of the service: the server drains and
+    then ends its children itself, and a child that took the signal would end in a traceback, or break the pool
+    that requests still use. A signal sent here meanwhile is held, then delivered once this block ends."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def build(args: argparse.Namespace):
@@ -59,7 +123,6 @@ def build(args: argparse.Namespace):
                        "max_images": args.max_images_per_request, "max_prefill_batch": args.max_prefill_batch,
                        "overlap_prefill": True if args.overlap_prefill else None}}
     engine = EngineProcess(spec)
-    name = args.served_model_name or Path(str(args.model).rstrip("/")).name or str(args.model)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MLLAMA_API_KEY") or None
     images = ImageOptions(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,
                           allow_remote=args.allow_remote_images,
@@ -67,67 +130,96 @@ def build(args: argparse.Namespace):
     input_workers = args.input_workers
     if input_workers is None:
         input_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-    options = ServerOptions(model_name=name, api_key=api_key, images=images, processor_source=str(args.model),
-                            input_workers=input_workers)
+    options = ServerOptions(model_name=served_model_name(args), api_key=api_key, images=images,
+                            processor_source=str(args.model), input_workers=input_workers)
+    app = None
     try:
-        app = create_app(processor, engine, options)
+        with _children_ignore_interrupts():  # the input workers
+            app = create_app(processor, engine, options)
     except BaseException:
+        if app is not None:  # a signal held while the workers started is delivered on the way out
+            _close_input_workers(app)
         engine.stop(0.0)
         raise
     return processor, engine, app
 
 
-def _server_class():
-    import signal
+def _close_input_workers(app) -> None:
+    workers = app.state.input_workers
+    if workers is not None:
+        # Waits for the pool's manager thread: if the interpreter exits while it still runs, Python 3.11's exit
+        # hook writes to the wake-up pipe that thread is closing ("OSError: Bad file descriptor" at exit).
+        workers.pool.shutdown(wait=True, cancel_futures=True)
 
-    import uvicorn
 
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame) -> None:
-            super().handle_exit(sig, frame)
-            # uvicorn re-raises the captured signal after its graceful shutdown, so the process would end "killed
-            # by SIGTERM" (143); SIGTERM is the orderly way to stop a service, so end with status 0 instead.
-            captured = getattr(self, "_captured_signals", None)
-            if sig == signal.SIGTERM and captured and captured[-1] == sig:
-                captured.pop()
-
-    return Server
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> None:
-    """Serves until SIGTERM/SIGINT: uvicorn stops accepting, gives open requests --shutdown-timeout seconds,
-    then the engine aborts what is left and the process exits with status 0."""
+    """Serves until SIGTERM/SIGINT. The listening socket is bound before the model loads (a port in use fails at
+    once); the banner comes once the engine is ready. At the signal the engine gets --shutdown-timeout seconds
+    for what runs, then aborts the rest; every request ends with its final event, then the process exits 0."""
     import uvicorn
 
-    _Server = _server_class()
-    _, engine, app = build(args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                            timeout_graceful_shutdown=args.shutdown_timeout,
-                            # clients keep connections open between requests (the openai client pools them); a
-                            # short keep-alive races with their reuse and surfaces as reset connections
-                            timeout_keep_alive=75)
-    server = _Server(config)
-    print(f"mllama serve: {app.state.options.model_name!r} on http://{args.host}:{args.port} "
-          f"(max batch {engine.max_batch}, context {engine.max_model_len}, warm-up {engine.warm_up_seconds:.1f} s, "
-          f"engine process {engine.process.pid})",
-          file=sys.stderr, flush=True)
+    from .http import SHUTDOWN_MARGIN, Server, concurrency_limit, default_max_connections, listen_socket, \
+        protocol_class, raise_fd_limit
+
+    fd_limit = raise_fd_limit()
+    sock = listen_socket(args.host, args.port)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop, and leave no engine behind
     try:
-        server.run()
+        _, engine, app = build(args)
+    except BaseException:
+        sock.close()
+        raise
     finally:
-        # uvicorn has waited for (or cancelled) open connections by now; abort anything still queued.
-        engine.stop(0.0)
-        if app.state.input_workers is not None:
-            app.state.input_workers.close()
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        max_connections = args.max_connections or default_max_connections(fd_limit)
+        config = uvicorn.Config(app, log_level="warning", http=protocol_class(args.timeout_request_header,
+                                                                              max_connections),
+                                limit_concurrency=concurrency_limit(max_connections),
+                                timeout_keep_alive=args.timeout_keep_alive,
+                                timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_MARGIN)
+        server = Server(config, engine, args.shutdown_timeout)
+        host, port = sock.getsockname()[:2]
+        where = f"[{host}]" if ":" in host else host
+        print(f"mllama serve: {app.state.options.model_name!r} on http://{where}:{port} (max batch "
+              f"{engine.max_batch}, context {engine.max_model_len}, {max_connections} connections, warm-up "
+              f"{engine.warm_up_seconds:.1f} s, engine process {engine.process.pid})", file=sys.stderr, flush=True)
+        server.run(sockets=[sock])
+    finally:
+        engine.stop(0.0)  # asked to stop at the signal already: this waits for its process to end
+        _close_input_workers(app)
+        sock.close()
+    aborted = f"; {engine.aborted} request{'' if engine.aborted == 1 else 's'} aborted at the deadline" \
+        if engine.aborted else ""
+    print(f"mllama serve: stopped{aborted}", file=sys.stderr, flush=True)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def main(argv: list[str] | argparse.Namespace | None = None) -> int:
     if isinstance(argv, argparse.Namespace):
         args = argv
     else:
-        parser = argparse.ArgumentParser(prog="mllama serve")
+        parser = _OneLineParser(prog="mllama serve")
         add_arguments(parser)
         args = parser.parse_args(argv)
-    run(args)
+    try:
+        run(args)
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM before the server ran
+        return 130
+    except Exception as e:  # one line; MLLAMA_DEBUG=1 shows the traceback
+        if os.environ.get("MLLAMA_DEBUG"):
+            raise
+        text = str(e).strip()
+        print(f"mllama serve: error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
+        return 1
     return 0
 
 

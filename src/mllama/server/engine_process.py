@@ -8,11 +8,15 @@ concurrency 64 (bench/results/2026-11-29-h200-serve-load.json). Apart, each has 
 
 Wire format (a multiprocessing pipe, one writer thread per side):
   server -> engine: ("submit", rid, fields), ("cancel", rid), ("stats", token), ("stop", deadline)
-  engine -> server: ("events", [(rid, event tuple), ...]), ("stats", token, dict), ("stopped",)
+  engine -> server: ("ready", info) or ("failed", reason) first; then ("events", [(rid, event tuple), ...]),
+                    ("stats", token, dict), ("failed", reason) before it exits after a failure, ("stopped",)
 Image tensors travel as numpy arrays (`pack_tensors`), bf16/fp16 as int16 views of the same bytes.
 Every request ends with exactly one final event (finish_reason or error); the server counts requests in flight
 from submit to that event, which is the engine's own admission rule (running + waiting <= slots + queue), so a
 full server answers 429 at once without asking the engine.
+Stopping: after ("stop", deadline) the engine lets its requests run until the deadline and aborts the rest (each
+with its final event), then answers ("stopped",). The server closes its end once its two pipe threads have
+ended; the engine process exits at the end of the pipe.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ import asyncio
 import itertools
 import multiprocessing
 import queue
+import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -124,8 +130,11 @@ def _exit_after(outbox: "_Outbox | None", reason: str) -> None:
 
 
 def _engine_main(conn, spec: dict) -> None:
-    import sys
-
+    # Ctrl+C reaches every process of the terminal's group, and a service manager's SIGTERM often every process
+    # of the service: the server decides when the engine stops ("stop" with its deadline), and if the server is
+    # gone, the end of the pipe stops the engine.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     outbox = None  # made once the engine runs; the failure callback reads it then
 
     # The engine thread waits on the GPU once per step and then wants the GIL back at once; the pipe threads
@@ -146,12 +155,20 @@ def _engine_main(conn, spec: dict) -> None:
         engine.on_failure = lambda reason: _exit_after(outbox, reason)
         engine.start()
     except BaseException as e:  # noqa: BLE001 - reported to the server, which exits with the message
-        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        try:
+            conn.send(("failed", f"{type(e).__name__}: {e}"))
+        except OSError:  # the server is gone already
+            pass
         return
-    conn.send(("ready", {"max_model_len": engine.max_model_len, "max_batch": engine.max_batch,
-                         "max_queue": engine.max_queue, "defaults": engine.defaults, "eos": engine.eos,
-                         "warm_up_seconds": engine.warm_up_seconds, "dtype": str(engine.dtype).removeprefix("torch."),
-                         "device": str(engine.device), "stats": engine.stats()}))
+    try:
+        conn.send(("ready", {"max_model_len": engine.max_model_len, "max_batch": engine.max_batch,
+                             "max_queue": engine.max_queue, "defaults": engine.defaults, "eos": engine.eos,
+                             "warm_up_seconds": engine.warm_up_seconds,
+                             "dtype": str(engine.dtype).removeprefix("torch."), "device": str(engine.device),
+                             "stats": engine.stats()}))
+    except OSError:  # the server ended while the model loaded: nobody to serve
+        engine.stop(0.0)
+        return
     outbox = _Outbox(conn)
     requests: dict[int, GenerationRequest] = {}
 
@@ -215,7 +232,8 @@ class _Handle:
 
 class EngineProcess:
     """Starts the engine process (model load, compilation and graph warm-up happen there) and talks to it.
-    submit, stats and the deliveries run on the server's event loop; two threads move the pipe's messages."""
+    submit, stats, stop_soon and the deliveries run on the server's event loop; two threads move the pipe's
+    messages, and only they use the pipe until `stop` has ended them."""
 
     def __init__(self, spec: dict, start_timeout: float | None = None):
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: never fork threads or CUDA
@@ -224,18 +242,14 @@ class EngineProcess:
         self.process = context.Process(target=_engine_main, args=(child, spec), name="mllama-engine")
         self.process.start()
         child.close()
-        began = time.monotonic()
-        while not self.conn.poll(1.0):
-            if not self.process.is_alive():
-                raise RuntimeError(f"the engine process exited (code {self.process.exitcode}) while loading "
-                                   f"{spec['model']!r}")
-            if start_timeout is not None and time.monotonic() - began > start_timeout:
+        try:
+            info = self._wait_ready(spec["model"], start_timeout)
+        except BaseException:  # a failure, or Ctrl+C / SIGTERM while loading: leave no engine behind
+            if self.process.is_alive():
                 self.process.kill()
-                raise RuntimeError(f"the engine did not start within {start_timeout} s")
-        kind, info = self.conn.recv()
-        if kind == "failed":
-            self.process.join(timeout=10)
-            raise RuntimeError(f"the engine could not start: {info}")
+            self.process.join()
+            self.conn.close()
+            raise
         self.max_model_len, self.max_batch = info["max_model_len"], info["max_batch"]
         self.max_queue, self.defaults, self.eos = info["max_queue"], info["defaults"], info["eos"]
         self.warm_up_seconds, self.dtype, self.device = info["warm_up_seconds"], info["dtype"], info["device"]
@@ -243,15 +257,30 @@ class EngineProcess:
         self.failed: str | None = None
         self._failure: str | None = None
         self._accepting = True
+        self._stop_by: float | None = None  # when the engine, asked to stop, will have aborted what is left
         self.requests: dict[int, Callable[[Event], None]] = {}
         self.inflight = 0
+        self.aborted = 0  # requests that ended with finish_reason "abort": still running at the stop's deadline
         self.loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
         self._waiters: dict[int, asyncio.Future] = {}
         self.outgoing: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._send, name="mllama-engine-send", daemon=True).start()
+        self._sender = threading.Thread(target=self._send, name="mllama-engine-send", daemon=True)
+        self._sender.start()
         self._reader = threading.Thread(target=self._read, name="mllama-engine-read", daemon=True)
         self._reader.start()
+
+    def _wait_ready(self, model: str, start_timeout: float | None) -> dict:
+        began = time.monotonic()
+        while not self.conn.poll(1.0):
+            if not self.process.is_alive():
+                raise RuntimeError(f"the engine process ended while loading {model!r} ({self._exit_status()})")
+            if start_timeout is not None and time.monotonic() - began > start_timeout:
+                raise RuntimeError(f"the engine did not start within {start_timeout} s")
+        kind, info = self.conn.recv()
+        if kind == "failed":
+            raise RuntimeError(f"the engine could not start: {info}")
+        return info
 
     @property
     def accepting(self) -> bool:
@@ -296,14 +325,29 @@ class EngineProcess:
         finally:
             self._waiters.pop(token, None)
 
-    def stop(self, deadline: float = 0.0) -> None:
-        """Stops taking requests; running and queued ones get `deadline` seconds, then the engine aborts the rest
-        and its process exits."""
+    def stop_soon(self, deadline: float = 0.0) -> None:
+        """Stops taking requests and asks the engine to stop, without waiting: running and queued requests get
+        `deadline` seconds, then the engine aborts the rest. Each still ends with its final event (finish_reason
+        "abort" for the aborted), delivered on the loop as usual. Asking again changes nothing."""
         self._accepting = False
-        if self.process.is_alive():
+        if self._stop_by is None and self.process.is_alive():
+            self._stop_by = time.monotonic() + deadline
             self.outgoing.put(("stop", deadline))
-            self._reader.join(timeout=deadline + 60)  # ends at "stopped" or when the process is gone
+
+    def stop(self, deadline: float = 0.0) -> None:
+        """stop_soon, then waits for the engine's last events and for its process to exit (killed if it does not
+        answer within 60 s of its deadline). Not on the event loop: it blocks."""
+        self.stop_soon(deadline)
+        if self._stop_by is not None:  # the reader ends at "stopped", or when the process is gone
+            self._reader.join(timeout=max(0.0, self._stop_by - time.monotonic()) + 60)
         self.outgoing.put(None)
+        self._sender.join(timeout=10)
+        if self._reader.is_alive() or self._sender.is_alive():  # the engine neither answers nor reads
+            self.process.kill()  # which ends both threads: the pipe's other end is gone
+            self._reader.join(timeout=10)
+            self._sender.join(timeout=10)
+        # Closed only now: a thread blocked in send or recv on a closed descriptor fails with EBADF, or worse,
+        # writes to whatever file has reused that descriptor number.
         self.conn.close()
         self.process.join(timeout=30)
         if self.process.is_alive():
@@ -323,33 +367,51 @@ class EngineProcess:
                 return
 
     def _read(self) -> None:
-        reason = None
         while True:
             try:
                 message = self.conn.recv()
             except (EOFError, OSError):
-                reason = f"the engine process ended (exit code {self.process.exitcode})"
                 break
             kind = message[0]
-            if kind == "events" and self.loop is not None:
-                self.loop.call_soon_threadsafe(self._deliver, message[1])
+            if kind == "events":
+                self._post(self._deliver, message[1])
             elif kind == "stats":
                 self.last_stats = message[2]
-                if self.loop is not None:
-                    self.loop.call_soon_threadsafe(self._resolve, message[1], message[2])
+                self._post(self._resolve, message[1], message[2])
             elif kind == "stopped":
                 return
             elif kind == "failed":  # the engine's own account; the process exits next
                 self._failure = f"the engine failed: {message[1]}"
-        # Gone without being asked to stop (a crash): fail whatever is in flight, and say so on /health.
-        reason = self._failure or reason
+        # The pipe ended without "stopped": the process died. Fail whatever is in flight, say so on /health and
+        # once on stderr.
+        reason = self._failure or f"the engine process ended: {self._exit_status()}"
         if self._accepting or self._failure:
             self.failed = reason
-        if self.loop is not None and not self.loop.is_closed():
+        print(f"mllama serve: {reason}; requests in flight failed, new ones get 503: restart the server",
+              file=sys.stderr, flush=True)
+        self._post(self._fail_all, reason)
+
+    def _exit_status(self) -> str:
+        self.process.join(timeout=5)  # the pipe ends a moment before the process does
+        code = self.process.exitcode
+        if code is None:
+            return "it closed its pipe and still runs"
+        if code < 0:
             try:
-                self.loop.call_soon_threadsafe(self._fail_all, reason)
-            except RuntimeError:
-                pass
+                name = f" ({signal.Signals(-code).name})"
+            except ValueError:
+                name = ""
+            return f"killed by signal {-code}{name}"
+        return f"exit code {code}"
+
+    def _post(self, callback: Callable, *args) -> None:
+        """callback(*args) on the event loop; dropped once the loop has closed (the server is exiting)."""
+        if self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # "Event loop is closed"
+            pass
 
     def _deliver(self, events: list[tuple[int, tuple]]) -> None:
         for rid, fields in events:
@@ -358,6 +420,7 @@ class EngineProcess:
             if _final(event) and emit is not None:
                 del self.requests[rid]
                 self.inflight -= 1
+                self.aborted += event.finish_reason == "abort"
             if emit is not None:
                 emit(event)
 
