@@ -492,7 +492,9 @@ def test_queue_full_429_api_key_and_sigterm(tiny_checkpoint):
             t.join(GUARD)
             assert not t.is_alive(), "a request in flight at SIGTERM never came back"
         assert {n: r.status_code for n, r in results.items()} == {2000: 200, 400: 200}
-        assert all(r.json()["usage"]["completion_tokens"] == n for n, r in results.items())
+        answers = {n: (r.json()["choices"][0]["finish_reason"], r.json()["usage"]["completion_tokens"])
+                   for n, r in results.items()}
+        assert all(tokens == n for n, (_, tokens) in answers.items()), answers
     finally:
         s.stop()
 
