@@ -122,19 +122,27 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int,
-                generator: torch.Generator | None, eos: torch.Tensor | None = None) -> torch.Tensor:
-    """eos: the EOS ids already on the logits' device (indexing with a host list would sync every step)."""
-    logits = logits.float()
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+def processed_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int,
+                     eos: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores tokens are chosen from (and output_scores returns, as transformers defines them): the logits in
+    float32 after the repetition penalty and the min-length rule and, when sampling, after temperature, top-k and
+    top-p. eos: the EOS ids already on the logits' device (indexing with a host list would sync every step)."""
+    scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
     if new_count < params.min_new_tokens and params.eos_token_id:
         if eos is None:
-            eos = torch.tensor(params.eos_token_id, device=logits.device)
-        logits = logits.index_fill(1, eos, float("-inf"))
+            eos = torch.tensor(params.eos_token_id, device=scores.device)
+        scores = scores.index_fill(1, eos, float("-inf"))
+    if params.do_sample:
+        scores = filter_logits(scores, params.temperature, params.top_k, params.top_p)
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int,
+                generator: torch.Generator | None, eos: torch.Tensor | None = None) -> torch.Tensor:
+    scores = processed_scores(logits, seen, params, new_count, eos)
     if not params.do_sample:
-        return logits.argmax(-1)
-    probs = filter_logits(logits, params.temperature, params.top_k, params.top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -273,17 +281,6 @@ class GenerateOutput(ModelOutput):
     """generate's result with return_dict_in_generate=True, read by attribute or key like transformers' own:
     `sequences` (prompt + new tokens, what generate returns otherwise) and, when asked for, `scores` and `logits`:
     one float32 [batch, vocab] tensor per new token, after the logit processing / as the model gave them."""
-
-
-def processed_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int) -> torch.Tensor:
-    """The scores of output_scores, as transformers defines them: the logits after the repetition penalty and the
-    min-length rule and, when sampling, after temperature, top-k and top-p (the steps next_tokens takes)."""
-    scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
-    if new_count < params.min_new_tokens and params.eos_token_id:
-        scores = scores.index_fill(1, torch.tensor(params.eos_token_id, device=scores.device), float("-inf"))
-    if params.do_sample:
-        scores = filter_logits(scores, params.temperature, params.top_k, params.top_p)
-    return scores
 
 
 class _StepOutputs:
