@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import io
 import os
 import subprocess
 import sys
@@ -95,12 +96,131 @@ def test_chat_through_stdin(tiny_checkpoint, image_path):
     assert result.stdout == f"(image attached: {image_path})\n{replies[0]}\n{replies[1]}\n"
 
 
-def test_chat_system_message_with_image_is_reported(tiny_checkpoint, image_path):
-    script = f"/image {image_path}\nhello\n"
+def test_chat_system_message_with_image_is_reported_and_the_image_dropped(tiny_checkpoint, image_path):
+    from mllama import AutoProcessor, MllamaForConditionalGeneration
+
+    script = f"/image {image_path}\nhello\nhello again\n"
     result = run("chat", "--model", str(tiny_checkpoint), "--system", "Be brief.", "--max-new-tokens", "3",
-                 stdin=script)
+                 "--greedy", stdin=script)
     assert result.returncode == 0
-    assert "incompatible with system messages" in result.stderr
+    assert result.stderr.count("incompatible with system messages") == 1
+    assert "1 attached image(s) dropped" in result.stderr
+    # the next message goes without the image, after the system message alone
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "hello again"}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    reply = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert result.stdout == f"(image attached: {image_path})\n{reply}\n"
+
+
+def test_an_interrupted_answer_stays_in_the_conversation_as_shown(tiny_checkpoint, image_path, monkeypatch):
+    import argparse
+
+    from mllama import AutoProcessor, cli
+
+    def interrupted(model, processor, inputs, shown):
+        shown.append("Once upon")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_stream", interrupted)
+    args = argparse.Namespace(system=None, max_new_tokens=5, temperature=None, top_p=None, top_k=None,
+                              repetition_penalty=None, seed=None, greedy=True, sample=False)
+    chat = cli.Chat(type("Model", (), {"device": torch.device("cpu")})(), AutoProcessor.from_pretrained(tiny_checkpoint),
+                    args)
+    chat.attach(str(image_path))
+    assert chat.handle("Tell me a story.")
+    assert chat.messages[-1] == {"role": "assistant", "content": "Once upon"} and not chat.pending
+    assert chat.messages[0]["content"][0]["type"] == "image"
+
+
+def test_chat_on_a_terminal_edits_lines_and_keeps_history(tiny_checkpoint):
+    import pty
+
+    from test_cli_interrupt import read_until
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "mllama", "chat", "--model", str(tiny_checkpoint),
+                             "--max-new-tokens", "2"], stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    seen = bytearray()
+    try:
+        read_until(master, b"> ", seen)
+        os.write(master, b"/rset\x1b[D\x1b[D\x1b[De\r")  # three times left, then the missing "e": /reset
+        read_until(master, b"(conversation cleared)", seen)
+        read_until(master, b"> ", seen)
+        os.write(master, b"\x1b[A\r")  # up: the line before
+        read_until(master, b"(conversation cleared)", seen)
+        read_until(master, b"> ", seen)
+        os.write(master, b"\x04")  # Ctrl-D at the prompt leaves
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+
+
+def test_bad_arguments_are_refused_before_the_model_loads(tmp_path):
+    """--model names a folder that does not exist: each error must be the argument's, found first."""
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    nothing = str(tmp_path / "no-model")
+    cases = [(["--dtype", "int8"], ["--dtype", "int8", "bfloat16, float16, float32"]),
+             (["--device", "tpu"], ["--device tpu", "'cpu'"]),
+             (["--image", str(not_image)], ["notes.png", "not in any image format"]),
+             (["--image", str(tmp_path / "none.png")], ["none.png", "not found"]),
+             (["--max-new-tokens", "0"], ["--max-new-tokens", ">= 1"]),
+             (["--temperature", "0"], ["--temperature", "> 0"]),
+             (["--top-k", "-1"], ["--top-k", ">= 0"]),
+             (["--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
+             (["--threads", "0"], ["--threads 0", "1 or more"])]
+    for flags, fragments in cases:
+        assert_one_line_error(run("generate", "--model", nothing, "--prompt", "x", *flags), *fragments)
+    assert_one_line_error(run("chat", "--model", nothing, "--dtype", "int8"), "--dtype")
+    assert_one_line_error(run("generate", "--model", nothing, "--prompt", "x", env={"MLLAMA_NUM_THREADS": "many"}),
+                          "MLLAMA_NUM_THREADS='many'")
+
+
+def test_a_prompt_that_is_not_utf8_is_named(tmp_path):
+    result = subprocess.run([MLLAMA, "generate", "--model", str(tmp_path), "--prompt", b"caf\xe9 au lait"],
+                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(result, "--prompt is not valid UTF-8", "0xe9", "character 4")
+    result = subprocess.run([MLLAMA, "chat", "--model", str(tmp_path), "--system", b"\xff"], capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(result, "--system is not valid UTF-8", "0xff")
+
+
+def test_version_and_python_dash_m():
+    from importlib.metadata import version
+
+    import mllama
+
+    expected = f"mllama {version('mllama')}\n"
+    assert mllama.__version__ == version("mllama")
+    assert run("--version").stdout == expected
+    module = subprocess.run([sys.executable, "-m", "mllama", "--version"], capture_output=True, text=True)
+    assert module.returncode == 0 and module.stdout == expected
+
+
+def test_threads_flag_and_environment_reach_torch(tiny_checkpoint, monkeypatch, capsys):
+    from mllama import cli
+
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setenv("MLLAMA_NUM_THREADS", "3")
+    base = ["--model", str(tiny_checkpoint), "--max-new-tokens", "1", "--greedy"]
+    assert cli.main(["generate", "--prompt", "hi", "--threads", "2", *base]) == 0
+    assert cli.main(["generate", "--prompt", "hi", *base]) == 0
+    monkeypatch.delenv("MLLAMA_NUM_THREADS")
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # the chat ends at once
+    assert cli.main(["chat", *base]) == 0
+    assert chosen == [2, 3, 1]
 
 
 def test_info_on_a_folder_and_a_preset(tiny_checkpoint):
@@ -118,7 +238,8 @@ def test_missing_files_and_bad_arguments(tiny_checkpoint, tmp_path):
     assert_one_line_error(run("generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"), "nothing")
     assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--dtype", "float99"),
                           "float99")
-    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--top-p", "3"), "top_p")
+    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--top-p", "3"),
+                          "--top-p", "(0, 1]")
     assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--device", "cuda"),
                           "CUDA")
     assert_one_line_error(run("create-tiny", str(tmp_path / "t"), "--tokenizer", str(tmp_path / "tok.model")),

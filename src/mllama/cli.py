@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+from . import __version__
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 class CliError(Exception):
@@ -23,12 +27,9 @@ class CliError(Exception):
 def _dtype(name: str):
     import torch
 
-    if name == "auto":
-        return "auto"
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise CliError(f"--dtype {name!r} is not a dtype: use auto, bfloat16, float16 or float32")
-    return value
+    if name not in DTYPES:
+        raise CliError(f"--dtype {name!r} is not a dtype the model runs in: use {', '.join(DTYPES)}")
+    return name if name == "auto" else getattr(torch, name)
 
 
 def load(model_id: str, dtype: str, device: str, text_only: bool = False):
@@ -54,6 +55,115 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Checking the arguments (before the model loads, which takes minutes for a large checkpoint)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """The flags of generate and chat; each error names its flag and what would be valid."""
+    _dtype(args.dtype)
+    _check_device(args.device)
+    for flag in ("prompt", "system"):
+        _check_utf8(flag, getattr(args, flag, None))
+    if args.threads is not None and args.threads < 1:
+        raise CliError(f"--threads {args.threads}: use 1 or more")
+    _check_sampling(args)
+
+
+def _check_device(name: str) -> None:
+    from .modeling.base import _resolve_device
+
+    try:
+        _resolve_device(name, None)
+    except ValueError as e:
+        raise CliError(f"--device {name}: {e}") from None
+
+
+def _check_utf8(flag: str, text: str | None) -> None:
+    """Arguments that are not UTF-8 reach sys.argv with their bytes as lone surrogates (PEP 383), which the
+    tokenizer cannot encode."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"character U+{code:04X}"
+        raise CliError(f"--{flag} is not valid UTF-8 (a {what} at character {e.start + 1}): give the text in "
+                       f"UTF-8") from None
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    """The library's own range rules (SamplingParams.validate), reported under the flag's name."""
+    from dataclasses import fields
+
+    from .generation import SamplingParams
+
+    names = {f.name for f in fields(SamplingParams)}
+    try:
+        SamplingParams(**{k: v for k, v in _sampling(args).items() if k in names}).validate()
+    except ValueError as e:
+        field = str(e).split()[0]
+        raise CliError(f"--{field.replace('_', '-')}{str(e)[len(field):]}" if field in names else str(e)) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU threads
+
+
+def cpu_threads(flag: int | None, env: Mapping[str, str], cpus: int, physical: int, online: int,
+                load: float) -> int:
+    """How many threads torch computes with: `--threads`, else MLLAMA_NUM_THREADS, else OMP_NUM_THREADS, else
+    the CPUs this process may use (`cpus`, of the machine's `online`) that the 1-minute load average leaves
+    idle, at most the `physical` cores among them and at least 1.
+
+    Why not torch's default of one thread per core: its threads wait for each other at every operation, so a
+    core taken by another process stalls them all; on a busy 2-core machine the CLI ran 2-15x slower with the
+    default than with one thread. Two hyperthreads of one core share its arithmetic units, so threads beyond
+    the physical cores add contention, not speed."""
+    if flag is not None:
+        return flag
+    for name in ("MLLAMA_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = env.get(name, "").strip()
+        if value:
+            return _threads_from_env(name, value)
+    busy = load * cpus / max(online, cpus)  # the load average counts the whole machine: our CPUs' share of it
+    idle = int(cpus - busy + 0.5)  # a CPU busy at most half of the time counts as idle
+    return max(1, min(idle, physical))
+
+
+def _threads_from_env(name: str, value: str) -> int:
+    first = value.split(",")[0].strip()  # OpenMP allows a list, one number per nesting level
+    if not first.isdigit() or int(first) < 1:
+        raise CliError(f"{name}={value!r} is not a number of threads: set a whole number >= 1, or unset it")
+    return int(first)
+
+
+def _physical_cores(cpu_ids: list[int]) -> int:
+    """Cores among these CPUs, hyperthreads of one core counted once (len(cpu_ids) where sysfs does not say)."""
+    cores = set()
+    for cpu in cpu_ids:
+        try:
+            cores.add(Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text().strip())
+        except OSError:
+            return len(cpu_ids)
+    return len(cores) or len(cpu_ids)
+
+
+def _use_threads(args: argparse.Namespace) -> None:
+    import torch
+
+    online = os.cpu_count() or 1
+    cpu_ids = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(online))
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    torch.set_num_threads(cpu_threads(args.threads, os.environ, len(cpu_ids), _physical_cores(cpu_ids), online,
+                                      load))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generating
+
+
 def _has_chat_template(processor) -> bool:
     return bool(getattr(processor, "chat_template", None))
 
@@ -64,17 +174,18 @@ def _message(text: str, images: list) -> dict:
     return {"role": "user", "content": content}
 
 
-def _stream(model, processor, inputs) -> str:
+def _stream(model, processor, inputs, shown: list[str]) -> None:
+    """Prints the answer as it comes, each piece also appended to `shown`. Ctrl-C raises KeyboardInterrupt
+    here; leaving the `with` block first stops the generation thread (see generation.stream)."""
     from .generation import stream
 
-    pieces = []
-    for piece in stream(model, processor.tokenizer, **inputs):
-        pieces.append(piece)
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    with contextlib.closing(stream(model, processor.tokenizer, **inputs)) as pieces:
+        for piece in pieces:
+            shown.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return "".join(pieces)
 
 
 def _load_images(paths: list[str]) -> list:
@@ -88,7 +199,9 @@ def _load_images(paths: list[str]) -> list:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    _check_args(args)
     images = _load_images(args.image)
+    _use_threads(args)
     model, processor = load(args.model, args.dtype, args.device)
     if _has_chat_template(processor) and not args.raw:
         inputs = processor.apply_chat_template([_message(args.prompt, images)], add_generation_prompt=True,
@@ -98,64 +211,116 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if images and "<|image|>" not in prompt:
             prompt = "<|image|>" * len(images) + prompt
         inputs = processor(text=prompt, images=images or None, return_tensors="pt")
-    _stream(model, processor, {**dict(inputs.to(model.device)), **_sampling(args)})
+    _stream(model, processor, {**dict(inputs.to(model.device)), **_sampling(args)}, [])
 
 
 CHAT_HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
+    _check_args(args)
+    _use_threads(args)
     model, processor = load(args.model, args.dtype, args.device)
     if not _has_chat_template(processor):
         raise CliError(f"{args.model} has no chat template: use `mllama generate` with a base model")
-    messages: list[dict] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    pending: list = []
+    chat = Chat(model, processor, args)
     interactive = sys.stdin.isatty()
     if interactive:
+        _enable_line_editing()
         print(CHAT_HELP)
-    while True:
+    try:
+        while (line := _read_line(interactive)) is not None and chat.handle(line):
+            pass
+    except KeyboardInterrupt:  # at the prompt, or between two lines (an answer handles its own)
         if interactive:
-            sys.stdout.write("> ")
-            sys.stdout.flush()
+            print()
+
+
+def _enable_line_editing() -> None:
+    """Arrow keys, Ctrl-R and this session's history for input(), where Python has readline."""
+    try:
+        import readline  # noqa: F401  (importing it is what turns line editing on)
+    except ImportError:
+        pass
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next line typed, or None at the end of the input (Ctrl-D)."""
+    if not interactive:
         line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.rstrip("\n")
-        if not line.strip():
-            continue
-        if line.strip() in ("/exit", "/quit"):
-            break
-        if line.strip() == "/reset":
-            messages, pending = messages[:1] if args.system else [], []
+        return line.rstrip("\n") if line else None
+    try:
+        return input("> ")
+    except EOFError:
+        print()
+        return None
+
+
+class Chat:
+    """A conversation: its messages so far and the images attached to the next message."""
+
+    def __init__(self, model, processor, args: argparse.Namespace):
+        self.model, self.processor, self.args = model, processor, args
+        self.system = [{"role": "system", "content": args.system}] if args.system else []
+        self.messages: list[dict] = list(self.system)
+        self.pending: list = []
+
+    def handle(self, line: str) -> bool:
+        """Runs one line (a command or a message); False when it asks to leave."""
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return False
+        if command == "/reset":
+            self.messages, self.pending = list(self.system), []
             print("(conversation cleared)")
-            continue
-        if line.startswith("/image"):
-            path = line[len("/image"):].strip()
-            try:
-                pending += _load_images([path]) if path else []
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
-                continue
-            if not path:
-                print("usage: /image PATH", file=sys.stderr)
-            else:
-                print(f"(image attached: {path})")
-            continue
-        if line.startswith("/"):
-            print(f"unknown command {line.split()[0]}; {CHAT_HELP}", file=sys.stderr)
-            continue
-        turn = messages + [_message(line, pending)]
+        elif command.startswith("/image"):
+            self.attach(command[len("/image"):].strip())
+        elif command.startswith("/"):
+            print(f"unknown command {command.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+        elif command:
+            self.answer(line)
+        return True
+
+    def attach(self, path: str) -> None:
+        if not path:
+            print("usage: /image PATH", file=sys.stderr)
+            return
         try:
-            inputs = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True, return_tensors="pt")
-        except ValueError as e:  # e.g. the template's rule against a system message with images
+            self.pending += _load_images([path])
+        except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
-            continue
-        reply = _stream(model, processor, {**dict(inputs.to(model.device)), **_sampling(args)})
-        messages = turn + [{"role": "assistant", "content": reply}]
-        pending = []
+            return
+        print(f"(image attached: {path})")
+
+    def answer(self, text: str) -> None:
+        """Streams the reply; Ctrl-C stops it, and what was shown of it stays in the conversation."""
+        turn = self.messages + [_message(text, self.pending)]
+        shown: list[str] = []
+        try:
+            inputs = self._template(turn)
+            if inputs is None:
+                return
+            _stream(self.model, self.processor, {**dict(inputs.to(self.model.device)), **_sampling(self.args)},
+                    shown)
+        except KeyboardInterrupt:
+            print("\n(answer stopped)")
+        self.messages = turn + [{"role": "assistant", "content": "".join(shown)}]
+        self.pending = []
+
+    def _template(self, turn: list[dict]):
+        """The model's inputs, or None when the template refuses the conversation (the error is shown, and the
+        pending images are dropped: kept, they would make every later message fail the same way)."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=True,
+                                                      return_dict=True, return_tensors="pt")
+        except (ValueError, TemplateError) as e:  # e.g. the template's rule against a system message with images
+            print(f"error: {_one_line(e)}", file=sys.stderr)
+            if self.pending:
+                print(f"({len(self.pending)} attached image(s) dropped; /image PATH attaches again)", file=sys.stderr)
+                self.pending = []
+            return None
 
 
 def _count_parameters(config) -> dict[str, int]:
@@ -309,6 +474,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="CPU threads (default: MLLAMA_NUM_THREADS, OMP_NUM_THREADS, else "
+                   "the idle physical cores)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -325,6 +492,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision in plain PyTorch")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text for a prompt and images, streamed to the terminal")
