@@ -66,3 +66,19 @@ def test_outputs_without_the_dict_are_refused(pair):
     for flag in ("output_scores", "output_logits"):
         with pytest.raises(ValueError, match="return_dict_in_generate=True"):
             ours.generate(**inputs, max_new_tokens=2, **{flag: True})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fast path replays CUDA graphs on CUDA only")
+def test_graph_replayed_steps_keep_their_own_scores():
+    """The decode graph writes every step's logits into one buffer: each step's scores must be a copy."""
+    model = randomize(MllamaForConditionalGeneration.from_config(tiny_config(), device="cuda"), seed=11, std=0.15)
+    model.eval()
+    inputs = {k: v.cuda() for k, v in make_inputs(*GEN_CASES["left_padded_batch"], 28).items()}
+    kw = dict(max_new_tokens=10, eos_token_id=None, do_sample=False, **OUTPUTS)
+    plain = model.generate(**inputs, fast=False, **kw)
+    fast = model.generate(**inputs, fast=True, **kw)
+    assert torch.equal(plain.sequences, fast.sequences)
+    for name in ("scores", "logits"):
+        assert len(plain[name]) == len(fast[name]) == 10
+        for a, b in zip(plain[name], fast[name]):
+            assert torch.allclose(a, b, atol=1e-3, rtol=1e-3)
