@@ -129,8 +129,8 @@ def test_an_interrupted_answer_stays_in_the_conversation_as_shown(tiny_checkpoin
     monkeypatch.setattr(cli, "_stream", interrupted)
     args = argparse.Namespace(system=None, max_new_tokens=5, temperature=None, top_p=None, top_k=None,
                               repetition_penalty=None, seed=None, greedy=True, sample=False)
-    chat = cli.Chat(type("Model", (), {"device": torch.device("cpu")})(), AutoProcessor.from_pretrained(tiny_checkpoint),
-                    args)
+    model = type("Model", (), {"device": torch.device("cpu")})()  # never called: _stream is replaced
+    chat = cli.Chat(model, AutoProcessor.from_pretrained(tiny_checkpoint), args)
     chat.attach(str(image_path))
     assert chat.handle("Tell me a story.")
     assert chat.messages[-1] == {"role": "assistant", "content": "Once upon"} and not chat.pending

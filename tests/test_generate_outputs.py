@@ -43,7 +43,8 @@ def test_scores_and_logits_equal_transformers(pair, processing, fast):
     assert torch.equal(got.sequences, expected.sequences) and torch.equal(got["sequences"], got[0])
     for name in ("scores", "logits"):
         ours_steps, their_steps = got[name], getattr(expected, name)
-        assert isinstance(ours_steps, tuple) and len(ours_steps) == len(their_steps) == got.sequences.shape[1] - len(ids[0])
+        new_tokens = got.sequences.shape[1] - len(ids[0])
+        assert isinstance(ours_steps, tuple) and len(ours_steps) == len(their_steps) == new_tokens
         for a, b in zip(ours_steps, their_steps):
             assert a.dtype == torch.float32 and a.shape == b.shape == (len(ids), ours.vocab_size)
             assert torch.equal(a.isinf(), b.isinf())
