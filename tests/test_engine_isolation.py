@@ -114,3 +114,21 @@ def test_a_failing_request_ends_alone_and_the_engine_goes_on(loaded, monkeypatch
         assert engine.outcomes["error"] == 2
     finally:
         engine.stop()
+
+
+def test_repetition_penalty_on_an_image_prompt(loaded):
+    """The image token (id = the output vocabulary's size) is in the prompt but has no logit: it used to index past
+    the logits (`index 128256 is out of bounds`)."""
+    from mllama.generation import apply_repetition_penalty
+
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    seen = torch.tensor([[3, 0, 1, 3]])  # 3: past the vocabulary
+    out = apply_repetition_penalty(logits, seen, 2.0)
+    assert torch.equal(out, torch.tensor([[1.0, -2.0, 0.5]]))
+    model, processor = loaded
+    import PIL.Image
+
+    inputs = processor(images=[[PIL.Image.new("RGB", (30, 20), (9, 9, 9))]], text=["<|image|>Look"],
+                       return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, repetition_penalty=1.3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .modeling.cache import MllamaCache
 from .modeling.outputs import ModelOutput
@@ -98,12 +99,17 @@ def resolve_params(model, kwargs: dict, prompt_len: int = 0) -> SamplingParams:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Tokens already in the sequence: positive logits divided by `penalty`, negative ones multiplied."""
+    """Tokens already in the sequence: positive logits divided by `penalty`, negative ones multiplied. Ids the
+    model cannot produce (the image token is past the output vocabulary) have no logit to penalise: they go to one
+    extra column, dropped after."""
     if penalty == 1.0:
         return logits
-    scores = logits.gather(1, seen)
+    vocab = logits.shape[-1]
+    seen = seen.clamp(max=vocab)
+    padded = F.pad(logits, (0, 1))
+    scores = padded.gather(1, seen)
     scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(1, seen, scores)
+    return padded.scatter(1, seen, scores)[..., :vocab]
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
