@@ -146,10 +146,15 @@ def build(args: argparse.Namespace):
 
 def _close_input_workers(app) -> None:
     workers = app.state.input_workers
-    if workers is not None:
+    if workers is None:
+        return
+    pool = workers.pool
+    if pool is not None:
         # Waits for the pool's manager thread: if the interpreter exits while it still runs, Python 3.11's exit
-        # hook writes to the wake-up pipe that thread is closing ("OSError: Bad file descriptor" at exit).
-        workers.pool.shutdown(wait=True, cancel_futures=True)
+        # hook writes to the wake-up pipe that thread is closing ("OSError: Bad file descriptor" at exit). First:
+        # a pool shut down once without waiting forgets its thread, and a second shutdown cannot wait for it.
+        pool.shutdown(wait=True, cancel_futures=True)
+    workers.close()
 
 
 def _interrupt(signum, frame) -> None:
@@ -162,7 +167,7 @@ def run(args: argparse.Namespace) -> None:
     for what runs, then aborts the rest; every request ends with its final event, then the process exits 0."""
     import uvicorn
 
-    from .http import SHUTDOWN_MARGIN, Server, concurrency_limit, default_max_connections, listen_socket, \
+    from .http import BACKLOG, SHUTDOWN_MARGIN, Server, concurrency_limit, default_max_connections, listen_socket, \
         protocol_class, raise_fd_limit
 
     fd_limit = raise_fd_limit()
@@ -179,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
         max_connections = args.max_connections or default_max_connections(fd_limit)
         config = uvicorn.Config(app, log_level="warning", http=protocol_class(args.timeout_request_header,
                                                                               max_connections),
-                                limit_concurrency=concurrency_limit(max_connections),
+                                limit_concurrency=concurrency_limit(max_connections), backlog=BACKLOG,
                                 timeout_keep_alive=args.timeout_keep_alive,
                                 timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_MARGIN)
         server = Server(config, engine, args.shutdown_timeout)

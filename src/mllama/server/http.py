@@ -13,9 +13,11 @@ import argparse
 import asyncio
 import errno
 import logging
+import math
 import os
 import socket
 import sys
+import time
 from collections import OrderedDict
 
 import h11
@@ -27,6 +29,9 @@ from ..cli import CliError
 # After the deadline the engine still has to end its current step and send the aborts, and each stream its last
 # chunk; connections still open this long after the deadline are cut by uvicorn.
 SHUTDOWN_MARGIN = 5.0
+# Connections the kernel queues for accept(). It is also how many asyncio accepts in one go, before any protocol
+# sees them (and before the connection cap can close idle ones): the descriptor budget leaves room for a burst.
+BACKLOG = 512
 
 
 def port_number(text: str) -> int:
@@ -40,7 +45,7 @@ def port_number(text: str) -> int:
     return port
 
 
-def listen_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+def listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     """A socket bound to host:port and listening; CliError names the flag at fault. Connections made before the
     server runs wait in the backlog and are answered once it does."""
     try:
@@ -100,9 +105,10 @@ def descriptors_in_use() -> int:
 
 
 def default_max_connections(fd_limit: int) -> int:
-    """Half the descriptors left now that the engine and the input workers run (a request may hold a second one
-    while it fetches a remote image), less 64 for what the server opens later; at most 8192."""
-    free = fd_limit - descriptors_in_use() - 64
+    """Of the descriptors left now that the engine and the input workers run, less a burst of accepts (BACKLOG)
+    and 64 for what the server opens later, half (a request may hold a second one while it fetches a remote
+    image); at most 8192."""
+    free = fd_limit - descriptors_in_use() - BACKLOG - 64
     return max(16, min(8192, free // 2))
 
 
@@ -218,6 +224,7 @@ class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, engine, deadline: float):
         super().__init__(config)
         self.engine, self.deadline = engine, deadline
+        self.out_of_descriptors_said = -math.inf
         logging.getLogger("uvicorn.error").addFilter(_DropCancelledTracebacks())
 
     def handle_exit(self, sig, frame) -> None:
@@ -229,6 +236,26 @@ class Server(uvicorn.Server):
         captured = getattr(self, "_captured_signals", None)
         if sig == signal.SIGTERM and captured and captured[-1] == sig:
             captured.pop()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        asyncio.get_running_loop().set_exception_handler(self._loop_exception)
+        await super().startup(sockets)
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        # Out of descriptors (a burst of connections faster than the cap closes idle ones, or descriptors used
+        # elsewhere): asyncio stops accepting for a second and logs a traceback each time. One line a minute.
+        if context.get("message", "").startswith("socket.accept() out of system resource"):
+            now = time.monotonic()
+            if now - self.out_of_descriptors_said > 60:
+                self.out_of_descriptors_said = now
+                print(f"mllama serve: out of file descriptors ({context.get('exception')}): new connections wait",
+                      file=sys.stderr, flush=True)
+            return
+        # That pause's timer, when it fires after shutdown closed the socket, fails on the closed descriptor.
+        if self.should_exit and isinstance(context.get("exception"), ValueError) and \
+                "_start_serving" in repr(context.get("handle")):
+            return
+        loop.default_exception_handler(context)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         count = self.engine.inflight
