@@ -85,3 +85,16 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_model_path):
     from mllama.cli import create_tiny
 
     return create_tiny(tmp_path_factory.mktemp("tiny-ckpt"), tokenizer_model_path)
+
+
+_GPU_TESTS = Path(__file__).parent / "gpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/gpu/ needs CUDA (CUDA graphs, compiled paths): run there on the GPU machine, skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (CUDA graphs and compiled paths); run on the GPU machine")
+    for item in items:
+        if _GPU_TESTS in Path(str(item.fspath)).parents:
+            item.add_marker(skip)

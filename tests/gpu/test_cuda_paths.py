@@ -1,0 +1,121 @@
+"""On CUDA: generate's fast path (fused projections, CUDA graphs) against the plain model, and the serving engine
+(compiled layer functions, decode and prefill graphs) against generate alone, with failing requests beside good
+ones. Tiny models in float32, so that equality is exact up to kernel choice."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from conftest import randomize, tiny_config
+from test_generation import GEN_CASES
+from test_parity import make_inputs
+from mllama import MllamaForConditionalGeneration
+from mllama.engine import batch as batch_module
+from mllama.engine.batch import BatchEngine, Event, GenerationRequest
+from mllama.generation import SamplingParams
+
+DEVICE = "cuda"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(MllamaForConditionalGeneration.from_config(tiny_config()), seed=21, std=0.15).eval().to(DEVICE)
+
+
+@pytest.mark.parametrize("case", list(GEN_CASES))
+def test_fast_path_tokens_and_scores_equal_plain(model, case):
+    inputs = {k: v.to(DEVICE) for k, v in make_inputs(*GEN_CASES[case], 28).items()}
+    kw = dict(max_new_tokens=16, eos_token_id=None, return_dict_in_generate=True, output_scores=True,
+              output_logits=True)
+    plain = model.generate(**inputs, fast=False, **kw)
+    fast = model.generate(**inputs, fast=True, **kw)
+    assert torch.equal(plain.sequences, fast.sequences)
+    assert len(fast.scores) == len(plain.scores) == 16
+    for a, b in zip(plain.scores + plain.logits, fast.scores + fast.logits):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    from mllama.processing.processor import AutoProcessor
+
+    m = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32,
+                                                       device_map=DEVICE).eval()
+    return m, AutoProcessor.from_pretrained(str(tiny_checkpoint))
+
+
+class Collector:
+    def __init__(self, fail_on: int | None = None):
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.fail_on = fail_on
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if event.finish_reason or event.error:
+            self.done.set()
+        elif self.fail_on is not None and len(self.events) == self.fail_on:
+            raise RuntimeError("the client's callback broke")
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for e in self.events for i in e.token_ids]
+
+
+def _request(processor, text: str, image=None) -> tuple[list[int], dict]:
+    if image is None:
+        return processor.tokenizer(text, add_special_tokens=True)["input_ids"], {}
+    inputs = processor(images=[[image]], text=[f"<|image|>{text}"], return_tensors="pt")
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    return ids, dict(inputs)
+
+
+def _alone(model, ids, inputs, max_new_tokens) -> list[int]:
+    given = {k: v.to(DEVICE) for k, v in inputs.items()}
+    out = model.generate(input_ids=torch.tensor([ids], device=DEVICE), max_new_tokens=max_new_tokens,
+                         do_sample=False, fast=False, eos_token_id=None, **given)
+    return out[0, len(ids):].tolist()
+
+
+def test_engine_on_graphs_equals_generate_and_failures_stay_alone(served, monkeypatch):
+    import PIL.Image
+
+    model, processor = served
+    real = batch_module.next_tokens
+
+    def next_tokens(logits, seen, params, count, generator, eos=None):
+        if params.top_p == 0.5:
+            raise FloatingPointError("probabilities are not finite")
+        return real(logits, seen, params, count, generator, eos)
+
+    monkeypatch.setattr(batch_module, "next_tokens", next_tokens)
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True)
+    engine.eos = ()  # every request runs to max_tokens, so the answers compare token for token
+    engine.start()
+    try:
+        image = PIL.Image.new("RGB", (50, 40), (10, 200, 30))
+        cases = [_request(processor, "Plain text first"), _request(processor, "An image here", image),
+                 _request(processor, "A longer text prompt, with more words in it than the first"),
+                 _request(processor, "Tiny temperature")]
+        good, collectors = [], []
+        for k, (ids, inputs) in enumerate(cases):
+            c = Collector()
+            params = SamplingParams(max_new_tokens=12, do_sample=k == 3, temperature=2e-39 if k == 3 else 1.0)
+            engine.submit(GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, emit=c))
+            good.append((c, ids, inputs))
+        ids, inputs = cases[0]
+        sampled, broken = Collector(), Collector(fail_on=3)
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=sampled, seed=1,
+                                        params=SamplingParams(max_new_tokens=12, do_sample=True, top_p=0.5)))
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=broken, params=SamplingParams(max_new_tokens=12)))
+        for c in [c for c, _, _ in good] + [sampled, broken]:
+            assert c.done.wait(300), "a request never got its final event"
+        for c, ids, inputs in good:
+            assert c.events[-1].error is None and c.ids == _alone(model, ids, inputs, 12)
+        assert "sampling failed" in sampled.events[-1].error and "RuntimeError" in broken.events[-1].error
+        assert engine.failed is None and engine.runner.use_graphs
+    finally:
+        engine.stop()
