@@ -195,6 +195,10 @@ def run(args: argparse.Namespace) -> None:
               f"{engine.warm_up_seconds:.1f} s, engine process {engine.process.pid})", file=sys.stderr, flush=True)
         server.run(sockets=[sock])
     finally:
+        # Serving is over. A second SIGTERM or Ctrl+C would now end the process halfway through this, and input
+        # workers left without their parent wait for work forever.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         engine.stop(0.0)  # asked to stop at the signal already: this waits for its process to end
         _close_input_workers(app)
         sock.close()

@@ -180,7 +180,13 @@ def _engine_main(conn, spec: dict) -> None:
         return emit
 
     def stop(deadline: float) -> None:
-        engine.stop(deadline)
+        # Not engine.stop(deadline): it waits while its queue or its slots hold a request, and one that has left
+        # the queue for a slot but is not in it yet looks like none, so it was aborted though time was left. The
+        # requests this process was given leave `requests` at their final event: wait for those.
+        end = time.monotonic() + deadline
+        while requests and time.monotonic() < end:
+            time.sleep(0.01)
+        engine.stop(0.0)
         outbox.control(("stopped",))
 
     stopper = None
@@ -197,6 +203,8 @@ def _engine_main(conn, spec: dict) -> None:
                                         seed=fields["seed"], logprobs=fields["logprobs"], emit=emitter(rid))
             requests[rid] = request
             try:
+                if stopper is not None:  # the server sends none after "stop"; were one to come, it would not wait
+                    raise EngineStopped("the server is shutting down")
                 engine.submit(request)
             except Exception as e:  # noqa: BLE001 - the server checked these first; report, keep serving
                 request.emit(Event(error=f"{type(e).__name__}: {e}"))
