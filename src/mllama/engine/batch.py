@@ -390,6 +390,7 @@ class BatchEngine:
         self.pending: _Prefill | None = None
         self.inflight: _Step | None = None  # the last decode step, queued, its tokens not read yet
         self.reserved: set[int] = set()  # slots of the pending prefill
+        self.admitting = 0  # requests taken from the queue whose prefill is under way
         self.overlapped = 0  # prefills whose vision part ran beside decode steps
         self.failed: str | None = None  # why the engine thread ended, if it failed
         self.on_failure: Callable[[str], None] | None = None  # called on the engine thread after a failure
@@ -444,7 +445,7 @@ class BatchEngine:
             self.accepting = False
             self.lock.notify()
         end = time.monotonic() + deadline
-        while time.monotonic() < end and (self.running or self.waiting or self.pending is not None
+        while time.monotonic() < end and (self.running or self.waiting or self.admitting or self.pending is not None
                                           or self.inflight is not None):
             time.sleep(0.02)
         with self.lock:
@@ -630,11 +631,15 @@ class BatchEngine:
                         group.append(r)
                 for r in group:
                     self.waiting.remove(r)
+                self.admitting = len(group)  # neither waiting nor in a slot: stop() must still wait for them
             pairs = list(zip(group, free))
-            if images and self.running and self.can_overlap and self.overlap_prefill:
-                self._start_overlapped(pairs)
-                return
-            self._prefill_group(pairs)
+            try:
+                if images and self.running and self.can_overlap and self.overlap_prefill:
+                    self._start_overlapped(pairs)
+                    return
+                self._prefill_group(pairs)
+            finally:
+                self.admitting = 0
             if self.running > len(group):
                 return  # decode the running batch before the next group
 
