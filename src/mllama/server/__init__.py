@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="connections open at once; past it a new one closes the connection idle the longest "
                              "(default: half the file descriptors free after start-up, at most 8192; the soft "
                              "RLIMIT_NOFILE is raised to the hard one)")
+    parser.add_argument("--max-body-bytes", type=_count, default=100 * 1024 * 1024,
+                        help="largest request body, counted as it arrives (chunked bodies too): 413 past it "
+                             "(default 100 MiB)")
+    parser.add_argument("--body-timeout", type=_seconds(), default=60.0,
+                        help="seconds from a request's head to the end of its body: 408 past it (default 60)")
+    parser.add_argument("--no-access-log", dest="access_log", action="store_false",
+                        help="no line per request on stderr (client, method, path, status, tokens, seconds)")
 
 
 def _seconds(zero_ok: bool = False):
@@ -131,7 +138,8 @@ def build(args: argparse.Namespace):
     if input_workers is None:
         input_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     options = ServerOptions(model_name=served_model_name(args), api_key=api_key, images=images,
-                            processor_source=str(args.model), input_workers=input_workers)
+                            processor_source=str(args.model), input_workers=input_workers,
+                            max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     app = None
     try:
         with _children_ignore_interrupts():  # the input workers
@@ -148,13 +156,19 @@ def _close_input_workers(app) -> None:
     workers = app.state.input_workers
     if workers is None:
         return
-    pool = workers.pool
-    if pool is not None:
-        # Waits for the pool's manager thread: if the interpreter exits while it still runs, Python 3.11's exit
-        # hook writes to the wake-up pipe that thread is closing ("OSError: Bad file descriptor" at exit). First:
-        # a pool shut down once without waiting forgets its thread, and a second shutdown cannot wait for it.
-        pool.shutdown(wait=True, cancel_futures=True)
     workers.close()
+
+
+def _log_access() -> None:
+    """The app's one line per request (`mllama.access`) to stderr, with the time."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    log = logging.getLogger("mllama.access")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _interrupt(signum, frame) -> None:
@@ -172,6 +186,8 @@ def run(args: argparse.Namespace) -> None:
 
     fd_limit = raise_fd_limit()
     sock = listen_socket(args.host, args.port)
+    if args.access_log:
+        _log_access()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # while loading: stop, and leave no engine behind
     try:
         _, engine, app = build(args)

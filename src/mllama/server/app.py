@@ -141,13 +141,31 @@ _WORKER: tuple | None = None  # (processor, model name, image options, pixel dty
 
 def _init_worker(source: str, context: tuple) -> None:
     global _WORKER
+    import signal
+
     import torch
+
+    # The server stops its workers itself (a Ctrl-C or SIGTERM to the process group must not kill them mid-request),
+    # and a worker whose server died without stopping it (SIGKILL, the OOM killer) exits instead of waiting forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, name="mllama-parent-watch", daemon=True).start()
 
     from ..processing.processor import AutoProcessor
 
     torch.set_num_threads(1)  # several workers side by side: one thread each
     _WORKER = (AutoProcessor.from_pretrained(source), *context)
     _warm_up(*_WORKER)
+
+
+def _exit_with_parent() -> None:
+    import os
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        wait([parent.sentinel])
+        os._exit(0)
 
 
 def _warm_up(processor, model_name: str, *context) -> None:
@@ -204,7 +222,8 @@ class InputWorkers:
         takes seconds)."""
         with self.lock:
             if self.pool is broken:
-                broken.shutdown(wait=False, cancel_futures=True)
+                if broken is not None:
+                    broken.shutdown(wait=True, cancel_futures=True)  # its manager thread has ended the workers
                 self.pool = None
                 self.pool = self._start()
                 self.replacements += 1
@@ -236,9 +255,11 @@ class InputWorkers:
         return None
 
     def close(self) -> None:
+        """Waits for the pool's manager thread: if the interpreter exits while it still runs, Python 3.11's exit
+        hook writes to the wake-up pipe that thread is closing ("OSError: Bad file descriptor" at exit)."""
         with self.lock:
             if self.pool is not None:
-                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def _disconnected(request: Request, job, events: asyncio.Queue) -> None:
