@@ -320,3 +320,65 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
         assert position <= len(r.prompt_ids) + r.params.max_new_tokens - 2
     sampled = [given for r, _, given in rows if r.params.do_sample]
     assert sampled and all(sampled)  # a sampled row's token always comes from the host
+
+
+def test_requests_arriving_while_others_decode_are_batched_and_overlapped(loaded):
+    """What the server's 32-request test used to assert from timing, with the order fixed: a text request takes
+    its slot, its first decode step waits until the rest are queued, then image requests meet a running batch
+    (their vision part beside the decode steps: the CPU default) and everything decodes in shared steps."""
+    import threading
+
+    import PIL.Image
+
+    model, processor = loaded
+    engine = BatchEngine(model, processor.tokenizer, max_batch=8, max_model_len=256)
+    assert engine.overlap_prefill  # the default on CPU
+    all_queued, original_step = threading.Event(), engine._step
+
+    def step():
+        assert all_queued.wait(GUARD), "the requests were never all queued"
+        original_step()
+
+    engine._step = step
+    gen = torch.Generator().manual_seed(9)
+    cases = [(processor(text=["Tell me a long story"], return_tensors="pt"), 30)]
+    for i in range(7):
+        if i % 2:
+            pixels = (torch.rand(25 + 5 * i, 30, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=[f"<|image|>Picture {i}"],
+                               return_tensors="pt")
+        else:
+            inputs = processor(text=[f"Text {i}, a little longer"], return_tensors="pt")
+        cases.append((inputs, 6 + i))
+    outputs, finished, requests = {}, threading.Event(), []
+    try:
+        for index, (inputs, n) in enumerate(cases):
+            inputs = dict(inputs)
+            ids = inputs.pop("input_ids")[0].tolist()
+            inputs.pop("attention_mask", None)
+
+            def emit(event, index=index):
+                outputs.setdefault(index, []).extend(event.token_ids)
+                if event.finish_reason or event.error:
+                    outputs.setdefault("done", []).append(event.error)
+                    if len(outputs["done"]) == len(cases):
+                        finished.set()
+            requests.append((ids, inputs, n))
+            engine.submit(GenerationRequest(prompt_ids=ids, model_inputs=inputs, emit=emit,
+                                            params=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
+            if index == 0:
+                engine.start()
+                wait_until(lambda: engine.running, "the first request to take its slot", poll=0.001)
+        all_queued.set()
+        assert finished.wait(GUARD), "a request never got its final event"
+        assert not any(outputs["done"])
+    finally:
+        all_queued.set()
+        engine.stop(0)
+    tokens = sum(n for _, _, n in requests)
+    assert engine.steps < tokens * 0.6  # shared steps: 30 of the 93 tokens are the longest request's
+    assert engine.overlapped > 0
+    for index, (ids, inputs, n) in enumerate(requests):
+        want = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, fast=False)[0, len(ids):].tolist()
+        assert outputs[index] == want, index
