@@ -156,35 +156,47 @@ def test_group_prefill_encodes_one_request_at_a_time_between_decode_steps(loaded
             pixels = (torch.rand(30 + 7 * i, 20 + 11 * i, 3, generator=gen) * 255).to(torch.uint8).numpy()
             cases.append((processor(images=[[PIL.Image.fromarray(pixels)]], text=[f"<|image|>Picture {i}"],
                                     return_tensors="pt"), 6))
-        outputs, done = {}, threading.Event()
-        requests = []
-        for index, (inputs, n) in enumerate(cases):
-            inputs = dict(inputs)
-            ids = inputs.pop("input_ids")[0].tolist()
-            inputs.pop("attention_mask", None)
-
-            def emit(event, index=index):
-                outputs.setdefault(index, []).extend(event.token_ids)
-                if event.finish_reason or event.error:
-                    outputs.setdefault("done", []).append(event.error)
-                    if len(outputs["done"]) == len(cases):
-                        done.set()
-            requests.append((ids, inputs, n))
-            engine.submit(GenerationRequest(prompt_ids=ids, model_inputs=inputs, emit=emit,
-                                            params=SamplingParams(max_new_tokens=n, do_sample=False)))
-            if index == 0:
-                engine.start()
-                # the text-only request has its slot before the images arrive
-                wait_until(lambda: engine.running, "the text-only request to take its slot", poll=0.001)
-        all_queued.set()
-        assert done.wait(GUARD), "a request never got its final event"
-        assert not any(outputs["done"])
+        requests, outputs = _first_then_the_rest(engine, cases, all_queued)
     finally:
         all_queued.set()  # never leave the engine thread waiting
         engine.stop(0)
         inner.encode_images = original_encode
     assert set(encodes) == {1}  # one request's images per encoder call
     assert any(steps_inside)  # decode steps ran between the images of a group
+    _each_equals_generate(model, requests, outputs)
+
+
+def _first_then_the_rest(engine: BatchEngine, cases: list, all_queued) -> tuple[list, dict]:
+    """Submits cases[0] and starts the engine; once that request has its slot, submits the rest and sets
+    `all_queued` (which the caller's wrapped first decode step waits for). Returns (ids, inputs, n) per case and
+    each case's generated ids, once every request has ended without an error."""
+    import threading
+
+    outputs, done, requests = {}, threading.Event(), []
+    for index, (inputs, n) in enumerate(cases):
+        inputs = dict(inputs)
+        ids = inputs.pop("input_ids")[0].tolist()
+        inputs.pop("attention_mask", None)
+
+        def emit(event, index=index):
+            outputs.setdefault(index, []).extend(event.token_ids)
+            if event.finish_reason or event.error:
+                outputs.setdefault("done", []).append(event.error)
+                if len(outputs["done"]) == len(cases):
+                    done.set()
+        requests.append((ids, inputs, n))
+        engine.submit(GenerationRequest(prompt_ids=ids, model_inputs=inputs, emit=emit,
+                                        params=SamplingParams(max_new_tokens=n, do_sample=False)))
+        if index == 0:
+            engine.start()
+            wait_until(lambda: engine.running, "the first request to take its slot", poll=0.001)
+    all_queued.set()
+    assert done.wait(GUARD), "a request never got its final event"
+    assert not any(outputs["done"])
+    return requests, outputs
+
+
+def _each_equals_generate(model, requests: list, outputs: dict) -> None:
     for index, (ids, inputs, n) in enumerate(requests):
         want = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=n, min_new_tokens=n,
                               do_sample=False, fast=False)[0, len(ids):].tolist()
@@ -350,35 +362,12 @@ def test_requests_arriving_while_others_decode_are_batched_and_overlapped(loaded
         else:
             inputs = processor(text=[f"Text {i}, a little longer"], return_tensors="pt")
         cases.append((inputs, 6 + i))
-    outputs, finished, requests = {}, threading.Event(), []
     try:
-        for index, (inputs, n) in enumerate(cases):
-            inputs = dict(inputs)
-            ids = inputs.pop("input_ids")[0].tolist()
-            inputs.pop("attention_mask", None)
-
-            def emit(event, index=index):
-                outputs.setdefault(index, []).extend(event.token_ids)
-                if event.finish_reason or event.error:
-                    outputs.setdefault("done", []).append(event.error)
-                    if len(outputs["done"]) == len(cases):
-                        finished.set()
-            requests.append((ids, inputs, n))
-            engine.submit(GenerationRequest(prompt_ids=ids, model_inputs=inputs, emit=emit,
-                                            params=SamplingParams(max_new_tokens=n, min_new_tokens=n)))
-            if index == 0:
-                engine.start()
-                wait_until(lambda: engine.running, "the first request to take its slot", poll=0.001)
-        all_queued.set()
-        assert finished.wait(GUARD), "a request never got its final event"
-        assert not any(outputs["done"])
+        requests, outputs = _first_then_the_rest(engine, cases, all_queued)
     finally:
         all_queued.set()
         engine.stop(0)
     tokens = sum(n for _, _, n in requests)
     assert engine.steps < tokens * 0.6  # shared steps: 30 of the 93 tokens are the longest request's
     assert engine.overlapped > 0
-    for index, (ids, inputs, n) in enumerate(requests):
-        want = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, fast=False)[0, len(ids):].tolist()
-        assert outputs[index] == want, index
+    _each_equals_generate(model, requests, outputs)

@@ -7,8 +7,9 @@ import threading
 import pytest
 import torch
 
+from collecting import Collector
 from mllama.engine import batch as batch_module
-from mllama.engine.batch import BatchEngine, Event, GenerationRequest
+from mllama.engine.batch import BatchEngine, GenerationRequest
 from mllama.generation import GREEDY_BELOW_TEMPERATURE, SamplingParams, filter_logits
 
 
@@ -20,26 +21,6 @@ def loaded(tiny_checkpoint):
     model = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32,
                                                            device_map="cpu").eval()
     return model, AutoProcessor.from_pretrained(str(tiny_checkpoint))
-
-
-class Collector:
-    """Events of one request; `done` is set by its final event."""
-
-    def __init__(self, fail_on: int | None = None):
-        self.events: list[Event] = []
-        self.done = threading.Event()
-        self.fail_on = fail_on
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        if event.finish_reason or event.error:
-            self.done.set()
-        elif self.fail_on is not None and len(self.events) == self.fail_on:
-            raise RuntimeError("the client's callback broke")
-
-    @property
-    def ids(self) -> list[int]:
-        return [i for e in self.events for i in e.token_ids]
 
 
 def _greedy_alone(model, ids: list[int], max_new_tokens: int) -> list[int]:

@@ -3,17 +3,16 @@
 ones. Tiny models in float32, so that equality is exact up to kernel choice."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
+from collecting import Collector
 from conftest import randomize, tiny_config
 from test_generation import GEN_CASES
 from test_parity import make_inputs
 from mllama import MllamaForConditionalGeneration
 from mllama.engine import batch as batch_module
-from mllama.engine.batch import BatchEngine, Event, GenerationRequest
+from mllama.engine.batch import BatchEngine, GenerationRequest
 from mllama.generation import SamplingParams
 
 DEVICE = "cuda"
@@ -44,24 +43,6 @@ def served(tiny_checkpoint):
     m = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32,
                                                        device_map=DEVICE).eval()
     return m, AutoProcessor.from_pretrained(str(tiny_checkpoint))
-
-
-class Collector:
-    def __init__(self, fail_on: int | None = None):
-        self.events: list[Event] = []
-        self.done = threading.Event()
-        self.fail_on = fail_on
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        if event.finish_reason or event.error:
-            self.done.set()
-        elif self.fail_on is not None and len(self.events) == self.fail_on:
-            raise RuntimeError("the client's callback broke")
-
-    @property
-    def ids(self) -> list[int]:
-        return [i for e in self.events for i in e.token_ids]
 
 
 def _request(processor, text: str, image=None) -> tuple[list[int], dict]:
