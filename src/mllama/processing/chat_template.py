@@ -6,10 +6,13 @@ HTML-escape (the published template prints tool definitions with it), and the gl
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import json
 import os
+import re
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
@@ -130,10 +133,53 @@ class _Namespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"a chat template may not set the attribute {name!r} on a namespace")
 
 
+# While render_chat_template records generation spans: (the text pieces rendered so far, the spans found).
+_GENERATION_RECORD: contextvars.ContextVar = contextvars.ContextVar("mllama_generation_record", default=None)
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`: marks the text the assistant wrote, for assistant-token masks
+    (fine-tuning on the answers only). Renders its body unchanged; when spans are being recorded, the body's
+    character range in the output is noted, counted over the pieces already emitted, as transformers does."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+    def _mark(self, caller: Any) -> str:
+        text = caller()
+        record = _GENERATION_RECORD.get()
+        if record is not None:
+            pieces, spans = record
+            start = sum(len(piece) for piece in pieces)
+            spans.append((start, start + len(text)))
+        return text
+
+
+def has_generation_tag(template: str) -> bool:
+    return re.search(r"\{%-?\s*generation\s*-?%\}", template) is not None
+
+
+def assistant_token_mask(offsets: Any, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for every token whose characters overlap a generation span, else 0. Tokens without characters (BOS added
+    by the tokenizer, padding) are 0; a span cut by truncation keeps the tokens that remain."""
+    return [int(any(start < span_end and end > span_start for span_start, span_end in spans))
+            for start, end in offsets]
+
+
+def warn_without_generation_tag(template: str) -> None:
+    if not has_generation_tag(template):
+        warnings.warn("return_assistant_tokens_mask=True, but the chat template has no {% generation %} block: "
+                      "every token is masked 0", stacklevel=3)
+
+
 @functools.lru_cache(maxsize=16)
 def compile_chat_template(template: str) -> jinja2.Template:
     """Compile once per template text; rendering a chat is then cheap."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -203,9 +249,11 @@ def render_chat_template(
     add_generation_prompt: bool = False,
     tools: list[dict] | None = None,
     documents: list[dict] | None = None,
+    generation_spans: list[tuple[int, int]] | None = None,
     **kwargs: Any,
 ) -> str:
-    """Render one conversation.
+    """Render one conversation. With a list as `generation_spans`, the (start, end) character range of every
+    `{% generation %}` block rendered is appended to it.
 
     The template sees `messages`, `add_generation_prompt`, `tools`, `documents` and every extra keyword (e.g.
     `bos_token`, `eos_token`, `date_string`, `tools_in_user_message`). A variable that is not passed stays
@@ -219,14 +267,20 @@ def render_chat_template(
     if documents is not None and not all(isinstance(d, Mapping) for d in documents):
         raise TypeError("documents must be a list of dicts with 'title' and 'text' keys")
     compiled = compile_chat_template(template)
+    variables = dict(messages=plain_template_data(normalize_messages(messages)),
+                     add_generation_prompt=add_generation_prompt, tools=plain_template_data(tools),
+                     documents=plain_template_data(documents), **plain_template_data(kwargs))
     try:
-        return compiled.render(
-            messages=plain_template_data(normalize_messages(messages)),
-            add_generation_prompt=add_generation_prompt,
-            tools=plain_template_data(tools),
-            documents=plain_template_data(documents),
-            **plain_template_data(kwargs),
-        )
+        if generation_spans is None:
+            return compiled.render(**variables)
+        pieces: list[str] = []
+        token = _GENERATION_RECORD.set((pieces, generation_spans))
+        try:
+            for piece in compiled.generate(**variables):
+                pieces.append(piece)
+        finally:
+            _GENERATION_RECORD.reset(token)
+        return "".join(pieces)
     except TemplateError:
         raise
     except jinja2.exceptions.TemplateError as e:

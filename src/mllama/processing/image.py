@@ -19,6 +19,7 @@ max_tiles] with tile 0 set for every image slot; num_tiles, a list of lists.
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -328,7 +329,23 @@ def _normalize_stats(name: str, value: Any) -> list[float]:
     return values
 
 
-def _validate_options(opts: dict[str, Any]) -> dict[str, Any]:
+def _missing_options(opts: dict[str, Any]) -> list[str]:
+    """Options set to None that processing needs: transformers accepts them when the processor is built and refuses
+    them when an image is processed (the size and resample of the resize always; the rescale factor, mean and std
+    only when rescaling or normalizing)."""
+    needed = ["size", "resample"]
+    if opts["do_rescale"]:
+        needed.append("rescale_factor")
+    if opts["do_normalize"]:
+        needed += ["image_mean", "image_std"]
+    return [name for name in needed if opts[name] is None]
+
+
+def _validate_options(opts: dict[str, Any], processing: bool = True) -> dict[str, Any]:
+    """Check the options; with processing=True also return them in the working form (size dict, 3-float lists).
+
+    An explicit None means what it means in transformers: off for the do_* switches (do_resize and do_pad cannot be
+    off), and, for a value that processing needs, an error when an image is processed."""
     if not opts["do_pad"]:
         raise ValueError("do_pad=False is not supported: every image is padded to its tile canvas, which the model "
                          "requires (the same rule as transformers)")
@@ -339,12 +356,35 @@ def _validate_options(opts: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(tiles, (int, np.integer)) or isinstance(tiles, bool) or tiles <= 0:
         raise ValueError(f"max_image_tiles must be a positive integer, got {tiles!r}")
     opts["max_image_tiles"] = int(tiles)
-    opts["size"] = _normalize_size(opts["size"])
-    opts["image_mean"] = _normalize_stats("image_mean", opts["image_mean"])
-    opts["image_std"] = _normalize_stats("image_std", opts["image_std"])
+    if opts["size"] is not None:
+        opts["size"] = _normalize_size(opts["size"])
+    for name in ("image_mean", "image_std"):
+        if opts[name] is not None:
+            _normalize_stats(name, opts[name])
+    if not processing:
+        return opts
+    missing = _missing_options(opts)
+    if missing:
+        raise ValueError(f"{', '.join(missing)} cannot be None when images are processed: the resize needs size "
+                         f"and resample, do_rescale=True needs rescale_factor, do_normalize=True needs image_mean "
+                         f"and image_std")
+    for name in ("image_mean", "image_std"):
+        if opts[name] is not None:
+            opts[name] = _normalize_stats(name, opts[name])
     opts["resample"] = int(opts["resample"])
-    opts["rescale_factor"] = float(opts["rescale_factor"])
+    if opts["rescale_factor"] is not None:
+        opts["rescale_factor"] = float(opts["rescale_factor"])
     return opts
+
+
+def _stored(name: str, value: Any) -> Any:
+    # The attribute as kept: the size as a dict, mean and std as lists of floats (to_dict gives them as tuples,
+    # as transformers does), the rest as given (resample stays a PIL enum when it is one).
+    if name == "size" and value is not None:
+        return _normalize_size(value)
+    if name in ("image_mean", "image_std") and isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return value
 
 
 class _MllamaImageProcessorBase:
@@ -355,7 +395,7 @@ class _MllamaImageProcessorBase:
     do_convert_rgb = True
     do_resize = True
     size = {"height": 224, "width": 224}
-    resample = PIL.Image.Resampling.BILINEAR.value
+    resample = PIL.Image.Resampling.BILINEAR
     do_rescale = True
     rescale_factor = 1 / 255
     do_normalize = True
@@ -365,36 +405,45 @@ class _MllamaImageProcessorBase:
     max_image_tiles = 4
 
     def __init__(self, **kwargs: Any):
-        options = {name: kwargs.pop(name, None) for name in _OPTIONS}
+        # An option left out takes the class default; one passed as None stays None, as in transformers.
+        options = {name: kwargs.pop(name) if name in kwargs else copy.deepcopy(getattr(type(self), name))
+                   for name in _OPTIONS}
         unknown = sorted(set(kwargs) - _METADATA_KEYS)
         if unknown:
             warnings.warn(f"{type(self).__name__} ignores unknown options {unknown}", stacklevel=2)
+        _validate_options(dict(options), processing=False)
         for name, value in options.items():
-            options[name] = getattr(type(self), name) if value is None else value
-        for name, value in _validate_options(options).items():
-            setattr(self, name, value)
+            setattr(self, name, _stored(name, value))
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(overrides) - set(_OPTIONS))
         if unknown:
             raise TypeError(f"unknown image processor options {unknown}; valid options are {list(_OPTIONS)}")
         opts = {name: getattr(self, name) for name in _OPTIONS}
-        opts.update({name: value for name, value in overrides.items() if value is not None})
+        # An explicit None overrides too (transformers: do_normalize=None means no normalization), except for
+        # do_resize and do_pad, whose per-call values transformers does not read.
+        opts.update({name: value for name, value in overrides.items()
+                     if value is not None or name not in ("do_resize", "do_pad")})
         return _validate_options(opts)
 
     def __call__(self, images: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        # Both backends save as "MllamaImageProcessor", as transformers does, so either loads the file.
-        out = {"image_processor_type": "MllamaImageProcessor"}
-        for name in _OPTIONS:
-            value = getattr(self, name)
-            out[name] = dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
+        """The options as transformers' to_dict gives them: tuples stay tuples, explicit Nones are kept, and both
+        backends name themselves "MllamaImageProcessor", so either loads the other's file."""
+        out = {name: copy.deepcopy(getattr(self, name)) for name in _OPTIONS}
+        for name in ("image_mean", "image_std"):
+            if isinstance(out[name], list):
+                out[name] = tuple(out[name])
+        out["image_processor_type"] = "MllamaImageProcessor"
         return out
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> list[str]:
         """Write preprocessor_config.json into `save_directory` (created if missing)."""

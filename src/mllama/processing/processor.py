@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .chat_template import (
-    load_chat_template, normalize_messages, render_chat_template, resolve_template, save_chat_template,
+    assistant_token_mask, load_chat_template, normalize_messages, render_chat_template, resolve_template,
+    save_chat_template, warn_without_generation_tag,
 )
 from .cross_attention_mask import cross_attention_mask
 from .feature import BatchFeature
@@ -21,7 +22,8 @@ from .tokenizer import TOKENIZER_FILES, MllamaTokenizer
 IMAGE_TOKEN = "<|image|>"
 PYTHON_TOKEN = "<|python_tag|>"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
-PROCESSOR_FILES = TOKENIZER_FILES + (PREPROCESSOR_CONFIG, "processor_config.json")
+PROCESSOR_CONFIG = "processor_config.json"
+PROCESSOR_FILES = TOKENIZER_FILES + (PREPROCESSOR_CONFIG, PROCESSOR_CONFIG)
 
 # Keyword arguments of __call__ that belong to the tokenizer; everything else goes to the image processor.
 _TEXT_KWARGS = ("add_special_tokens", "padding", "truncation", "max_length", "padding_side",
@@ -109,7 +111,27 @@ class MllamaProcessor:
                 (out / stale).unlink()
         if self.chat_template is not None:
             written.append(str(save_chat_template(out, self.chat_template, jinja=save_jinja_files)))
+        # transformers 5 writes processor_config.json (and no preprocessor_config.json); we write both, so that
+        # readers of either layout find the image settings.
+        self.to_json_file(out / PROCESSOR_CONFIG)
+        written.append(str(out / PROCESSOR_CONFIG))
         return written
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        """The sub-processors this processor is made of, as transformers' ProcessorMixin lists them."""
+        return ["image_processor", "tokenizer"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """What transformers writes to processor_config.json: the image processor's settings (the tokenizer and
+        the chat template have their own files) and the processor class."""
+        return {"image_processor": self.image_processor.to_dict(), "processor_class": type(self).__name__}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        Path(json_file_path).write_text(self.to_json_string(), encoding="utf-8")
 
     @property
     def model_input_names(self) -> list[str]:
@@ -243,6 +265,7 @@ class MllamaProcessor:
         tools: list[dict] | None = None,
         documents: list[dict] | None = None,
         processor_kwargs: dict | None = None,
+        return_assistant_tokens_mask: bool = False,
         **template_kwargs: Any,
     ) -> str | list[str] | BatchFeature | Any:
         """Render a conversation (or a batch of them) with the chat template.
@@ -252,8 +275,13 @@ class MllamaProcessor:
         `processor(text=..., images=...)`, without a second BOS when the prompt starts with one; return_dict=True
         gives the whole BatchFeature, otherwise only input_ids. Extra keywords are template variables
         (date_string=..., tools_in_user_message=...), except tokenizer options (padding=..., max_length=...),
-        which go to the processor, as do the entries of `processor_kwargs`."""
+        which go to the processor, as do the entries of `processor_kwargs`.
+
+        return_assistant_tokens_mask=True (with tokenize=True, return_dict=True) adds "assistant_masks", one row per
+        prompt: 1 on the tokens the template wrote inside `{% generation %}...{% endgeneration %}`."""
         template = resolve_template(self.chat_template, chat_template)
+        if return_assistant_tokens_mask:
+            warn_without_generation_tag(template)
         batched = isinstance(conversation, (list, tuple)) and len(conversation) > 0 and \
             isinstance(conversation[0], (list, tuple))
         conversations = [normalize_messages(c) for c in (conversation if batched else [conversation])]
@@ -263,8 +291,11 @@ class MllamaProcessor:
                 call_kwargs[key] = template_kwargs.pop(key)
 
         variables = {**self.tokenizer.special_tokens_map, **template_kwargs}
+        spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
         prompts = [render_chat_template(template, c, add_generation_prompt=add_generation_prompt, tools=tools,
-                                        documents=documents, **variables) for c in conversations]
+                                        documents=documents, **variables,
+                                        generation_spans=row_spans if return_assistant_tokens_mask else None)
+                   for c, row_spans in zip(conversations, spans)]
         if not tokenize:
             return prompts if batched else prompts[0]
 
@@ -273,8 +304,18 @@ class MllamaProcessor:
             # The template wrote BOS itself; a tokenizer BOS on top would give BOS BOS.
             call_kwargs.setdefault("add_special_tokens", False)
         has_images = any(batch_images)
+        with_mask = return_assistant_tokens_mask and return_dict
+        if with_mask:
+            call_kwargs["text_kwargs"] = {**call_kwargs.get("text_kwargs", {}), "return_offsets_mapping": True}
         out = self(text=prompts if batched else prompts[0], images=batch_images if has_images else None,
                    return_tensors=return_tensors, **call_kwargs)
+        if with_mask:
+            # Offsets count in the text the tokenizer saw, spans in the rendered prompt; they differ where BOS was
+            # inserted (add_bos), and transformers compares them as they are: so do we, to give its masks.
+            offsets = out.data.pop("offset_mapping")
+            offsets = offsets.tolist() if hasattr(offsets, "tolist") else offsets
+            masks = [assistant_token_mask(row, row_spans) for row, row_spans in zip(offsets, spans)]
+            out.data["assistant_masks"] = BatchFeature({"m": masks}, tensor_type=return_tensors)["m"]
         return out if return_dict else out["input_ids"]
 
     @staticmethod
@@ -307,10 +348,17 @@ def load_image_processor(folder: str | os.PathLike, backend: str | None = None, 
     from .image import MllamaImageProcessor, MllamaImageProcessorPil
 
     path = Path(folder) / PREPROCESSOR_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {PREPROCESSOR_CONFIG}; a processor folder needs the image "
-                                f"processor settings as well as the tokenizer files")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    nested = Path(folder) / PROCESSOR_CONFIG
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+    elif nested.is_file() and isinstance(json.loads(nested.read_text(encoding="utf-8")).get("image_processor"), dict):
+        # the layout transformers 5 saves: the image settings nested in processor_config.json
+        path = nested
+        config = json.loads(nested.read_text(encoding="utf-8"))["image_processor"]
+    else:
+        raise FileNotFoundError(f"{folder} has no {PREPROCESSOR_CONFIG} (nor an image_processor entry in "
+                                f"{PROCESSOR_CONFIG}); a processor folder needs the image processor settings as "
+                                f"well as the tokenizer files")
     kind = config.get("image_processor_type", "MllamaImageProcessor")
     if backend is None:
         if kind in _TORCH_TYPES:

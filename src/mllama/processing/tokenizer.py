@@ -66,6 +66,7 @@ class MllamaTokenizer:
         split_special_tokens: bool = False,
         clean_up_tokenization_spaces: bool = False,
         init_kwargs: dict | None = None,
+        **extra: Any,
     ):
         self._tokenizer = tokenizer
         self.bos_token = bos_token
@@ -82,6 +83,9 @@ class MllamaTokenizer:
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         # What tokenizer_config.json held, so that save_pretrained keeps keys this class does not interpret.
         self.init_kwargs = dict(init_kwargs or {})
+        # Other keywords (max_length, padding, truncation, ...) are kept and saved the way transformers keeps them;
+        # like transformers, a call does not take its defaults from them.
+        self.init_kwargs.update(extra)
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             token = getattr(self, name)
             if token is not None and self._tokenizer.token_to_id(token) is None:
@@ -257,9 +261,10 @@ class MllamaTokenizer:
             return ids
         return BatchFeature({"input_ids": [ids]}, tensor_type=return_tensors)["input_ids"]
 
-    def _encode_batch(self, texts: list[str], add_special_tokens: bool, max_length: int | None) -> list[list[int]]:
+    def _encode_batch(self, texts: list[str], add_special_tokens: bool, max_length: int | None) -> list[Any]:
+        """`tokenizers` Encodings (ids, character offsets) of each text, truncated to max_length if given."""
         if max_length is None:
-            return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+            return self._tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)
         # Truncate before the post-processor adds BOS, so that max_length counts the BOS, as `tokenizers` does.
         budget = max_length - (self._tokenizer.num_special_tokens_to_add(False) if add_special_tokens else 0)
         if budget < 0:
@@ -268,7 +273,7 @@ class MllamaTokenizer:
         out = []
         for enc in encodings:
             enc.truncate(budget, direction=self.truncation_side)
-            out.append(self._tokenizer.post_process(enc, None, add_special_tokens).ids)
+            out.append(self._tokenizer.post_process(enc, None, add_special_tokens))
         return out
 
     def __call__(
@@ -282,6 +287,7 @@ class MllamaTokenizer:
         padding_side: str | None = None,
         return_attention_mask: bool | None = None,
         pad_to_multiple_of: int | None = None,
+        return_offsets_mapping: bool = False,
         **unused: Any,
     ) -> BatchFeature:
         """Tokenize one string or a batch.
@@ -309,8 +315,10 @@ class MllamaTokenizer:
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
 
-        ids = self._encode_batch(texts, add_special_tokens,
-                                 max_length if truncation != "do_not_truncate" else None)
+        encodings = self._encode_batch(texts, add_special_tokens,
+                                       max_length if truncation != "do_not_truncate" else None)
+        ids = [e.ids for e in encodings]
+        offsets = [list(e.offsets) for e in encodings] if return_offsets_mapping else None
         masks = [[1] * len(x) for x in ids]
         if padding != "do_not_pad":
             target = max_length if padding == "max_length" else max(len(x) for x in ids)
@@ -318,11 +326,15 @@ class MllamaTokenizer:
                 target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
             if self.pad_token_id is None:
                 raise ValueError("padding needs a pad token; set tokenizer.pad_token (e.g. '<|finetune_right_pad_id|>')")
+            if offsets is not None:
+                offsets = [_pad_row(row, target, (0, 0), side) for row in offsets]
             ids, masks = _pad(ids, masks, target, self.pad_token_id, side)
 
         data: dict[str, Any] = {"input_ids": ids}
         if return_attention_mask is not False:
             data["attention_mask"] = masks
+        if offsets is not None:
+            data["offset_mapping"] = offsets  # (start, end) characters of each token in its text; (0, 0): none
         if return_tensors is not None and len({len(x) for x in ids}) > 1:
             raise ValueError(
                 f"sequences have different lengths {sorted({len(x) for x in ids})}; return_tensors="
@@ -378,25 +390,53 @@ class MllamaTokenizer:
         tools: list[dict] | None = None,
         documents: list[dict] | None = None,
         return_tensors: str | None = None,
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        padding: bool | str | None = None,
+        truncation: bool | str = False,
+        max_length: int | None = None,
+        tokenizer_kwargs: dict | None = None,
         **template_kwargs: Any,
     ) -> str | list[str] | list[int] | list[list[int]] | Any:
         """Render a conversation (or a batch) with the chat template. With tokenize=True (the default, as in
-        transformers' tokenizers) the rendered text is encoded without adding special tokens."""
-        from .chat_template import render_chat_template, resolve_template
+        transformers' tokenizers) the rendered text is encoded without adding special tokens: the ids, or with
+        return_dict=True the whole BatchFeature. return_assistant_tokens_mask=True (needs tokenize and
+        return_dict) adds "assistant_masks": 1 on the tokens the template wrote inside
+        `{% generation %}...{% endgeneration %}`, the assistant's answers, for fine-tuning on them only."""
+        from .chat_template import (
+            assistant_token_mask, render_chat_template, resolve_template, warn_without_generation_tag,
+        )
 
+        if return_assistant_tokens_mask and not (tokenize and return_dict):
+            raise ValueError("return_assistant_tokens_mask=True needs tokenize=True and return_dict=True")
         template = resolve_template(self.chat_template, chat_template)
+        if return_assistant_tokens_mask:
+            warn_without_generation_tag(template)
         batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
         conversations = conversation if batched else [conversation]
+        spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
         rendered = [
             render_chat_template(template, conv, add_generation_prompt=add_generation_prompt, tools=tools,
-                                 documents=documents, **{**self.special_tokens_map, **template_kwargs})
-            for conv in conversations
+                                 documents=documents, generation_spans=spans[i] if return_assistant_tokens_mask
+                                 else None, **{**self.special_tokens_map, **template_kwargs})
+            for i, conv in enumerate(conversations)
         ]
         if not tokenize:
             return rendered if batched else rendered[0]
-        out = self(rendered if batched else rendered[0], add_special_tokens=False, return_tensors=return_tensors,
-                   padding=bool(return_tensors) and batched)
-        return out["input_ids"]
+        if padding is None:
+            padding = bool(return_tensors) and batched
+        out = self(rendered if batched else rendered[0], add_special_tokens=False, padding=padding,
+                   truncation=truncation, max_length=max_length, return_tensors=return_tensors,
+                   return_offsets_mapping=return_assistant_tokens_mask, **(tokenizer_kwargs or {}))
+        if return_assistant_tokens_mask:
+            offsets = _to_id_lists(out.data.pop("offset_mapping"))
+            rows = offsets if batched or return_tensors is not None else [offsets]
+            masks = [assistant_token_mask(row, row_spans) for row, row_spans in zip(rows, spans)]
+            if return_tensors is not None:
+                out.data["assistant_masks"] = BatchFeature({"m": masks}, tensor_type=return_tensors)["m"]
+            else:
+                out.data["assistant_masks"] = masks if batched else masks[0]
+        return out if return_dict else out["input_ids"]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(vocab_size={self.vocab_size}, len={len(self)}, bos={self.bos_token!r}, "
@@ -426,6 +466,11 @@ def _truncation_strategy(truncation: bool | str | None, max_length: int | None, 
         return truncation
     raise ValueError(f"truncation must be True, False, 'longest_first', 'only_first' or 'do_not_truncate', "
                      f"got {truncation!r}")
+
+
+def _pad_row(row: list, target: int, value: Any, side: str) -> list:
+    fill = [value] * max(target - len(row), 0)
+    return row + fill if side == "right" else fill + row
 
 
 def _pad(ids: list[list[int]], masks: list[list[int]], target: int, pad_id: int, side: str):
