@@ -7,7 +7,7 @@ from torch import nn
 
 from ..config import MllamaConfig, MllamaTextConfig
 from .base import MllamaPreTrainedModel
-from .outputs import ModelOutput
+from .outputs import ModelOutput, config_default, finish
 from .text import MllamaTextModel
 from .vision import MllamaVisionModel
 
@@ -131,15 +131,18 @@ class MllamaForCausalLM(_EmbeddingsMixin, MllamaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cross_attention_states=None,
                 cross_attention_mask=None, full_text_row_masked_out_mask=None, cache=None, inputs_embeds=None,
                 labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0, past_key_values=None,
-                output_hidden_states: bool = False, num_items_in_batch=None, **unused) -> ModelOutput:
+                output_hidden_states: bool | None = None, num_items_in_batch=None, output_attentions: bool | None = None,
+                return_dict: bool | None = None, **unused) -> ModelOutput | tuple:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cross_attention_states=cross_attention_states, cross_attention_mask=cross_attention_mask,
                          full_text_row_masked_out_mask=full_text_row_masked_out_mask,
                          cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states,
+                         output_attentions=output_attentions, return_dict=True)
         logits = self.lm_head(_keep_logits(out.last_hidden_state, logits_to_keep)).float()
         loss = causal_lm_loss(logits, labels, None, num_items_in_batch) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+        return finish(ModelOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                  attentions=out.attentions), return_dict, self.config)
 
 
 class MllamaModel(MllamaPreTrainedModel):
@@ -162,8 +165,16 @@ class MllamaModel(MllamaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.language_model.embed_tokens = value
 
-    def kept_tiles(self, cross_attention_mask: torch.Tensor | None,
-                   pixel_values: torch.Tensor) -> torch.Tensor | None:
+    def get_output_embeddings(self) -> None:
+        return None  # the lm_head belongs to MllamaForConditionalGeneration
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resizes the text model's input embeddings (there is no lm_head here) and the text vocab_size."""
+        return self.language_model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    def kept_tiles(self, cross_attention_mask: torch.Tensor | None, pixel_values: torch.Tensor,
+                   keep_all: bool = False) -> torch.Tensor | None:
         """Indices into the N*T tiles of the tiles that some row of the batch sees, or None to keep them all.
 
         Under Meta's semantics a key masked for every row contributes nothing (rows that see no image are
@@ -172,8 +183,8 @@ class MllamaModel(MllamaPreTrainedModel):
         Later decode steps must not see a tile that no row of this mask saw (generate's never do).
         """
         mask = cross_attention_mask
-        if (not self.drop_padding_tiles or self.config.text_config.compat != "meta" or mask is None
-                or mask.is_floating_point() or mask.shape[2:] != pixel_values.shape[1:3]):
+        if (not self.drop_padding_tiles or self.config.text_config.compat != "meta" or mask is None or keep_all
+                or mask.shape[2:] != pixel_values.shape[1:3]):  # (a per-tile mask, int or float, only)
             return None
         seen = mask.reshape(mask.shape[0] * mask.shape[1], -1).bool().any(dim=0)     # [N*T]
         if int(seen.sum()) in (0, seen.numel()):
@@ -187,7 +198,11 @@ class MllamaModel(MllamaPreTrainedModel):
         `keep_tiles` (indices into the N*T tiles) only those tiles' tokens. `vision_runner`: something that
         computes vision_model's function another way (engine.fast.VisionGraphs replays it as CUDA graphs)."""
         encoder = self.vision_model if vision_runner is None else vision_runner
-        vision = encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state
+        return self.project_images(encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask).last_hidden_state,
+                                   keep_tiles)
+
+    def project_images(self, vision: torch.Tensor, keep_tiles: torch.Tensor | None = None) -> torch.Tensor:
+        """The vision model's features [B, N, T, 1601, 7680] -> projected vision tokens, as in encode_images."""
         vision = vision.flatten(1, 2)                                        # [B, N*T, 1601, 7680]
         if keep_tiles is not None:
             vision = vision.index_select(1, keep_tiles.to(vision.device))
@@ -213,10 +228,17 @@ class MllamaModel(MllamaPreTrainedModel):
     def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, use_cache=None, past_key_values=None,
-                output_hidden_states: bool = False, vision_runner=None, cross_tiles=None, ids_checked: bool = False,
-                **unused) -> ModelOutput:
+                output_hidden_states: bool | None = None, vision_runner=None, cross_tiles=None,
+                ids_checked: bool = False, output_attentions: bool | None = None, return_dict: bool | None = None,
+                **unused) -> ModelOutput | tuple:
         """cross_tiles: with cross_attention_states encoded beforehand (encode_images with kept_tiles), the
-        tiles they hold; ids_checked: the caller checked the ids already (check_image_inputs with images)."""
+        tiles they hold; ids_checked: the caller checked the ids already (check_image_inputs with images).
+        With output_attentions every tile is kept, so that the cross-attention weights cover all vision tokens."""
+        if output_attentions is None:
+            output_attentions = config_default(self.config, "output_attentions", False)
+        if output_hidden_states is None:
+            output_hidden_states = config_default(self.config, "output_hidden_states", False)
+        image_outputs = None
         if pixel_values is not None and cross_attention_states is not None:
             raise ValueError("pass pixel_values or cross_attention_states, not both")
         if pixel_values is not None:
@@ -224,16 +246,21 @@ class MllamaModel(MllamaPreTrainedModel):
                 self.check_image_inputs(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
                                         cross_attention_mask)
             ids_checked = True
-            cross_tiles = self.kept_tiles(cross_attention_mask, pixel_values)
-            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask,
-                                                        cross_tiles, vision_runner)
-        return self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   ids_checked=ids_checked,
-                                   cross_attention_states=cross_attention_states,
-                                   cross_attention_mask=cross_attention_mask, cross_tiles=cross_tiles,
-                                   cache=cache if cache is not None else past_key_values,
-                                   inputs_embeds=inputs_embeds, use_cache=use_cache,
-                                   output_hidden_states=output_hidden_states)
+            cross_tiles = self.kept_tiles(cross_attention_mask, pixel_values, keep_all=bool(output_attentions))
+            encoder = self.vision_model if vision_runner is None else vision_runner
+            image_outputs = encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            cross_attention_states = self.project_images(image_outputs.last_hidden_state, cross_tiles)
+        out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  ids_checked=ids_checked,
+                                  cross_attention_states=cross_attention_states,
+                                  cross_attention_mask=cross_attention_mask, cross_tiles=cross_tiles,
+                                  cache=cache if cache is not None else past_key_values,
+                                  inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                  return_dict=True)
+        if image_outputs is not None:  # the vision model's output, last as in transformers
+            out["image_outputs"] = ModelOutput(last_hidden_state=image_outputs.last_hidden_state)
+        return finish(out, return_dict, self.config)
 
 
 class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel):
@@ -264,17 +291,21 @@ class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel):
     def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep: int | torch.Tensor = 0, past_key_values=None, output_hidden_states: bool = False,
-                num_items_in_batch=None, vision_runner=None, cross_tiles=None, ids_checked: bool = False,
-                **unused) -> ModelOutput:
+                logits_to_keep: int | torch.Tensor = 0, past_key_values=None,
+                output_hidden_states: bool | None = None, num_items_in_batch=None, vision_runner=None,
+                cross_tiles=None, ids_checked: bool = False, output_attentions: bool | None = None,
+                return_dict: bool | None = None, **unused) -> ModelOutput | tuple:
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, aspect_ratio_mask=aspect_ratio_mask,
                          aspect_ratio_ids=aspect_ratio_ids, attention_mask=attention_mask,
                          cross_attention_mask=cross_attention_mask, cross_attention_states=cross_attention_states,
                          position_ids=position_ids, cache=cache if cache is not None else past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         vision_runner=vision_runner, cross_tiles=cross_tiles, ids_checked=ids_checked)
+                         vision_runner=vision_runner, cross_tiles=cross_tiles, ids_checked=ids_checked,
+                         output_attentions=output_attentions, return_dict=True)
         logits = self.lm_head(_keep_logits(out.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             loss = causal_lm_loss(logits, labels, self.config.image_token_index, num_items_in_batch)
-        return ModelOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+        return finish(ModelOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states,
+                                  attentions=out.attentions, image_outputs=out.image_outputs), return_dict,
+                      self.config)

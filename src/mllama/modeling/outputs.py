@@ -19,12 +19,30 @@ class ModelOutput(dict):
             raise AttributeError(name)
         return None
 
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, int):
-            return list(self.values())[key]
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, (int, slice)):  # by position among the fields that are set, as transformers' outputs
+            return self.to_tuple()[key]
         if key == "past_key_values":
             key = "cache"
         return super().__getitem__(key)
 
     def to_tuple(self) -> tuple:
-        return tuple(self.values())
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
+def config_default(config: Any, name: str, default: Any) -> Any:
+    """A forward option's default from the model's config (or its text config), as transformers reads them:
+    output_attentions, output_hidden_states, use_return_dict (alias return_dict)."""
+    for part in (config, getattr(config, "text_config", None)):
+        for key in ((name, "return_dict") if name == "use_return_dict" else (name,)):
+            value = getattr(part, key, None) if part is not None else None
+            if value is not None:
+                return value
+    return default
+
+
+def finish(out: ModelOutput, return_dict: bool | None, config: Any) -> ModelOutput | tuple:
+    """`out`, or with return_dict=False (given or the config's) the tuple of its set fields."""
+    if return_dict is None:
+        return_dict = config_default(config, "use_return_dict", True)
+    return out if return_dict else out.to_tuple()
