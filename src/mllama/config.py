@@ -25,6 +25,14 @@ _BOILERPLATE = {
     "is_decoder", "finetuning_task", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "tf_legacy_loss", "_attn_implementation_autoset", "model_type", "base_config_key",
 }
+# Keys transformers writes as null when they are unset (every sub-config of its to_dict has them).
+_UNSET_WHEN_NONE = {"architectures", "dtype", "torch_dtype"}
+
+
+def _check_activation(name: str, part: str) -> None:
+    from .modeling.activations import check_activation
+
+    check_activation(name, part)
 
 
 def _check_compat(compat: str) -> str:
@@ -42,7 +50,7 @@ class _ConfigBase:
 
     def __init__(self, **extra: Any):
         for key, value in extra.items():
-            if key in _BOILERPLATE:
+            if key in _BOILERPLATE or (key in _UNSET_WHEN_NONE and value is None):
                 continue
             setattr(self, key, value)
 
@@ -71,34 +79,60 @@ class _ConfigBase:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict, **overrides: Any):
-        data = {**data, **overrides}
+    def from_dict(cls, config_dict: dict, **kwargs: Any):
+        """Like transformers: keyword arguments naming an attribute override it (a dict for a sub-config updates
+        it), the others are returned with `return_unused_kwargs=True` and otherwise dropped."""
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        data = dict(config_dict)
         data.pop("model_type", None)
-        return cls(**data)
+        config = cls(**data)
+        overrides, unused = {}, {}
+        for key, value in kwargs.items():
+            if key in ("dtype", "torch_dtype") and value == "auto":
+                continue
+            if not (key in ("dtype", "torch_dtype") or hasattr(config, key)):
+                unused[key] = value
+                continue
+            current = getattr(config, key, None)
+            if isinstance(current, _ConfigBase) and isinstance(value, dict):
+                value = {**current.to_dict(), **value}
+            overrides[key] = value
+        if overrides:  # built again, so that the overridden values are validated like any others
+            config = cls(**{**data, **overrides})
+        return (config, unused) if return_unused_kwargs else config
 
-    def to_json_string(self) -> str:
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> "_ConfigBase":
+        """The text decoder's config: `text_config` of a composite config, else the config itself. Mllama has no
+        text encoder section, so asking for the encoder side alone (encoder=True or decoder=False) gives self."""
+        decoder_side = decoder == encoder or bool(decoder)
+        text = self.__dict__.get("text_config")
+        return text if decoder_side and text is not None else self
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """`use_diff` is accepted for transformers' signature; the dict never holds transformers' boiler-plate
+        keys, so both values give every meaningful field."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def to_json_file(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(self.to_json_string())
+    def to_json_file(self, json_file_path: str | os.PathLike, use_diff: bool = True) -> None:
+        Path(json_file_path).write_text(self.to_json_string(use_diff))
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
         self.to_json_file(Path(folder) / "config.json")
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike):
+    def from_json_file(cls, json_file: str | os.PathLike):
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(Path(json_file).read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise ValueError(f"{json_file} is not valid JSON: {e}") from None
         return cls.from_dict(data)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any):
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
         from .weights import resolve_file
 
-        path = resolve_file(name_or_path, "config.json", **kwargs)
+        path = resolve_file(pretrained_model_name_or_path, "config.json", **kwargs)
         data = json.loads(Path(path).read_text())
         # A sub-config asked for from a full Mllama config.json: take the relevant part.
         key = getattr(cls, "base_config_key", None)
@@ -184,8 +218,7 @@ class MllamaVisionConfig(_ConfigBase):
             if len(ratio) != 2 or ratio[0] < 1 or ratio[1] < 1 or ratio[0] * ratio[1] > self.max_num_tiles:
                 raise ValueError(f"supported_aspect_ratios entry {ratio} is not (rows, cols) with rows*cols <= "
                                  f"max_num_tiles ({self.max_num_tiles})")
-        if self.hidden_act != "gelu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for the vision model: use 'gelu'")
+        _check_activation(self.hidden_act, "vision")
 
     @property
     def max_aspect_ratio_id(self) -> int:
@@ -276,9 +309,11 @@ class MllamaTextConfig(_ConfigBase):
             raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
         layers = self.cross_attention_layers
-        bad = [i for i in layers if not 0 <= i < self.num_hidden_layers]
+        # Entries at or past num_hidden_layers name no layer and are ignored, as transformers does (its default list
+        # [3, 8, ..., 38] stays in small configs); they are kept so that the config round-trips unchanged.
+        bad = [i for i in layers if not isinstance(i, int) or i < 0]
         if bad:
-            raise ValueError(f"cross_attention_layers {bad} out of range: valid indices are 0.."
+            raise ValueError(f"cross_attention_layers {bad} are not layer indices: valid indices are 1.."
                              f"{self.num_hidden_layers - 1} (num_hidden_layers={self.num_hidden_layers})")
         if len(set(layers)) != len(layers):
             raise ValueError(f"cross_attention_layers has repeated entries: {layers}")
@@ -292,12 +327,16 @@ class MllamaTextConfig(_ConfigBase):
         missing = [k for k in needed.get(rope_type, ()) if k not in self.rope_parameters]
         if missing:
             raise ValueError(f"rope_parameters for rope_type {rope_type!r} lacks {missing}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for the text model: use 'silu'")
+        _check_activation(self.hidden_act, "text")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def present_cross_attention_layers(self) -> list[int]:
+        """The entries of cross_attention_layers that name a layer of this model."""
+        return [i for i in self.cross_attention_layers if i < self.num_hidden_layers]
 
     @property
     def rope_theta(self) -> float:

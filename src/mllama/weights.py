@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -40,11 +41,12 @@ def _hub_errors():
 
 def resolve_folder(name_or_path: str | os.PathLike, *, token: str | bool | None = None, revision: str | None = None,
                    cache_dir: str | None = None, local_files_only: bool = False,
-                   allow_patterns: Iterable[str] = CHECKPOINT_FILES, **unused) -> Path:
-    """A local folder as is, or a Hub repo id downloaded (or found in the cache) as a snapshot folder."""
+                   allow_patterns: Iterable[str] = CHECKPOINT_FILES, subfolder: str = "", **unused) -> Path:
+    """A local folder as is, or a Hub repo id downloaded (or found in the cache) as a snapshot folder; with
+    `subfolder`, that folder inside it (only its files are downloaded)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path
+        return _inside(path, subfolder, name_or_path)
     name = str(name_or_path)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise CheckpointError(f"{name!r} is neither a checkpoint folder nor a Hub repo id like "
@@ -53,8 +55,9 @@ def resolve_folder(name_or_path: str | os.PathLike, *, token: str | bool | None 
 
     errors = _hub_errors()
     try:
+        patterns = [f"{subfolder.strip('/')}/{p}" for p in allow_patterns] if subfolder else list(allow_patterns)
         folder = snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                   local_files_only=local_files_only, allow_patterns=list(allow_patterns))
+                                   local_files_only=local_files_only, allow_patterns=patterns)
     except errors.GatedRepoError:
         raise CheckpointError(f"{name} is gated: accept its license on huggingface.co and set HF_TOKEN "
                               f"(or run `huggingface-cli login`)") from None
@@ -68,15 +71,24 @@ def resolve_folder(name_or_path: str | os.PathLike, *, token: str | bool | None 
     except (errors.HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"could not download {name}: {first}") from None
-    return Path(folder)
+    return _inside(Path(folder), subfolder, name_or_path)
+
+
+def _inside(folder: Path, subfolder: str, name_or_path: str | os.PathLike) -> Path:
+    if not subfolder:
+        return folder
+    inner = folder / subfolder
+    if not inner.is_dir():
+        raise CheckpointError(f"{name_or_path} has no subfolder {subfolder!r}")
+    return inner
 
 
 def resolve_file(name_or_path: str | os.PathLike, filename: str, **kwargs) -> Path:
-    folder = resolve_folder(name_or_path, allow_patterns=(filename,), **kwargs) \
-        if not Path(name_or_path).expanduser().is_dir() else Path(name_or_path).expanduser()
+    folder = resolve_folder(name_or_path, allow_patterns=(filename,), **kwargs)
     path = folder / filename
     if not path.is_file():
-        raise CheckpointError(f"{name_or_path} has no {filename}")
+        where = f"{name_or_path}/{kwargs['subfolder']}" if kwargs.get("subfolder") else name_or_path
+        raise CheckpointError(f"{where} has no {filename}")
     return path
 
 
@@ -188,15 +200,22 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
-def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype | None) -> None:
+def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype | None) -> dict:
     """Streams tensors from memory-mapped safetensors into `model` (built on the meta device), one at a time,
-    straight to `device` and `dtype`: host memory never holds more than one tensor beyond the result."""
+    straight to `device` and `dtype`: host memory never holds more than one tensor beyond the result.
+
+    Returns transformers' loading info: {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}.
+    A missing tensor or a shape mismatch is an error (a model with random parts is not what was asked for); a
+    tensor the model has no place for is only reported, with a warning unless it belongs to another part of a
+    Mllama checkpoint (the vision tower when loading MllamaForCausalLM), as transformers loads such checkpoints.
+    """
     from safetensors import safe_open
 
     class_name = type(model).__name__
     expected = {name: p.shape for name, p in model.state_dict().items()}
     seen: set[str] = set()
-    unexpected: list[str] = []
+    unexpected: list[str] = []  # named like the model's own tensors where the prefix maps, else as stored
+    other_parts: list[str] = []
     progress = _Progress(len(files), "Loading weights")
     open_device = str(device) if device.type in ("cuda", "cpu") else "cpu"
     for file in files:
@@ -209,13 +228,12 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtyp
                 canonical = canonical_key(key)
                 name = own_key(class_name, canonical)
                 if name is None:
-                    if not canonical.startswith(_KNOWN_PREFIXES):
-                        unexpected.append(key)
+                    (other_parts if canonical.startswith(_KNOWN_PREFIXES) else unexpected).append(key)
                     continue
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # recomputed from the config
                 if name not in expected:
-                    unexpected.append(key)
+                    unexpected.append(name)
                     continue
                 try:
                     tensor = handle.get_tensor(key)
@@ -229,12 +247,14 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtyp
                 _set_tensor(model, name, tensor.to(device=device, dtype=target_dtype))
                 seen.add(name)
         progress.step()
-    if unexpected:
-        raise CheckpointError(f"the checkpoint has {len(unexpected)} tensors that {class_name} does not have, "
-                              f"e.g. {unexpected[:3]}")
     missing = sorted(set(expected) - seen - {n for n in expected if n.endswith("rotary_emb.inv_freq")})
     if missing:
         raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors of {class_name}, e.g. {missing[:3]}")
+    if unexpected:
+        warnings.warn(f"the checkpoint has {len(unexpected)} tensors that {class_name} does not have, ignored: "
+                      f"{sorted(unexpected)[:3]}", stacklevel=3)
+    return {"missing_keys": set(), "unexpected_keys": set(unexpected) | set(other_parts), "mismatched_keys": set(),
+            "error_msgs": []}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ def _resolve_device(device: Any, device_map: Any) -> torch.device:
 
 # What from_pretrained passes on to the Hub download; low_cpu_mem_usage is what loading always does (one tensor at
 # a time, straight to its device), so either value is honoured.
-_HUB_OPTIONS = ("token", "use_auth_token", "revision", "cache_dir", "local_files_only")
+_HUB_OPTIONS = ("token", "use_auth_token", "revision", "cache_dir", "local_files_only", "subfolder")
 _QUANTIZATION = ("load_in_4bit", "load_in_8bit", "quantization_config")
 
 
@@ -63,8 +63,23 @@ def _refuse_unhonoured(options: dict[str, Any]) -> None:
     unknown = sorted(set(options) - set(_HUB_OPTIONS) - set(_QUANTIZATION) - {"low_cpu_mem_usage"})
     if unknown:
         raise ValueError(f"from_pretrained got unsupported arguments {unknown}: it takes config, dtype (or "
-                         f"torch_dtype), device_map (or device), compat, attn_implementation and the Hub options "
+                         f"torch_dtype), device_map (or device), compat, attn_implementation, output_loading_info "
+                         f"and the Hub options "
                          f"{', '.join(_HUB_OPTIONS)}")
+
+
+def _generation_defaults(config: Any) -> dict:
+    """What transformers writes as generation_config.json for a model that has none: the text decoder's token ids
+    and use_cache (a vision encoder alone generates nothing and gets no file)."""
+    text = config.get_text_config(decoder=True)
+    if not isinstance(text, MllamaTextConfig):
+        return {}
+    out = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(text, key, None) is not None:
+            out[key] = getattr(text, key)
+    out["use_cache"] = text.use_cache
+    return out
 
 
 class GenerationConfig(dict):
@@ -96,55 +111,6 @@ class MllamaPreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    # ----------------------------------------------------------------------------------------------------------
-    # Training hooks that peft, TRL and transformers' Trainer call
-
-    supports_gradient_checkpointing = True
-    main_input_name = "input_ids"  # transformers says so for all five classes, the vision model's included
-
-    @classmethod
-    def can_generate(cls) -> bool:
-        return callable(getattr(cls, "generate", None))
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
-
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """While training, each decoder layer and each vision encoder layer runs under torch.utils.checkpoint
-        (its activations recomputed in the backward pass); `gradient_checkpointing_kwargs` go to that call
-        (default use_reentrant=False). Caches are not used then."""
-        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
-        for module in self.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = True
-                module.checkpoint_kwargs = kwargs
-        # With use_reentrant=True a checkpointed layer passes gradients only when its input needs them.
-        if self.main_input_name == "input_ids":
-            self.enable_input_require_grads()
-
-    def gradient_checkpointing_disable(self) -> None:
-        for module in self.modules():
-            if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = False
-
-    def enable_input_require_grads(self) -> None:
-        """The input embeddings' output requires grad, so that gradients reach checkpointed or adapted layers of a
-        model whose own weights are frozen (what peft asks for)."""
-        self.disable_input_require_grads()
-
-        def require_grad(module, inputs, output):
-            output.requires_grad_(True)
-
-        get = getattr(self, "get_input_embeddings", None)
-        embeddings = get() if get is not None else None
-        self._require_grads_hooks = [embeddings.register_forward_hook(require_grad)] if embeddings is not None else []
-
-    def disable_input_require_grads(self) -> None:
-        for hook in getattr(self, "_require_grads_hooks", ()):
-            hook.remove()
-        self._require_grads_hooks = []
-
     def init_weights(self, std: float | None = None, seed: int | None = None) -> "MllamaPreTrainedModel":
         """Random initialisation like the trained models' recipe: normal(0, 0.02) matrices and embeddings,
         unit norms, zero biases and gates (so a fresh model ignores images until gates are set)."""
@@ -163,6 +129,8 @@ class MllamaPreTrainedModel(nn.Module):
             if isinstance(m, nn.Embedding) and m.padding_idx is not None:
                 with torch.no_grad():
                     m.weight[m.padding_idx].zero_()
+            if hasattr(m, "reset_buffers"):  # computed buffers: garbage after to_empty() of a meta-built model
+                m.reset_buffers(next(m.buffers()).device)
         return self
 
     # ----------------------------------------------------------------------------------------------------------
@@ -184,11 +152,15 @@ class MllamaPreTrainedModel(nn.Module):
         return model.init_weights()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, config: Any = None, dtype: Any = "auto",
-                        torch_dtype: Any = None, device_map: Any = None, device: Any = None, compat: str | None = None,
-                        attn_implementation: str | None = None, **hub_kwargs: Any) -> "MllamaPreTrainedModel":
-        """Loads a Hugging Face checkpoint (folder or Hub id) in either key layout, streaming each tensor from the
-        memory-mapped safetensors to `device` (or `device_map`: "auto", "cpu", "cuda", "cuda:N") in `dtype`."""
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, config: Any = None,
+                        dtype: Any = "auto", torch_dtype: Any = None, device_map: Any = None, device: Any = None,
+                        compat: str | None = None, attn_implementation: str | None = None,
+                        output_loading_info: bool = False, **hub_kwargs: Any) -> "MllamaPreTrainedModel":
+        """Loads a Hugging Face checkpoint (folder or Hub id, optionally a `subfolder` of it) in either key layout,
+        streaming each tensor from the memory-mapped safetensors to `device` (or `device_map`: "auto", "cpu",
+        "cuda", "cuda:N") in `dtype`. With `output_loading_info=True` returns (model, info) like transformers:
+        info holds "missing_keys", "unexpected_keys", "mismatched_keys" and "error_msgs"."""
+        name_or_path = pretrained_model_name_or_path
         _refuse_unhonoured(hub_kwargs)
         if attn_implementation not in (None, "eager", "sdpa"):
             raise ValueError(f"attn_implementation {attn_implementation!r} is not supported: use 'sdpa' or 'eager'")
@@ -210,7 +182,7 @@ class MllamaPreTrainedModel(nn.Module):
         files = weights.weight_files(folder)
         with torch.device("meta"):
             model = cls(config)
-        weights.load_weights(model, files, target, target_dtype)
+        loading_info = weights.load_weights(model, files, target, target_dtype)
         for module in model.modules():
             if hasattr(module, "reset_buffers"):  # buffers computed from the config, not stored
                 module.reset_buffers(target)
@@ -218,7 +190,7 @@ class MllamaPreTrainedModel(nn.Module):
         if gen_path.is_file():
             model.generation_config = GenerationConfig(json.loads(gen_path.read_text()))
         model.name_or_path = str(name_or_path)
-        return model.eval()
+        return (model.eval(), loading_info) if output_loading_info else model.eval()
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """State in the published checkpoint names (for the composite models) or transformers' own names."""
@@ -247,6 +219,7 @@ class MllamaPreTrainedModel(nn.Module):
         data["architectures"] = [type(self).__name__]
         data["torch_dtype"] = str(self.dtype).removeprefix("torch.")
         (folder / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        if self.generation_config:
-            (folder / "generation_config.json").write_text(json.dumps(dict(self.generation_config), indent=2) + "\n")
+        generation = dict(self.generation_config) or _generation_defaults(self.config)
+        if generation:
+            (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         weights.save_weights(self.checkpoint_state_dict(), folder, max_shard_size)
