@@ -111,6 +111,55 @@ class MllamaPreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    # ----------------------------------------------------------------------------------------------------------
+    # Training hooks that peft, TRL and transformers' Trainer call
+
+    supports_gradient_checkpointing = True
+    main_input_name = "input_ids"  # transformers says so for all five classes, the vision model's included
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return callable(getattr(cls, "generate", None))
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """While training, each decoder layer and each vision encoder layer runs under torch.utils.checkpoint
+        (its activations recomputed in the backward pass); `gradient_checkpointing_kwargs` go to that call
+        (default use_reentrant=False). Caches are not used then."""
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else dict(gradient_checkpointing_kwargs)
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+                module.checkpoint_kwargs = kwargs
+        # With use_reentrant=True a checkpointed layer passes gradients only when its input needs them.
+        if self.main_input_name == "input_ids":
+            self.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
+
+    def enable_input_require_grads(self) -> None:
+        """The input embeddings' output requires grad, so that gradients reach checkpointed or adapted layers of a
+        model whose own weights are frozen (what peft asks for)."""
+        self.disable_input_require_grads()
+
+        def require_grad(module, inputs, output):
+            output.requires_grad_(True)
+
+        get = getattr(self, "get_input_embeddings", None)
+        embeddings = get() if get is not None else None
+        self._require_grads_hooks = [embeddings.register_forward_hook(require_grad)] if embeddings is not None else []
+
+    def disable_input_require_grads(self) -> None:
+        for hook in getattr(self, "_require_grads_hooks", ()):
+            hook.remove()
+        self._require_grads_hooks = []
+
     def init_weights(self, std: float | None = None, seed: int | None = None) -> "MllamaPreTrainedModel":
         """Random initialisation like the trained models' recipe: normal(0, 0.02) matrices and embeddings,
         unit norms, zero biases and gates (so a fresh model ignores images until gates are set)."""

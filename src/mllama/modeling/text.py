@@ -8,13 +8,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import MllamaTextConfig
 from .activations import activation
 from .base import MllamaPreTrainedModel
 from .cache import MllamaCache
-from .outputs import ModelOutput
+from .outputs import ModelOutput, config_default, finish
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,6 +76,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           weights: list | None = None) -> torch.Tensor:
+    """Attention q [B, H, S, hd] over k, v [B, kv_heads, K, hd] -> [B, H, S, hd] by SDPA; with a `weights` list
+    (output_attentions) the softmax is formed explicitly instead and its weights [B, H, S, K] are appended."""
+    if weights is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores + mask
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    weights.append(probs)
+    return probs @ v
+
+
+def run_layer(owner: nn.Module, layer: nn.Module, *args, attentions: list | None = None) -> torch.Tensor:
+    """layer(*args), under torch.utils.checkpoint when `owner` has gradient checkpointing on and is training.
+    Attention weights come back through the return value there: a recomputation must not append them twice."""
+    if not (owner.gradient_checkpointing and owner.training and torch.is_grad_enabled()):
+        return layer(*args, weights=attentions)
+
+    def run(*inputs):
+        found = [] if attentions is not None else None
+        out = layer(*inputs, weights=found)
+        return out if found is None else (out, *found)
+
+    result = torch.utils.checkpoint.checkpoint(run, *args, **owner.checkpoint_kwargs)
+    if attentions is None:
+        return result
+    attentions.extend(result[1:])
+    return result[0]
+
+
 class MllamaTextMLP(nn.Module):
     def __init__(self, config: MllamaTextConfig):
         super().__init__()
@@ -101,7 +136,7 @@ class MllamaTextSelfAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: MllamaCache | None) -> torch.Tensor:
+                cache: MllamaCache | None, weights: list | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -109,8 +144,7 @@ class MllamaTextSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        out = attend(q, k, v, mask, weights)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -138,7 +172,7 @@ class MllamaTextCrossAttention(nn.Module):
         return k, v
 
     def forward(self, x: torch.Tensor, cross_states: torch.Tensor | None, mask: torch.Tensor | None,
-                row_mask: torch.Tensor | None, cache: MllamaCache | None) -> torch.Tensor:
+                row_mask: torch.Tensor | None, cache: MllamaCache | None, weights: list | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
         if cross_states is not None:
@@ -147,8 +181,7 @@ class MllamaTextCrossAttention(nn.Module):
                 k, v = cache.update_cross(self.layer_idx, k, v)
         else:
             k, v = cache.cross_key[self.layer_idx], cache.cross_value[self.layer_idx]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        out = attend(q, k, v, mask, weights)
         if row_mask is not None and self.config.compat == "meta":
             # Meta zeroes the attention output of rows that see no image; transformers does not (#39379).
             out = out * row_mask
@@ -164,8 +197,8 @@ class MllamaSelfAttentionDecoderLayer(nn.Module):
         self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: MllamaCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+                cache: MllamaCache | None, weights: list | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, weights)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -180,8 +213,8 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         self.post_attention_layernorm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cross_states: torch.Tensor | None, mask: torch.Tensor | None,
-                row_mask: torch.Tensor | None, cache: MllamaCache | None) -> torch.Tensor:
-        h = self.cross_attn(self.input_layernorm(x), cross_states, mask, row_mask, cache)
+                row_mask: torch.Tensor | None, cache: MllamaCache | None, weights: list | None = None) -> torch.Tensor:
+        h = self.cross_attn(self.input_layernorm(x), cross_states, mask, row_mask, cache, weights)
         x = x + self.cross_attn_attn_gate.tanh() * h
         h = self.mlp(self.post_attention_layernorm(x))
         if row_mask is not None:
@@ -247,6 +280,38 @@ class MllamaTextModel(MllamaPreTrainedModel):
             for i in range(config.num_hidden_layers))
         self.norm = MllamaTextRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = MllamaRotaryEmbedding(config)
+        self.gradient_checkpointing = False  # see MllamaPreTrainedModel.gradient_checkpointing_enable
+        self.checkpoint_kwargs: dict = {"use_reentrant": False}
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> None:
+        return None  # no lm_head here (transformers' answer too)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """The input table with `new_num_tokens` rows: old rows kept, new rows their mean (or random)."""
+        old = self.embed_tokens
+        rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of:
+            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+        pad = old.padding_idx if old.padding_idx is not None and old.padding_idx < rows else None
+        new = nn.Embedding(rows, old.embedding_dim, padding_idx=pad, device=old.weight.device, dtype=old.weight.dtype)
+        keep = min(rows, old.num_embeddings)
+        with torch.no_grad():
+            new.weight[:keep] = old.weight[:keep]
+            if rows > keep:
+                fill = (old.weight.float().mean(0).to(new.weight.dtype) if mean_resizing else
+                        torch.randn_like(new.weight[keep:]) * self.config.initializer_range)
+                new.weight[keep:] = fill
+        new.weight.requires_grad_(old.weight.requires_grad)
+        self.embed_tokens = new
+        self.config.vocab_size = self.vocab_size = rows
+        return new
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         rows = self.embed_tokens.num_embeddings
@@ -266,18 +331,27 @@ class MllamaTextModel(MllamaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: MllamaCache | None = None,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool | None = None,
         cross_tiles: torch.Tensor | None = None,
         ids_checked: bool = False,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **unused,
-    ) -> ModelOutput:
+    ) -> ModelOutput | tuple:
         """cross_tiles: indices into the N*T tiles of cross_attention_mask whose vision tokens
         cross_attention_states hold (the others were dropped, see MllamaModel.kept_tiles); None = all tiles.
-        It is recorded in the cache, whose later steps select the same mask columns."""
+        It is recorded in the cache, whose later steps select the same mask columns.
+        output_attentions: the softmax weights of every layer that runs (self or cross), formed explicitly."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = config_default(self.config, "output_hidden_states", False)
+        if output_attentions is None:
+            output_attentions = config_default(self.config, "output_attentions", False)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache, cache = False, None  # a recomputed layer would write its k/v into the cache a second time
         if use_cache and cache is None:
             cache = MllamaCache()
         past_len = cache.get_seq_length() if cache is not None else 0
@@ -300,36 +374,43 @@ class MllamaTextModel(MllamaPreTrainedModel):
         cross_mask, row_mask = self._cross_masks(cross_attention_mask, full_text_row_masked_out_mask,
                                                  cross_attention_states, cross_tiles, cache, past_len, s, x.dtype)
         hidden_states = [] if output_hidden_states else None
+        attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
-            if hidden_states is not None:
-                hidden_states.append(x)
             if isinstance(layer, MllamaCrossAttentionDecoderLayer):
                 if cross_attention_states is None and (cache is None or not cache.has_cross(i)):
-                    continue  # text only: no image anywhere, so the layer is the identity
-                x = layer(x, cross_attention_states, cross_mask, row_mask, cache)
+                    continue  # text only: no image anywhere, so the layer is the identity (and records nothing)
+                args = (x, cross_attention_states, cross_mask, row_mask, cache)
             else:
-                x = layer(x, cos, sin, self_mask, cache)
+                args = (x, cos, sin, self_mask, cache)
+            if hidden_states is not None:
+                hidden_states.append(x)
+            x = run_layer(self, layer, *args, attentions=attentions)
         x = self.norm(x)
         if hidden_states is not None:
             hidden_states.append(x)
         if cache is not None:
             cache.advance(s)
-        return ModelOutput(last_hidden_state=x, cache=cache if use_cache else None,
-                           hidden_states=tuple(hidden_states) if hidden_states is not None else None)
+        out = ModelOutput(last_hidden_state=x, cache=cache if use_cache else None,
+                          hidden_states=tuple(hidden_states) if hidden_states is not None else None,
+                          attentions=tuple(attentions) if attentions is not None else None)
+        return finish(out, return_dict, self.config)
 
     def _cross_masks(self, mask, row_mask, cross_states, cross_tiles, cache, past_len, s, dtype):
-        if mask is None or mask.is_floating_point():
-            return mask, row_mask  # already prepared (transformers' MllamaTextModel convention) or absent
-        if mask.shape[1] > s:  # a mask over the whole sequence: keep the rows of this step
-            mask = mask[:, past_len:past_len + s]
-        if mask.shape[1] != s:
-            raise ValueError(f"cross_attention_mask has {mask.shape[1]} rows for {s} new tokens")
+        if mask is None:
+            return None, row_mask
         if cross_states is not None:
             kv_len = cross_states.shape[1] + (cache.cross_length() if cache is not None else 0)
         elif cache is not None and cache.cross_length():
             kv_len, cross_tiles = cache.cross_length(), cache.cross_tiles
         else:
             return None, None  # no image anywhere: cross layers are skipped
+        if mask.is_floating_point() and mask.shape[1] == 1 and mask.shape[-1] == kv_len:
+            return mask, row_mask  # already additive [B, 1, S, vision tokens] (transformers' text-model convention)
+        # otherwise per tile [B, S, N, T], 1 = the row sees the tile, in any dtype (float masks as the ints)
+        if mask.shape[1] > s:  # a mask over the whole sequence: keep the rows of this step
+            mask = mask[:, past_len:past_len + s]
+        if mask.shape[1] != s:
+            raise ValueError(f"cross_attention_mask has {mask.shape[1]} rows for {s} new tokens")
         images_tiles = mask.shape[2] * mask.shape[3] if cross_tiles is None else cross_tiles.numel()
         if kv_len % images_tiles:
             raise ValueError(f"cross_attention_mask covers {mask.shape[2]} images x {mask.shape[3]} tiles "

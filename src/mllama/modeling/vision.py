@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..config import MllamaVisionConfig
 from .activations import activation
 from .base import MllamaPreTrainedModel
-from .outputs import ModelOutput
+from .outputs import ModelOutput, finish
 
 
 class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
@@ -157,6 +158,8 @@ class MllamaVisionEncoder(nn.Module):
     def __init__(self, config: MllamaVisionConfig, num_layers: int, is_gated: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, is_gated) for _ in range(num_layers))
+        self.gradient_checkpointing = False  # see MllamaPreTrainedModel.gradient_checkpointing_enable
+        self.checkpoint_kwargs: dict = {"use_reentrant": False}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: tuple[int, ...] = (),
                 keep_outputs: bool = False,
@@ -165,10 +168,14 @@ class MllamaVisionEncoder(nn.Module):
         (Meta's rule, which the weights were trained with) or, with keep_outputs, its output (transformers).
         With `valid_groups`, x is in valid-first token order and so are the returned states."""
         kept = []
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             if i in keep and not keep_outputs:
                 kept.append(x)
-            x = layer(x, mask, valid_groups)
+            if checkpointed:
+                x = torch.utils.checkpoint.checkpoint(layer, x, mask, valid_groups, **self.checkpoint_kwargs)
+            else:
+                x = layer(x, mask, valid_groups)
             if i in keep and keep_outputs:
                 kept.append(x)
         return x, kept
@@ -253,6 +260,16 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         self.transformer = MllamaVisionEncoder(config, config.num_hidden_layers, is_gated=False)
         self.global_transformer = MllamaVisionEncoder(config, config.num_global_layers, is_gated=True)
 
+    def get_input_embeddings(self) -> nn.Conv2d:
+        return self.patch_embedding  # what transformers answers (the first layer the pixels meet)
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise ValueError("MllamaVisionModel has no token embeddings to resize: resize those of the text model "
+                         "(MllamaForConditionalGeneration, MllamaModel or MllamaTextModel)")
+
     @property
     def num_pad(self) -> int:
         # Each tile's token count is padded up to a multiple of 8 (1601 -> 1608), as in Meta's encoder.
@@ -283,7 +300,8 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         return F.pad(x, (0, 0, 0, self.num_pad))                           # [B*N, T, 1608, D]
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                aspect_ratio_mask: torch.Tensor, exact_reorder: bool | None = None, **unused) -> ModelOutput:
+                aspect_ratio_mask: torch.Tensor, exact_reorder: bool | None = None, return_dict: bool | None = None,
+                **unused) -> ModelOutput | tuple:
         b, n, t = pixel_values.shape[:3]
         device = self.patch_embedding.weight.device
         tile_mask = aspect_ratio_mask.reshape(b * n, t).to(device)
@@ -296,7 +314,7 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         length = x.shape[2]
         ids = aspect_ratio_ids.reshape(b * n, 1).to(x.device)
         if reorder:
-            return self._forward_reordered(x, ids, order, b, n)
+            return finish(self._forward_reordered(x, ids, order, b, n), return_dict, self.config)
         mask = vision_attention_mask(tile_mask, self.num_patches, self.num_pad, x.dtype)
         x, kept = self.transformer(x.reshape(b * n, t * length, self.hidden_size), mask,
                                    keep=self.intermediate_layers_indices,
@@ -308,7 +326,7 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         # Intermediate features are interleaved: feature index = channel * len(kept) + which layer.
         inter = torch.stack(kept, dim=-1).reshape(b * n, t, length, -1)[:, :, :self.num_patches]
         out = torch.cat([x, inter], dim=-1).reshape(b, n, t, self.num_patches, -1)   # [B, N, T, 1601, 7680]
-        return ModelOutput(last_hidden_state=out)
+        return finish(ModelOutput(last_hidden_state=out), return_dict, self.config)
 
     def _forward_reordered(self, x: torch.Tensor, ids: torch.Tensor, token_order: tuple, b: int,
                            n: int) -> ModelOutput:
