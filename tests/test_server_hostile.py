@@ -117,6 +117,28 @@ def test_one_access_log_line_per_request(server):
     wait_until(lambda: any("GET /v1/nothing 404" in x for x in server.output), "the 404's access-log line")
 
 
+def _exchange(server, raw: bytes) -> bytes:
+    """Sends raw bytes and reads until the server closes the connection (a hang guard bounds the wait)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=GUARD) as sock:
+        sock.sendall(raw)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_unparsable_http_gets_a_json_400_and_a_refused_body_closes_the_connection(server):
+    for head in (b"Content-Length: abc", b"Content-Length: -1", b"Transfer-Encoding: chunked\r\n\r\nzz"):
+        answer = _exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n\r\n")
+        status, _, body = answer.partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["code"] == "bad_http_request", answer
+    # a body refused by its declared size is never read: the server answers and closes (recv returns b"" at the
+    # end) instead of keeping the connection in the body state, where no idle timer reaches it
+    answer = _exchange(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 209715200"
+                               b"\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 413") and b"request_too_large" in answer
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The soak
 

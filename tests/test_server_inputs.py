@@ -250,3 +250,122 @@ def test_a_body_that_never_ends_is_cut_at_the_body_deadline(processor):
         await asyncio.Event().wait()  # the rest never comes
 
     assert _error(_post(app, "/v1/chat/completions", trickle()), 408)["code"] == "request_timeout"
+
+
+def _raw(app, method: str, path: str, content=None, headers=None) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, content=content, headers=headers or {})
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("body, param", [
+    ('{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "\\ud800": 1}' % MODEL, "\\ud800"),
+    ('{"model": "%s", "messages": [{"role": "user", "content": "Hi", "\\udfff": 1}]}' % MODEL,
+     "messages[0].\\udfff"),
+    (json.dumps(_chat(top_p=0)), "top_p"),
+    (json.dumps(_chat(messages=[{"role": "user", "content": "word " * 1000}])), "messages"),
+])
+def test_more_client_errors_name_their_field(app, body, param):
+    """A lone surrogate in a key used to escape as a 500 (the error named the key, which JSON could not encode);
+    top_p 0 and a prompt too long for any max_tokens named no field or the wrong one."""
+    _error(_post(app, "/v1/chat/completions", body), 400, param)
+
+
+def test_accepted_forms_of_careless_fields(app, processor):
+    for fields in (dict(stop=[]), dict(stream=True, stream_options={"include_usage": None})):
+        r = _post(app, "/v1/chat/completions", json.dumps(_chat(**fields)))
+        assert r.status_code == 200, (fields, r.text)
+    # an empty system message beside an image is no system message (the template allows images then)
+    import base64
+    import io
+
+    import PIL.Image
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (20, 20), (1, 2, 3)).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    for system in ("", "  "):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}]
+        r = _post(app, "/v1/chat/completions", json.dumps(_chat(messages=messages)))
+        assert r.status_code == 200, r.text
+
+
+def test_head_health_checks_no_slash_redirects_and_a_bearer_scheme_in_any_case(processor):
+    app = create_app(processor, FakeEngine(), ServerOptions(model_name=MODEL, api_key="k"))
+    assert _raw(app, "HEAD", "/health").status_code == 200
+    r = _raw(app, "POST", "/v1/chat/completions/", json.dumps(_chat()), {"authorization": "Bearer k",
+                                                                           "host": "evil.example"})
+    assert r.status_code == 404 and "location" not in r.headers  # no redirect to the client's Host header
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        r = _raw(app, "POST", "/v1/chat/completions", json.dumps(_chat()), {"authorization": f"{scheme} k"})
+        assert r.status_code == 200, scheme
+    _error(_raw(app, "POST", "/v1/chat/completions", json.dumps(_chat()), {"authorization": "Bearer x"}), 401)
+
+
+def test_answers_before_the_body_is_read_close_the_connection(app):
+    """A 413 or 408 leaves the body unread; the connection is closed, not left open in the body state where no
+    idle timer reaches it (100 such connections took /health down at --max-connections 16)."""
+    r = _raw(app, "POST", "/v1/chat/completions", b"x" * 10, {"content-length": str(10 ** 9)})
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+
+    async def chunks():
+        for _ in range(1000):
+            yield b" " * 1000
+    r = _post(app, "/v1/chat/completions", chunks())
+    assert r.status_code == 413 and r.headers["connection"] == "close"
+
+
+def test_a_client_gone_while_its_body_is_read_is_no_500(app):
+    counts_before = dict(app.state.http_counts) if hasattr(app.state, "http_counts") else None
+    sent = []
+
+    async def go():
+        messages = iter([{"type": "http.request", "body": b'{"model"', "more_body": True},
+                         {"type": "http.disconnect"}])
+
+        async def receive():
+            return next(messages)
+
+        async def send(message):
+            sent.append(message)
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 1), "server": ("test", 80)}
+        await app(scope, receive, send)
+    asyncio.run(go())
+    assert not [m for m in sent if m["type"] == "http.response.start" and m["status"] >= 500], sent
+    del counts_before
+
+
+def test_images_are_decoded_only_in_the_formats_a_client_may_declare():
+    import base64
+
+    from mllama.server.prompts import load_image_url
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    url = "data:image/png;base64," + base64.b64encode(eps).decode()
+    with pytest.raises(RequestError) as e:
+        load_image_url(url, "messages[0].content[0].image_url.url", ImageOptions())
+    assert "PNG, JPEG, WEBP, GIF" in e.value.message and e.value.param.startswith("messages[0]")
+
+
+@pytest.mark.parametrize("address", ["2002:7f00:1::", "64:ff9b::7f00:1", "2001:0:4136:e378:8000:63bf:80ff:fffe",
+                                     "::ffff:10.0.0.1"])
+def test_ipv6_forms_that_carry_an_internal_ipv4_address_are_refused(address):
+    from mllama.server.prompts import _check_address
+
+    with pytest.raises(RequestError, match="non-public address"):
+        _check_address(address, "images.example", "images[0]")
+
+
+def test_a_malformed_bracketed_host_names_the_param():
+    from mllama.server.prompts import _remote_target
+
+    for url in ("http://[/", "http://[::1/"):
+        with pytest.raises(RequestError) as e:
+            _remote_target(url, "images[0]")
+        assert e.value.param == "images[0]"

@@ -180,20 +180,24 @@ def _decode_base64_lenient(text: str, position: str) -> bytes:
 
 
 def decode_image_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, position: str = "image 0",
-                       what: str = "the image data") -> PIL.Image.Image:
-    """Decode encoded image bytes (PNG, JPEG, ...) into a loaded PIL image, checking the size from the header first."""
+                       what: str = "the image data", formats: tuple[str, ...] | None = None) -> PIL.Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, ...) into a loaded PIL image, checking the size from the header first.
+    `formats` (PIL's names, e.g. ("PNG", "JPEG")): the only decoders tried; None: every format PIL reads."""
     if not data:
         raise _error(position, f"{what} is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             # PIL warns between its two thresholds; our own max_pixels check below is the one that decides
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            image = PIL.Image.open(io.BytesIO(data))
+            image = PIL.Image.open(io.BytesIO(data), formats=formats)
     except PIL.Image.DecompressionBombError as exc:
         reason = str(exc).rstrip(".")
         raise _error(position, f"{what} is refused as a decompression bomb ({reason}); "
                                f"max_pixels={max_pixels}") from None
     except PIL.UnidentifiedImageError:
+        if formats is not None:
+            raise _error(position, f"{what} is not a {', '.join(formats)} image (corrupt, or another format)") \
+                from None
         raise _error(position, f"{what} is not in any image format PIL can read (corrupt or not an image)") from None
     except Exception as exc:  # PIL plugins raise a variety of types on malformed headers
         raise _error(position, f"{what} could not be opened as an image ({type(exc).__name__}: {exc})") from None

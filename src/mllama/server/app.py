@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine.batch import BatchEngine, EngineStopped, Event, Histogram, QueueFull, RequestTooLong, sampling_params
 from ..generation import GREEDY_BELOW_TEMPERATURE
@@ -27,6 +28,9 @@ from .engine_process import EngineProcess, LocalEngine, pack_tensors
 from .prompts import ImageOptions, RemoteImagesNeeded, RequestError, chat_inputs, completion_inputs, fetch_remote
 
 
+# An answer given before the body was read whole ends the connection: the rest of the body is never read, and
+# the connection must not stay open in the body state (uvicorn's idle timers do not cover it).
+CLOSE = {"connection": "close"}
 ACCESS_LOG = logging.getLogger("mllama.access")  # one line per request; `mllama serve` prints it on stderr
 
 
@@ -104,6 +108,7 @@ def _check_text(text: str, where: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
+        where = where.encode("utf-8", "backslashreplace").decode("utf-8")  # the path may hold the bad key itself
         raise RequestError(f"{where} is not valid Unicode text: a lone surrogate {text[e.start]!r} at character "
                            f"{e.start}", where) from None
 
@@ -320,7 +325,7 @@ def _float(body: dict, name: str, low: float, high: float):
 
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
-    if stop is None:
+    if stop is None or stop == []:
         return ()
     if isinstance(stop, str):
         stop = [stop]
@@ -373,9 +378,10 @@ def parse_common(body: dict, chat: bool) -> Parsed:
     options = body.get("stream_options")
     include_usage = False
     if options is not None:
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        usage = options.get("include_usage") if isinstance(options, dict) else None
+        if not isinstance(options, dict) or not isinstance(usage, (bool, type(None))):
             raise RequestError("stream_options must be an object like {\"include_usage\": true}", "stream_options")
-        include_usage = options.get("include_usage", False)
+        include_usage = bool(usage)
     if chat:
         want = body.get("logprobs", False)
         if want is not None and not isinstance(want, bool):
@@ -387,8 +393,10 @@ def parse_common(body: dict, chat: bool) -> Parsed:
     else:
         logprobs = _int(body, "logprobs", 0, 5)
     seed = _int(body, "seed", *SEED_RANGE)
-    return Parsed(max_tokens=max_tokens, temperature=_temperature(body),
-                  top_p=_float(body, "top_p", 0.0, 1.0), seed=seed, stop=_stop(body), stream=stream,
+    top_p = _float(body, "top_p", 0.0, 1.0)
+    if top_p is not None and top_p <= 0:
+        raise RequestError(f"top_p must be greater than 0 and at most 1, got {top_p}", "top_p")
+    return Parsed(max_tokens=max_tokens, temperature=_temperature(body), top_p=top_p, seed=seed, stop=_stop(body), stream=stream,
                   include_usage=include_usage, logprobs=logprobs)
 
 
@@ -413,13 +421,14 @@ class Guard:
         self.counts[key] = self.counts.get(key, 0) + 1
 
     def _refusal(self, path: str, headers: dict[str, str]) -> JSONResponse | None:
-        if self.options.api_key is not None and headers.get("authorization", "") != f"Bearer {self.options.api_key}":
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        if self.options.api_key is not None and (scheme.lower() != "bearer" or key.strip() != self.options.api_key):
             return error_response("invalid or missing API key: send 'Authorization: Bearer <key>'", 401, None,
                                   "invalid_api_key")
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.options.max_body_bytes:
             return error_response(f"the request body is {length} bytes, more than {self.options.max_body_bytes}",
-                                  413, None, "request_too_large")
+                                  413, None, "request_too_large", headers=CLOSE)
         return None
 
     def _limited(self, receive):
@@ -467,10 +476,12 @@ class Guard:
                     return await refusal(scope, receive, send_and_note)
                 receive = self._limited(receive)
             await self.app(scope, receive, send_and_note)
-        except RequestError as e:  # the body limit, met while a route reads the body
+        except RequestError as e:  # the body limit or deadline, met while a route reads the body
             if status:
                 raise
-            await error_response(e.message, e.status, e.param, e.code)(scope, receive, send_and_note)
+            await error_response(e.message, e.status, e.param, e.code, headers=CLOSE)(scope, receive, send_and_note)
+        except ClientDisconnect:  # gone while its body was read: nobody to answer
+            status.append(499)
         except Exception as e:  # never a bare 500 page: keep OpenAI's shape
             if status:  # the answer had started (a stream): nothing more can be said over HTTP
                 raise
@@ -543,7 +554,9 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             fetched = await fetch_images(needed.urls)
         return await decode_once(raw, chat, fetched)
 
-    @app.get("/health")
+    app.router.redirect_slashes = False  # a redirect would send the client to whatever its Host header names
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         failed = engine.failed if engine.failed is not None else workers.healthy() if workers is not None else None
         if failed is not None:
@@ -554,18 +567,18 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         return {"id": options.model_name, "object": "model", "created": 0, "owned_by": "mllama",
                 "max_model_len": engine.max_model_len}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.api_route("/v1/models/{model_id:path}", methods=["GET", "HEAD"])
     async def model(model_id: str):
         if model_id != options.model_name:
             return error_response(f"the model {model_id!r} does not exist: this server serves "
                                   f"{options.model_name!r}", 404, "model", "model_not_found")
         return model_card()
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         restarts = workers.replacements if workers is not None else 0
         return PlainTextResponse(render_metrics(await engine.stats(), http_counts, timings, restarts),
@@ -581,7 +594,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
 
     async def handle(request: Request, chat: bool):
         arrival = time.monotonic()
-        parsed = None
+        parsed, ids = None, []
         try:
             parsed, ids, inputs = await decode(await request.body(), chat)
             timings["decode"].observe(time.monotonic() - arrival)
@@ -591,10 +604,12 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             engine.check_length(len(ids), max_tokens)
             params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p)
         except RequestError as e:
-            return error_response(e.message, e.status, e.param, e.code)
-        except RequestTooLong as e:
-            return error_response(str(e), 400, "max_tokens" if parsed and parsed.max_tokens else
-                                  ("messages" if chat else "prompt"), "context_length_exceeded")
+            return error_response(e.message, e.status, e.param, e.code,
+                                  headers=CLOSE if e.status in (408, 413) else None)
+        except RequestTooLong as e:  # the prompt's fault, unless max_tokens was given and the prompt alone fits
+            fits = parsed is not None and parsed.max_tokens and len(ids) < engine.max_model_len
+            return error_response(str(e), 400, "max_tokens" if fits else ("messages" if chat else "prompt"),
+                                  "context_length_exceeded")
         except ValueError as e:
             return error_response(str(e), 400, None, None)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import json
 import logging
 import math
 import os
@@ -142,6 +143,22 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.head_timer: asyncio.TimerHandle | None = None
+
+    def send_400_response(self, msg: str) -> None:
+        """A request h11 cannot parse (a bad Content-Length or chunk size, bytes no header may hold): 400 in
+        OpenAI's error shape, as every other answer, then the connection closes."""
+        body = json.dumps({"error": {"message": f"the request is not valid HTTP/1.1 ({msg})",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": "bad_http_request"}}).encode()
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close")]
+        try:
+            for event in (h11.Response(status_code=400, headers=head, reason=b"Bad Request"),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:  # an answer had started already: nothing more can be said over HTTP
+            pass
+        self.transport.close()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

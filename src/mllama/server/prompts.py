@@ -58,6 +58,7 @@ class ImageOptions:
 
 
 _MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/gif")
+SERVED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # PIL's names for the formats of _MEDIA_TYPES
 
 
 def load_image_url(url: Any, param: str, options: ImageOptions, fetched: dict[str, bytes] | None = None):
@@ -90,7 +91,10 @@ def load_image_url(url: Any, param: str, options: ImageOptions, fetched: dict[st
                            + (" or an http(s) URL" if options.allow_remote else "")
                            + f", got {url[:40]!r}", param)
     try:
-        image = decode_image_bytes(data, max_pixels=options.max_pixels, position=param, what=what)
+        # Only the formats a client may declare: PIL would otherwise decode whatever it recognises (TIFF, EPS
+        # through Ghostscript, ...) behind an image/png label.
+        image = decode_image_bytes(data, max_pixels=options.max_pixels, position=param, what=what,
+                                   formats=SERVED_FORMATS)
     except ValueError as e:
         message = str(e).split(". Valid images are")[0]
         if "max_pixels" in message:
@@ -148,7 +152,10 @@ class _Target(NamedTuple):
 
 
 def _remote_target(url: str, param: str) -> _Target:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # 'http://[/': a bracketed host that is no IPv6 address
+        raise RequestError(f"{param}: the URL is not valid ({e})", param) from None
     if "@" in parts.netloc:
         # Credentials would have to go out as a header, and 'http://public.example@10.0.0.1/' reads like a
         # different host than the one it names.
@@ -182,11 +189,18 @@ def _checked_addresses(target: _Target, param: str, options: ImageOptions) -> li
     return infos
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
 def _check_address(ip: str, host: str, param: str) -> None:
     # Internal addresses are refused, so that the server cannot be used to reach its own network.
     address = ipaddress.ip_address(ip.split("%")[0])  # an IPv6 zone (fe80::1%eth0) is not part of the address
-    if address.version == 6 and address.ipv4_mapped:  # ::ffff:127.0.0.1 reaches 127.0.0.1
-        address = address.ipv4_mapped
+    if address.version == 6:  # IPv6 forms that carry an IPv4 address reach that address
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is not None:
+            _check_address(str(embedded), host, param)
     # not is_global covers private, loopback, link-local, unspecified and shared (100.64/10) space; it lets
     # multicast, IPv6's reserved ranges and its old site-local ones through
     if (not address.is_global or address.is_multicast or address.is_reserved
@@ -327,8 +341,12 @@ def parse_messages(messages: Any, options: ImageOptions) -> tuple[list[dict], li
     out, texts, urls = [], [], []
 
     def mark(text: str) -> str:
-        # The markers must not be forgeable from user text.
-        texts.append(text.replace(_OPEN, "").replace(_CLOSE, ""))
+        # The markers must not be forgeable from user text. Empty text stays empty: the template tests some
+        # contents for emptiness (an empty system message beside an image is no system message).
+        text = text.replace(_OPEN, "").replace(_CLOSE, "")
+        if not text:
+            return ""
+        texts.append(text)
         return f"{_OPEN}{len(texts) - 1}{_CLOSE}"
 
     for m, message in enumerate(messages):
