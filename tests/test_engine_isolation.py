@@ -151,3 +151,20 @@ def test_stop_waits_for_a_request_between_the_queue_and_its_slot(loaded, monkeyp
     go.set()
     stopper.join(120)
     assert c.events[-1].finish_reason == "length" and c.ids == _greedy_alone(model, ids, 4)
+
+
+def test_fast_path_and_engine_refuse_an_mlp_they_do_not_compute():
+    """Their layer functions compute SiLU gates; a gelu config (which transformers builds) would be computed
+    wrongly, so generate falls back to the plain model by default and the engine refuses it by name."""
+    from conftest import randomize, tiny_config
+    from mllama import MllamaForConditionalGeneration
+
+    config = tiny_config()
+    config.text_config.hidden_act = "gelu"
+    model = randomize(MllamaForConditionalGeneration.from_config(config)).eval()
+    with pytest.raises(ValueError, match="hidden_act is 'gelu'"):
+        BatchEngine(model, None)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with pytest.raises(ValueError, match="fast=False"):
+        model.generate(input_ids=ids, max_new_tokens=2, fast=True)
+    assert model.generate(input_ids=ids, max_new_tokens=2).shape == (1, 6)

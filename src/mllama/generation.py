@@ -192,7 +192,10 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
     if limit is not None and total > limit:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                          f"model's context of {limit} tokens")
-    fast = device.type == "cuda" if fast is None else fast
+    if fast is None:
+        from .engine.fast import unsupported
+
+        fast = device.type == "cuda" and unsupported(model) is None
     decoder = vision_runner = None
     if fast:
         from .engine.fast import get_decoder

@@ -25,7 +25,7 @@ from ..generation import SamplingParams, TextDecoder, next_tokens
 from ..modeling.cache import MllamaCache
 from ..modeling.text import MllamaCrossAttentionDecoderLayer, prepare_cross_attention_mask
 from .fast import (PrefillGraphs, cross_output, cross_query, fuse_projections, length_bucket, self_output,
-                   self_qkv, text_model_of, text_prefill, vision_graphs)
+                   self_qkv, text_model_of, text_prefill, unsupported, vision_graphs)
 
 
 class QueueFull(Exception):
@@ -346,6 +346,8 @@ class BatchEngine:
         if max_batch < 1 or max_queue < 0 or max_prefill_batch < 1:
             raise ValueError(f"max_batch and max_prefill_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{max_prefill_batch} and {max_queue}")
+        if (reason := unsupported(model)) is not None:
+            raise ValueError(reason)
         self.max_prefill_batch = max_prefill_batch
         self.warm_up_seconds = 0.0
         self.model = model

@@ -471,7 +471,7 @@ def cache_bytes(config, batch: int, length: int, vision_tokens: int, dtype: torc
     """Bytes of a decoder's static buffers: self-attention K/V over `length`, cross K/V over the vision tokens."""
     text = getattr(config, "text_config", config)
     per_token = 2 * text.num_key_value_heads * text.head_dim * torch.finfo(dtype).bits // 8
-    cross_layers = len(text.cross_attention_layers)
+    cross_layers = len(text.present_cross_attention_layers)
     self_layers = text.num_hidden_layers - cross_layers
     return batch * per_token * (self_layers * length + cross_layers * vision_tokens)
 
@@ -490,8 +490,19 @@ def check_fits(model: nn.Module, batch: int, length: int, vision_tokens: int, dt
                          f"{free / 2**30:.1f} GiB are free: use a smaller batch, fewer new tokens or fewer images")
 
 
+def unsupported(model: nn.Module) -> str | None:
+    """Why the fast path's layer functions cannot compute this model, or None. They are written for the MLP the
+    published checkpoints use (SiLU gate): another hidden_act would be computed wrongly, so it is refused."""
+    act = getattr(getattr(model.config, "text_config", model.config), "hidden_act", "silu")
+    if act != "silu":
+        return f"the fast path and the serving engine compute SiLU MLPs, and this model's hidden_act is {act!r}"
+    return None
+
+
 def get_decoder(model: nn.Module, batch: int, length: int, vision_tokens: int, keep: int = 4) -> FastDecoder:
     """A decoder for this shape, reused across requests (the model keeps the `keep` most recent ones)."""
+    if (reason := unsupported(model)) is not None:
+        raise ValueError(f"{reason}: generate with fast=False")
     decoders = model.__dict__.setdefault("_fast_decoders", {})
     compat = getattr(model.config, "compat", "meta")  # baked into the captured graph
     key = (batch, length_bucket(length), vision_tokens, compat)
