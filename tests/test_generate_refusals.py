@@ -17,8 +17,8 @@ def test_quantized_loading_is_refused(tiny_checkpoint, keyword, value):
 
 
 def test_unknown_loading_keywords_are_refused_by_name(tiny_checkpoint):
-    with pytest.raises(ValueError, match=r"unsupported arguments \['force_download', 'subfolder'\].*revision"):
-        MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, subfolder="x", force_download=True)
+    with pytest.raises(ValueError, match=r"unsupported arguments \['force_download', 'mirror'\].*revision"):
+        MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, mirror="x", force_download=True)
 
 
 def test_keywords_that_loading_honours_still_load(tiny_checkpoint):
