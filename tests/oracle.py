@@ -78,3 +78,13 @@ def hf_model(ours: torch.nn.Module, cls_name: str = "MllamaForConditionalGenerat
     unexpected = [u for u in unexpected if not u.endswith("inv_freq")]
     assert not missing and not unexpected, (missing[:5], unexpected[:5])
     return model.eval()
+
+
+def causal_lm_of(ours: torch.nn.Module) -> torch.nn.Module:
+    """Our MllamaForCausalLM holding the composite model's text weights (eval mode)."""
+    from mllama import MllamaForCausalLM
+
+    lm = MllamaForCausalLM(ours.config.text_config).eval()
+    lm.model.load_state_dict(ours.model.language_model.state_dict())
+    lm.lm_head.load_state_dict(ours.lm_head.state_dict())
+    return lm

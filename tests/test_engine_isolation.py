@@ -135,7 +135,7 @@ def test_stop_waits_for_a_request_between_the_queue_and_its_slot(loaded, monkeyp
 
     def sleep(seconds):  # stop() polls while something is left to finish
         polled.set()
-        real_time.sleep(seconds)
+        real_time.sleep(seconds)  # poll: stop()'s own poll loop, passed through
 
     engine._prefill = held_prefill
     monkeypatch.setattr(batch_module, "time", SimpleNamespace(**{**vars(real_time), "sleep": sleep}))

@@ -7,7 +7,7 @@ import torch
 import oracle
 from conftest import BOS, IMAGE, PAD, cross_mask, randomize, tiny_config
 from test_parity import RATIOS, make_inputs
-from mllama import MllamaForCausalLM, MllamaForConditionalGeneration
+from mllama import MllamaForConditionalGeneration
 from mllama.generation import SamplingParams, filter_logits, apply_repetition_penalty
 
 GEN_CASES = {
@@ -49,9 +49,7 @@ def test_greedy_tokens_equal_transformers(pair, case):
 
 def test_causal_lm_generates_like_the_full_model_on_text(tiny):
     ours = tiny
-    lm = MllamaForCausalLM(ours.config.text_config).eval()
-    lm.model.load_state_dict(ours.model.language_model.state_dict())
-    lm.lm_head.load_state_dict(ours.lm_head.state_dict())
+    lm = oracle.causal_lm_of(ours)
     inputs = make_inputs(*GEN_CASES["text_only"], 28)
     assert torch.equal(lm.generate(**inputs, max_new_tokens=8), ours.generate(**inputs, max_new_tokens=8))
 

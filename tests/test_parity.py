@@ -184,12 +184,8 @@ def test_real_vision_config_output_shape():
 
 
 def test_causal_lm_matches_transformers_text_only(pair):
-    from mllama import MllamaForCausalLM
-
     _, ours, _ = pair
-    lm = MllamaForCausalLM(ours.config.text_config).eval()
-    lm.model.load_state_dict(ours.model.language_model.state_dict())
-    lm.lm_head.load_state_dict(ours.lm_head.state_dict())
+    lm = oracle.causal_lm_of(ours)
     theirs = oracle.hf_model(lm, "MllamaForCausalLM")
     inputs = make_inputs(*CASES["text_only"], 28)
     with torch.no_grad():

@@ -130,9 +130,7 @@ def test_output_attentions_on_a_decode_step(pair):
 
 def test_causal_lm_output_attentions(pair):
     ours, _ = pair
-    lm = MllamaForCausalLM(ours.config.text_config).eval()
-    lm.model.load_state_dict(ours.model.language_model.state_dict())
-    lm.lm_head.load_state_dict(ours.lm_head.state_dict())
+    lm = oracle.causal_lm_of(ours)
     theirs = oracle.hf_model(lm, "MllamaForCausalLM")
     inputs = make_inputs(*CASES["text_only"], 28)
     with torch.no_grad():

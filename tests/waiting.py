@@ -25,4 +25,4 @@ def wait_until(predicate: Callable[[], T], what: str, guard: float = GUARD, poll
         if time.monotonic() > end:
             now = f"; now: {state()}" if state is not None else ""
             raise AssertionError(f"gave up after {guard:.0f} s waiting for {what}{now}")
-        time.sleep(poll)
+        time.sleep(poll)  # poll
