@@ -75,7 +75,7 @@ def test_file_round_trip(tmp_path):
     (dict(vision_config=dict(image_size=500)), "image_size"),
     (dict(text_config=dict(cross_attention_layers=[3, -1])), "cross_attention_layers"),
     (dict(text_config=dict(cross_attention_layers=[3, 3])), "cross_attention_layers"),
-    (dict(text_config=dict(rope_scaling={"rope_type": "yarn", "factor": 2.0})), "rope_type"),
+    (dict(text_config=dict(rope_scaling={"rope_type": "longrope", "factor": 2.0})), "rope_type"),
     (dict(text_config=dict(rope_scaling={"rope_type": "llama3", "factor": 8.0})), "rope_parameters"),
     (dict(text_config=dict(num_key_value_heads=5)), "num_key_value_heads"),
     (dict(compat="hf"), "compat"),

@@ -246,7 +246,7 @@ def test_init_weights_after_meta_recomputes_the_rotary_frequencies():
 # ---------------------------------------------------------------------------------------------------------------
 # to_dict / to_json_* / from_dict / from_json_file
 
-_NOT_COMPARED = _BOILERPLATE | {"dtype", "architectures"}
+_NOT_COMPARED = _BOILERPLATE | {"dtype", "architectures", "id2label", "label2id"}
 
 
 def _meaningful(d: dict) -> dict:
@@ -291,3 +291,92 @@ def test_from_dict_keyword_arguments_like_transformers():
     assert ours.text_config.rms_norm_eps == theirs.text_config.rms_norm_eps == 1e-6
     assert ours.text_config.hidden_size == theirs.text_config.hidden_size == 64  # the rest of the sub-config kept
     assert MllamaConfig.from_dict(data, not_a_field=1) == tiny_config()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What transformers' code reads off every config: sub_configs, is_encoder_decoder, iteration, to_diff_dict, labels,
+# the attention implementation
+
+
+def test_sub_configs_iteration_and_encoder_decoder_flag_match_transformers():
+    ours, theirs = tiny_config(), oracle.hf_config(tiny_config())
+    assert {k: v.__name__ for k, v in type(ours).sub_configs.items()} == \
+        {k: v.__name__ for k, v in type(theirs).sub_configs.items()}
+    assert MllamaTextConfig.sub_configs == {} and MllamaVisionConfig.sub_configs == {}
+    assert ours.is_encoder_decoder is theirs.is_encoder_decoder is False
+    assert {"text_config", "vision_config", "image_token_index"} <= set(ours)
+    assert [key for key in ours if getattr(ours, key) is ours.text_config] == ["text_config"]
+
+
+def test_to_diff_dict_holds_only_what_differs_and_rebuilds_the_config():
+    config = _tiny(text={"vocab_size": 99})
+    diff = config.to_diff_dict()
+    assert diff["text_config"]["vocab_size"] == 99 and "rms_norm_eps" not in diff["text_config"]
+    assert diff["model_type"] == "mllama" and MllamaConfig(**diff) == config
+    assert MllamaTextConfig().to_diff_dict() == {"model_type": "mllama_text_model"}
+    theirs = oracle.hf_config(config).to_diff_dict()
+    assert theirs["text_config"]["vocab_size"] == 99
+
+
+def test_num_labels_and_label_maps_follow_transformers():
+    ours, theirs = MllamaTextConfig(num_labels=5), transformers.MllamaTextConfig(num_labels=5)
+    assert ours.id2label == theirs.id2label and ours.label2id == theirs.label2id
+    ours.num_labels = theirs.num_labels = 3
+    assert ours.id2label == theirs.id2label and len(ours.label2id) == 3
+    assert MllamaTextConfig().num_labels == transformers.MllamaTextConfig().num_labels == 2
+    assert "id2label" not in MllamaTextConfig(num_labels=5).to_dict()
+
+
+def test_attn_implementation_is_set_at_init_and_after_on_every_sub_config():
+    config = MllamaConfig(attn_implementation="eager")
+    assert [c._attn_implementation for c in (config, config.text_config, config.vision_config)] == ["eager"] * 3
+    config._attn_implementation = "sdpa"
+    assert config.text_config._attn_implementation == config.vision_config._attn_implementation == "sdpa"
+    config._attn_implementation = {"text_config": "eager"}
+    assert (config.text_config._attn_implementation, config.vision_config._attn_implementation) == ("eager", None)
+    assert "attn_implementation" not in json.dumps(config.to_dict())
+    with pytest.raises(ValueError, match="'flash_attention_2' is not supported: use one of"):
+        MllamaTextConfig(attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match=r"keys \['audio_config'\] name no sub-config"):
+        config._attn_implementation = {"audio_config": "eager"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RoPE scalings beyond the published llama3: yarn and dynamic NTK, as transformers computes them
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 10.0, "rope_theta": 1e4, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4, "beta_fast": 16, "mscale": 1.2, "mscale_all_dim": 0.8},
+    {"rope_type": "dynamic", "factor": 10.0, "rope_theta": 1e4},
+])
+def test_yarn_and_dynamic_rope_equal_transformers(rope):
+    from mllama.modeling.text import MllamaRotaryEmbedding
+
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                 num_hidden_layers=2, cross_attention_layers=[1])
+    ours = MllamaRotaryEmbedding(MllamaTextConfig(rope_parameters=dict(rope), **shape))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = hf.MllamaRotaryEmbedding(transformers.MllamaTextConfig(rope_parameters=dict(rope), **shape))
+    for length in (50, 300):  # inside and past max_position_embeddings (where dynamic changes its base)
+        positions = torch.arange(length)[None]
+        cos, sin = ours(positions)
+        their_cos, their_sin = theirs(torch.zeros(1, length, 64), positions)
+        torch.testing.assert_close(cos[:, 0], their_cos, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(sin[:, 0], their_sin, atol=2e-5, rtol=1e-5)
+
+
+def test_a_rope_type_set_after_the_config_is_built_is_checked_by_the_model():
+    config = tiny_config()
+    config.text_config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4}
+    with pytest.raises(ValueError, match="rope_type 'longrope' is not supported"):
+        MllamaForConditionalGeneration(config)
+
+
+def test_the_fast_path_refuses_dynamic_rope():
+    from mllama.engine.fast import unsupported
+
+    config = tiny_config()
+    config.text_config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    assert "RoPE is 'dynamic'" in unsupported(MllamaForConditionalGeneration(config))

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 COMPAT_MODES = ("meta", "transformers")
-ROPE_TYPES = ("default", "llama3", "linear")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+ROPE_TYPES = ("default", "llama3", "linear", "dynamic", "yarn")
 DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
 
 # Keys of transformers' PretrainedConfig boiler-plate that carry no meaning for these models.
 _BOILERPLATE = {
     "transformers_version", "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
-    "is_encoder_decoder", "id2label", "label2id", "problem_type", "_name_or_path", "torchscript",
+    "is_encoder_decoder", "problem_type", "_name_or_path", "torchscript",
     "use_bfloat16", "pruned_heads", "tie_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "is_decoder", "finetuning_task", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "tf_legacy_loss", "_attn_implementation_autoset", "model_type", "base_config_key",
@@ -47,12 +48,86 @@ class _ConfigBase:
 
     model_type = ""
     attribute_map: dict[str, str] = {}
+    # What transformers' code asks of every config: Mllama is a decoder (its cross-attention reads image states,
+    # not an encoder's cache), the sub-config classes by attribute name, and every argument has a default.
+    is_encoder_decoder = False
+    sub_configs: dict[str, type] = {}
+    has_no_defaults_at_init = False
 
     def __init__(self, **extra: Any):
+        labels = {key: extra.pop(key) for key in ("num_labels", "id2label", "label2id") if key in extra}
+        attn = extra.pop("attn_implementation", extra.pop("_attn_implementation", None))
         for key, value in extra.items():
             if key in _BOILERPLATE or (key in _UNSET_WHEN_NONE and value is None):
                 continue
             setattr(self, key, value)
+        self._set_labels(**labels)
+        if attn is not None or "_attn_implementation_internal" not in self.__dict__:
+            self._attn_implementation = attn
+
+    @property
+    def _attn_implementation(self) -> str | None:
+        """The attention kernel the models built from this config use ('eager' or 'sdpa'; None = the default,
+        sdpa). Set on a composite config, it sets every sub-config too; a dict sets them one by one by attribute
+        name ('' for the composite itself), as transformers allows."""
+        return self.__dict__.get("_attn_implementation_internal")
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None) -> None:
+        own = value.get("") if isinstance(value, dict) else value
+        if isinstance(value, dict) and set(value) - {"", *self.sub_configs}:
+            raise ValueError(f"attn_implementation keys {sorted(set(value) - {'', *self.sub_configs})} name no "
+                             f"sub-config of {type(self).__name__}: valid keys are {sorted(self.sub_configs)} and ''")
+        if own is not None and own not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation {own!r} is not supported: use one of {ATTN_IMPLEMENTATIONS}")
+        object.__setattr__(self, "_attn_implementation_internal", own)
+        for key in self.sub_configs:
+            sub = self.__dict__.get(key)
+            if sub is not None:
+                sub._attn_implementation = value.get(key, own) if isinstance(value, dict) else value
+
+    # Class labels: no Mllama head classifies, but transformers' configs carry them (LABEL_i names, 2 by default);
+    # they are kept out of config.json as transformers' defaults are.
+    def _set_labels(self, num_labels: int | None = None, id2label: dict | None = None,
+                    label2id: dict | None = None) -> None:
+        if id2label is not None:
+            id2label = {int(k): v for k, v in id2label.items()}
+        elif num_labels is not None or "_id2label" not in self.__dict__:
+            id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
+        else:
+            id2label = self._id2label
+        object.__setattr__(self, "_id2label", id2label)
+        object.__setattr__(self, "_label2id", dict(label2id) if label2id is not None
+                           else {v: k for k, v in id2label.items()})
+
+    @property
+    def num_labels(self) -> int:
+        return len(self._id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        if value != self.num_labels:
+            self._set_labels(num_labels=value)
+
+    @property
+    def id2label(self) -> dict:
+        return self._id2label
+
+    @id2label.setter
+    def id2label(self, value: dict) -> None:
+        self._set_labels(id2label=value)
+
+    @property
+    def label2id(self) -> dict:
+        return self._label2id
+
+    @label2id.setter
+    def label2id(self, value: dict) -> None:
+        object.__setattr__(self, "_label2id", dict(value))
+
+    def __iter__(self):
+        """The attribute names, as transformers' configs iterate."""
+        return iter([key for key in self.__dict__ if not key.startswith("_")])
 
     def __getattr__(self, name: str) -> Any:
         target = type(self).attribute_map.get(name)
@@ -107,6 +182,19 @@ class _ConfigBase:
         decoder_side = decoder == encoder or bool(decoder)
         text = self.__dict__.get("text_config")
         return text if decoder_side and text is not None else self
+
+    def to_diff_dict(self) -> dict:
+        """The entries of to_dict() that differ from a default-built config of this class (model_type always;
+        a sub-config by its own differences)."""
+        mine, default = self.to_dict(), type(self)().to_dict()
+        out = {}
+        for key, value in mine.items():
+            sub = self.__dict__.get(key)
+            if isinstance(sub, _ConfigBase):
+                value = sub.to_diff_dict()
+            if key == "model_type" or key not in default or default[key] != mine[key]:
+                out[key] = value
+        return out
 
     def to_json_string(self, use_diff: bool = True) -> str:
         """`use_diff` is accepted for transformers' signature; the dict never holds transformers' boiler-plate
@@ -284,7 +372,7 @@ class MllamaTextConfig(_ConfigBase):
             self.rope_parameters = _rope_from_legacy(rope_parameters.get("rope_theta", rope_theta), rope_parameters)
         else:
             self.rope_parameters = _rope_from_legacy(rope_theta, rope_scaling)
-        if self.rope_parameters["rope_type"] == "llama3":
+        if self.rope_parameters["rope_type"] in ("llama3", "yarn"):
             self.rope_parameters.setdefault("original_max_position_embeddings", max_position_embeddings)
         self.rms_norm_eps = rms_norm_eps
         self.max_position_embeddings = max_position_embeddings
@@ -323,7 +411,8 @@ class MllamaTextConfig(_ConfigBase):
         rope_type = self.rope_parameters.get("rope_type")
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_parameters.rope_type {rope_type!r} is not supported: use one of {ROPE_TYPES}")
-        needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"), "linear": ("factor",)}
+        needed = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"), "linear": ("factor",),
+                  "dynamic": ("factor",), "yarn": ("factor",)}
         missing = [k for k in needed.get(rope_type, ()) if k not in self.rope_parameters]
         if missing:
             raise ValueError(f"rope_parameters for rope_type {rope_type!r} lacks {missing}")
@@ -361,6 +450,7 @@ class MllamaTextConfig(_ConfigBase):
 class MllamaConfig(_ConfigBase):
     model_type = "mllama"
     attribute_map = {"image_token_id": "image_token_index"}
+    sub_configs = {"text_config": MllamaTextConfig, "vision_config": MllamaVisionConfig}
 
     def __init__(
         self,

@@ -492,10 +492,14 @@ def check_fits(model: nn.Module, batch: int, length: int, vision_tokens: int, dt
 
 def unsupported(model: nn.Module) -> str | None:
     """Why the fast path's layer functions cannot compute this model, or None. They are written for the MLP the
-    published checkpoints use (SiLU gate): another hidden_act would be computed wrongly, so it is refused."""
-    act = getattr(getattr(model.config, "text_config", model.config), "hidden_act", "silu")
+    published checkpoints use (SiLU gate): another hidden_act would be computed wrongly, so it is refused; so is
+    dynamic RoPE, whose frequencies follow each call's positions where the captured graphs fix them."""
+    text = getattr(model.config, "text_config", model.config)
+    act = getattr(text, "hidden_act", "silu")
     if act != "silu":
         return f"the fast path and the serving engine compute SiLU MLPs, and this model's hidden_act is {act!r}"
+    if getattr(text, "rope_parameters", {}).get("rope_type") == "dynamic":
+        return "the fast path and the serving engine capture fixed RoPE frequencies, and this model's RoPE is 'dynamic'"
     return None
 
 
