@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MllamaConfig, MllamaTextConfig
-from .base import MllamaPreTrainedModel
+from ..generation import GenerationMixin
+from .base import MllamaPreTrainedModel, copy_resized
 from .outputs import ModelOutput, config_default, finish
 from .text import MllamaTextModel
 from .vision import MllamaVisionModel
@@ -52,68 +53,45 @@ class _EmbeddingsMixin:
     def vocab_size(self) -> int:
         return self.lm_head.out_features
 
-    def generate(self, input_ids: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Prompt + new tokens; see mllama.generation.generate for the arguments."""
-        from ..generation import generate
-
-        return generate(self, input_ids, **kwargs)
-
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
     def set_output_embeddings(self, new: nn.Linear) -> None:
         self.lm_head = new
 
-    def _get_resized_embeddings(self, old: nn.Embedding, new_num_tokens: int, mean_resizing: bool = True) -> nn.Embedding:
-        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=old.padding_idx
-                           if old.padding_idx is not None and old.padding_idx < new_num_tokens else None,
-                           device=old.weight.device, dtype=old.weight.dtype)
-        self._fill_resized(old.weight, new.weight, mean_resizing)
-        return new
-
     def _get_resized_lm_head(self, old_lm_head: nn.Linear, new_num_tokens: int | None = None,
                              transposed: bool = False, mean_resizing: bool = True) -> nn.Linear:
         """A copy of `old_lm_head` with `new_num_tokens` output rows; new rows are the mean of the old ones
         (transformers samples them around that mean with 1e-9 of the covariance) or random with
-        mean_resizing=False."""
+        mean_resizing=False. `transposed`: the weight is stored [in, out] (mllama's never is)."""
         if new_num_tokens is None:
             return old_lm_head
+        if transposed:
+            raise ValueError("transposed=True is for lm_heads stored [in_features, out_features]; nn.Linear's weight "
+                             "is [out_features, in_features]: pass transposed=False")
         new = nn.Linear(old_lm_head.in_features, new_num_tokens, bias=old_lm_head.bias is not None,
                         device=old_lm_head.weight.device, dtype=old_lm_head.weight.dtype)
-        self._fill_resized(old_lm_head.weight, new.weight, mean_resizing)
+        std = self._text_config().initializer_range
+        copy_resized(old_lm_head.weight, new.weight, mean_resizing, std)
         if old_lm_head.bias is not None:
-            self._fill_resized(old_lm_head.bias[:, None], new.bias[:, None], mean_resizing)
+            copy_resized(old_lm_head.bias, new.bias, mean_resizing, std)
         return new
-
-    def _fill_resized(self, old: torch.Tensor, new: torch.Tensor, mean_resizing: bool) -> None:
-        keep = min(old.shape[0], new.shape[0])
-        with torch.no_grad():
-            new[:keep] = old[:keep]
-            if new.shape[0] > keep:
-                if mean_resizing:
-                    new[keep:] = old.float().mean(dim=0).to(new.dtype)
-                else:
-                    new[keep:] = torch.randn_like(new[keep:]) * self._text_config().initializer_range
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
-        """Resizes the input embeddings and the (untied) lm_head to `new_num_tokens` rows."""
-        embeddings = self.get_input_embeddings()
-        if new_num_tokens is None:
-            new_num_tokens = embeddings.num_embeddings
-        if pad_to_multiple_of:
-            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
-        self.set_input_embeddings(self._get_resized_embeddings(embeddings, new_num_tokens, mean_resizing))
-        self.set_output_embeddings(self._get_resized_lm_head(self.lm_head, new_num_tokens,
+        """Resizes the input embeddings and the (untied) lm_head to `new_num_tokens` rows (rounded up to a
+        multiple of `pad_to_multiple_of`); the text config's vocab_size follows."""
+        embeddings = self.model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        self.set_output_embeddings(self._get_resized_lm_head(self.lm_head, embeddings.num_embeddings,
                                                              mean_resizing=mean_resizing))
-        self._text_config().vocab_size = new_num_tokens
-        return self.get_input_embeddings()
+        return embeddings
 
 
-class MllamaForCausalLM(_EmbeddingsMixin, MllamaPreTrainedModel):
+class MllamaForCausalLM(_EmbeddingsMixin, MllamaPreTrainedModel, GenerationMixin):
     """The text decoder with its lm_head; loads only the text weights of a full Mllama checkpoint."""
 
     config_class = MllamaTextConfig
+    base_model_prefix = "language_model"
 
     def __init__(self, config: MllamaTextConfig):
         if isinstance(config, MllamaConfig):
@@ -121,6 +99,7 @@ class MllamaForCausalLM(_EmbeddingsMixin, MllamaPreTrainedModel):
         super().__init__(config)
         self.model = MllamaTextModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -158,6 +137,11 @@ class MllamaModel(MllamaPreTrainedModel):
         self.language_model = MllamaTextModel(config.text_config)
         self.multi_modal_projector = nn.Linear(config.vision_config.vision_output_dim,
                                                config.text_config.hidden_size, bias=True)
+        self.post_init()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.language_model.vocab_size
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.embed_tokens
@@ -263,7 +247,7 @@ class MllamaModel(MllamaPreTrainedModel):
         return finish(out, return_dict, self.config)
 
 
-class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel):
+class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel, GenerationMixin):
     """Images + text in, next-token logits out."""
 
     config_class = MllamaConfig
@@ -273,6 +257,7 @@ class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel):
         super().__init__(config)
         self.model = MllamaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.get_input_embeddings()
