@@ -25,6 +25,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
 CHAT_TEMPLATE_JSON = "chat_template.json"
+# Named templates other than "default", one <name>.jinja each (transformers' layout).
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 
 
 class TemplateError(jinja2.exceptions.TemplateError, ValueError):
@@ -40,8 +42,17 @@ def load_chat_template(folder: str | os.PathLike, tokenizer_config: Mapping | No
     """The chat template stored in a checkpoint folder, or None.
 
     Looked up in chat_template.jinja, then chat_template.json ({"chat_template": ...}), then the "chat_template"
-    key of tokenizer_config.json (a string, or a list of {"name", "template"} giving a dict of named templates)."""
+    key of tokenizer_config.json (a string, or a list of {"name", "template"} giving a dict of named templates).
+    Templates in additional_chat_templates/<name>.jinja join it as named ones (the main one named "default")."""
     folder = Path(folder)
+    main = _main_chat_template(folder, tokenizer_config)
+    named = {p.stem: p.read_text(encoding="utf-8") for p in sorted((folder / CHAT_TEMPLATE_DIR).glob("*.jinja"))}
+    if not named:
+        return main
+    return {**({"default": main} if isinstance(main, str) else dict(main or {})), **named}
+
+
+def _main_chat_template(folder: Path, tokenizer_config: Mapping | None) -> str | dict | None:
     if (folder / CHAT_TEMPLATE_JINJA).is_file():
         return (folder / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
     if (folder / CHAT_TEMPLATE_JSON).is_file():
@@ -66,18 +77,36 @@ def _named_templates(value: Any) -> str | dict[str, str]:
     raise ValueError(f"a chat template must be a string or a list of {{'name', 'template'}} dicts, got {value!r}")
 
 
-def save_chat_template(folder: str | os.PathLike, template: str | dict[str, str], jinja: bool = True) -> Path:
-    """Write the template as chat_template.jinja (jinja=True, a single template) or chat_template.json."""
+def save_chat_template(folder: str | os.PathLike, template: str | dict[str, str], jinja: bool = True) -> list[Path]:
+    """Write the template; return the files written. jinja=True: chat_template.jinja for a single template or the
+    one named "default", additional_chat_templates/<name>.jinja for the other named ones; jinja=False: all in
+    chat_template.json."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if jinja and isinstance(template, str):
-        path = folder / CHAT_TEMPLATE_JINJA
-        path.write_text(template, encoding="utf-8")
-    else:
+    if not jinja:
+        folder.mkdir(parents=True, exist_ok=True)
         path = folder / CHAT_TEMPLATE_JSON
         path.write_text(json.dumps({"chat_template": template}, indent=2, ensure_ascii=False) + "\n",
                         encoding="utf-8")
-    return path
+        return [path]
+    named = dict(template) if isinstance(template, dict) else {"default": template}
+    for name in named:
+        _check_template_name(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in named.items():
+        path = folder / CHAT_TEMPLATE_JINJA if name == "default" else folder / CHAT_TEMPLATE_DIR / f"{name}.jinja"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def _check_template_name(name: Any) -> None:
+    # The name becomes a file name: anything that could leave additional_chat_templates/ is refused.
+    if not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in "/\\\0") \
+            or Path(name).name != name:
+        raise ValueError(f"chat template name {name!r} cannot be saved as {CHAT_TEMPLATE_DIR}/<name>.jinja: a "
+                         f"name must be a plain file name (no path separators, not '.' or '..')")
 
 
 def resolve_template(own: str | dict[str, str] | None, requested: str | None) -> str:

@@ -387,6 +387,13 @@ def _stored(name: str, value: Any) -> Any:
     return value
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"'{path}' is not valid JSON ({exc})") from None
+
+
 class _MllamaImageProcessorBase:
     """Options, (de)serialization and batching common to both backends; subclasses supply `_encode`."""
 
@@ -408,12 +415,16 @@ class _MllamaImageProcessorBase:
         # An option left out takes the class default; one passed as None stays None, as in transformers.
         options = {name: kwargs.pop(name) if name in kwargs else copy.deepcopy(getattr(type(self), name))
                    for name in _OPTIONS}
-        unknown = sorted(set(kwargs) - _METADATA_KEYS)
-        if unknown:
-            warnings.warn(f"{type(self).__name__} ignores unknown options {unknown}", stacklevel=2)
+        # Like transformers, other keywords become attributes that to_dict and save_pretrained keep.
+        extra = {name: value for name, value in kwargs.items() if name not in _METADATA_KEYS}
+        if extra:
+            warnings.warn(f"{type(self).__name__}: {sorted(extra)} are not Mllama image options; they are kept as "
+                          f"attributes (and saved) but do not change the processing", stacklevel=2)
         _validate_options(dict(options), processing=False)
         for name, value in options.items():
             setattr(self, name, _stored(name, value))
+        for name, value in extra.items():
+            setattr(self, name, value)
 
     def _options(self, overrides: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(overrides) - set(_OPTIONS))
@@ -430,9 +441,10 @@ class _MllamaImageProcessorBase:
         return self.preprocess(images, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        """The options as transformers' to_dict gives them: tuples stay tuples, explicit Nones are kept, and both
-        backends name themselves "MllamaImageProcessor", so either loads the other's file."""
-        out = {name: copy.deepcopy(getattr(self, name)) for name in _OPTIONS}
+        """The options as transformers' to_dict gives them: tuples stay tuples, explicit Nones are kept, attributes
+        set on the instance are included, and both backends name themselves "MllamaImageProcessor", so either
+        loads the other's file."""
+        out = {name: copy.deepcopy(value) for name, value in vars(self).items() if not name.startswith("_")}
         for name in ("image_mean", "image_std"):
             if isinstance(out[name], list):
                 out[name] = tuple(out[name])
@@ -460,6 +472,11 @@ class _MllamaImageProcessorBase:
         return cls(**{**config, **overrides})
 
     @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike):
+        """The image processor whose options a json file (as written by to_json_file) holds."""
+        return cls.from_dict(_read_json(Path(json_file)))
+
+    @classmethod
     def from_pretrained(cls, pretrained: str | os.PathLike, *, revision: str | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         local_files_only: bool = False, **overrides: Any):
@@ -478,11 +495,7 @@ class _MllamaImageProcessorBase:
             except Exception as exc:
                 raise ValueError(f"could not find {CONFIG_NAME} for '{pretrained}': it is not a local folder or "
                                  f"file, and the Hub download failed ({type(exc).__name__}: {exc})") from None
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"'{path}' is not valid JSON ({exc})") from None
-        return cls.from_dict(config, **overrides)
+        return cls.from_dict(_read_json(path), **overrides)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"

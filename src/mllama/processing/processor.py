@@ -4,16 +4,21 @@ Mllama puts exactly one `<|image|>` token per image in the text (no placeholder 
 cross-attention), so the processor's work is to check that tokens and images agree, to place BOS the way the
 published checkpoints expect, and to build the cross-attention mask (rules in cross_attention_mask.py).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: __call__'s `**kwargs: Unpack[...]` must be a real object, the way
+# transformers (and its tests) recognise a processor with per-modality keyword arguments.
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
+
+try:
+    from typing import Unpack
+except ImportError:  # Python 3.10
+    from typing_extensions import Unpack
 
 from .chat_template import (
-    assistant_token_mask, load_chat_template, normalize_messages, render_chat_template, resolve_template,
-    save_chat_template, warn_without_generation_tag,
+    CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_JINJA, CHAT_TEMPLATE_JSON, assistant_token_mask, load_chat_template,
+    normalize_messages, render_chat_template, resolve_template, save_chat_template, warn_without_generation_tag,
 )
 from .cross_attention_mask import cross_attention_mask
 from .feature import BatchFeature
@@ -25,9 +30,55 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 PROCESSOR_CONFIG = "processor_config.json"
 PROCESSOR_FILES = TOKENIZER_FILES + (PREPROCESSOR_CONFIG, PROCESSOR_CONFIG)
 
-# Keyword arguments of __call__ that belong to the tokenizer; everything else goes to the image processor.
-_TEXT_KWARGS = ("add_special_tokens", "padding", "truncation", "max_length", "padding_side",
-                "return_attention_mask", "pad_to_multiple_of")
+
+
+class MllamaTextKwargs(TypedDict, total=False):
+    """Tokenizer options of MllamaProcessor.__call__ (flat, or in `text_kwargs`)."""
+    add_special_tokens: bool
+    padding: bool | str
+    truncation: bool | str | None
+    max_length: int | None
+    padding_side: str | None
+    return_attention_mask: bool | None
+    pad_to_multiple_of: int | None
+    return_offsets_mapping: bool
+
+
+class MllamaImagesKwargs(TypedDict, total=False):
+    """Image processor options of MllamaProcessor.__call__ (flat, or in `images_kwargs`); `device` only for the
+    torch backend."""
+    do_convert_rgb: bool | None
+    do_resize: bool | None
+    size: dict | int | None
+    resample: int | None
+    do_rescale: bool | None
+    rescale_factor: float | None
+    do_normalize: bool | None
+    image_mean: float | Sequence[float] | None
+    image_std: float | Sequence[float] | None
+    do_pad: bool | None
+    max_image_tiles: int | None
+    input_data_format: str | None
+    device: Any
+
+
+class MllamaCommonKwargs(TypedDict, total=False):
+    return_tensors: str | None
+
+
+class MllamaProcessorKwargs(MllamaTextKwargs, MllamaImagesKwargs, MllamaCommonKwargs, total=False):
+    """Every keyword of MllamaProcessor.__call__: options flat, or grouped by what they configure. A flat option
+    wins over the tokenizer's own init options; the same option both flat and in its group is an error."""
+    text_kwargs: MllamaTextKwargs
+    images_kwargs: MllamaImagesKwargs
+    common_kwargs: MllamaCommonKwargs
+
+
+_TEXT_KEYS = tuple(MllamaTextKwargs.__annotations__)
+_IMAGE_KEYS = tuple(MllamaImagesKwargs.__annotations__)
+# Where each group's options may come from: `return_tensors` is read from text_kwargs too, as in transformers.
+_GROUP_KEYS = {"text_kwargs": _TEXT_KEYS + ("return_tensors",), "images_kwargs": _IMAGE_KEYS,
+               "common_kwargs": ("return_tensors",)}
 # Image-part keys that carry the image itself, in the order transformers reads them.
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
 # Image processor types of published checkpoints and of transformers' two backends.
@@ -78,17 +129,25 @@ class MllamaProcessor:
         """Load tokenizer files, preprocessor_config.json and the chat template from a folder or Hub repo id.
 
         The image backend follows `image_processor_type` ("MllamaImageProcessor"/"...Fast": torch,
-        "MllamaImageProcessorPil": PIL); `backend="torch"` or `"pil"` overrides it. Tokenizer options
-        (padding_side, ...) and image options (size=..., max_image_tiles=...) may be given as keywords."""
+        "MllamaImageProcessorPil": PIL); `backend="torch"` or `"pil"` overrides it. Image options (size=...,
+        max_image_tiles=...) go to the image processor, other keywords (padding_side=..., cls_token=...) to the
+        tokenizer. `image_processor=` or `tokenizer=` give a ready component to use instead of loading it."""
         from ..weights import resolve_folder
+        from .image import _OPTIONS as IMAGE_OPTIONS
 
         hub_kwargs = {k: kwargs.pop(k) for k in ("token", "revision", "cache_dir", "local_files_only") if k in kwargs}
         folder = resolve_folder(name_or_path, allow_patterns=PROCESSOR_FILES, **hub_kwargs)
-        tokenizer_kwargs = {k: kwargs.pop(k) for k in ("padding_side", "truncation_side", "model_max_length",
-                                                       "split_special_tokens") if k in kwargs}
         chat_template = kwargs.pop("chat_template", None)
-        tokenizer = MllamaTokenizer.from_pretrained(folder, **tokenizer_kwargs)
-        image_processor = load_image_processor(folder, backend=backend, **kwargs)
+        image_processor, tokenizer = kwargs.pop("image_processor", None), kwargs.pop("tokenizer", None)
+        image_kwargs = {k: kwargs.pop(k) for k in IMAGE_OPTIONS if k in kwargs}
+        for component, options in ((image_processor, image_kwargs), (tokenizer, kwargs)):
+            if component is not None and options:
+                raise ValueError(f"options {sorted(options)} would configure a component that was passed ready-made "
+                                 f"({type(component).__name__}); set them on that object instead")
+        if tokenizer is None:
+            tokenizer = MllamaTokenizer.from_pretrained(folder, **kwargs)
+        if image_processor is None:
+            image_processor = load_image_processor(folder, backend=backend, **image_kwargs)
         if chat_template is None:
             chat_template = load_chat_template(folder)
         return cls(image_processor, tokenizer, chat_template=chat_template)
@@ -106,11 +165,11 @@ class MllamaProcessor:
             written += tokenizer.save_pretrained(out)
         finally:
             tokenizer.chat_template = own_template
-        for stale in ("chat_template.jinja", "chat_template.json"):
-            if (out / stale).is_file():
-                (out / stale).unlink()
+        for stale in [out / CHAT_TEMPLATE_JINJA, out / CHAT_TEMPLATE_JSON, *(out / CHAT_TEMPLATE_DIR).glob("*.jinja")]:
+            if stale.is_file():
+                stale.unlink()
         if self.chat_template is not None:
-            written.append(str(save_chat_template(out, self.chat_template, jinja=save_jinja_files)))
+            written += [str(p) for p in save_chat_template(out, self.chat_template, jinja=save_jinja_files)]
         # transformers 5 writes processor_config.json (and no preprocessor_config.json); we write both, so that
         # readers of either layout find the image settings.
         self.to_json_file(out / PROCESSOR_CONFIG)
@@ -141,36 +200,18 @@ class MllamaProcessor:
     # ------------------------------------------------------------------------------------------------------------
     # Processing
 
-    def __call__(
-        self,
-        images: Any = None,
-        text: str | Sequence[str] | None = None,
-        *,
-        return_tensors: str | None = None,
-        add_special_tokens: bool = True,
-        padding: bool | str = False,
-        truncation: bool | str | None = None,
-        max_length: int | None = None,
-        padding_side: str | None = None,
-        return_attention_mask: bool | None = None,
-        pad_to_multiple_of: int | None = None,
-        text_kwargs: dict | None = None,
-        images_kwargs: dict | None = None,
-        **image_options: Any,
-    ) -> BatchFeature:
+    def __call__(self, images: Any = None, text: str | Sequence[str] | None = None,
+                 **kwargs: Unpack[MllamaProcessorKwargs]) -> BatchFeature:
         """Process prompts and images.
 
         text: a prompt or a list of prompts, each with one `<|image|>` per image of that sample.
         images: one image (for one prompt), a list of images (the images of ONE prompt), or a list of lists
-        (one list per prompt, possibly empty). Other keywords (size=..., max_image_tiles=..., or a dict in
-        `images_kwargs`) go to the image processor; tokenizer options may also come as `text_kwargs`."""
+        (one list per prompt, possibly empty). Keywords (MllamaProcessorKwargs): tokenizer options (padding=...,
+        max_length=...), image options (size=..., max_image_tiles=...) and return_tensors, flat or grouped in
+        `text_kwargs`, `images_kwargs` and `common_kwargs`."""
         if images is None and text is None:
             raise ValueError("MllamaProcessor needs text=..., images=... or both")
-        tok_kwargs = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
-                          max_length=max_length, padding_side=padding_side,
-                          return_attention_mask=return_attention_mask, pad_to_multiple_of=pad_to_multiple_of)
-        tok_kwargs.update(text_kwargs or {})
-        image_kwargs = {**image_options, **(images_kwargs or {})}
+        tok_kwargs, image_kwargs, return_tensors = self._merge_kwargs(dict(kwargs))
 
         prompts = self._prompts(text)
         samples = self._nest_images(images) if images is not None else None
@@ -194,6 +235,29 @@ class MllamaProcessor:
                 data["cross_attention_mask"] = mask if return_tensors == "pt" else mask.numpy()
             data.update(image_inputs.data)
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _merge_kwargs(self, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+        """(tokenizer options, image options, return_tensors) from __call__'s keywords, as transformers merges
+        them; lowest to highest priority: the tokenizer's init options (e.g. padding="max_length" given to its
+        from_pretrained), common_kwargs, text_kwargs / images_kwargs, flat keywords."""
+        groups = {name: dict(kwargs.pop(name, None) or {}) for name in _GROUP_KEYS}
+        flat_keys = _GROUP_KEYS["text_kwargs"] + _IMAGE_KEYS
+        for name, given, valid in [("keyword arguments", kwargs, flat_keys),
+                                   *((name, groups[name], keys) for name, keys in _GROUP_KEYS.items())]:
+            unknown = sorted(set(given) - set(valid))
+            if unknown:
+                raise TypeError(f"MllamaProcessor got unknown {name} {unknown}; valid ones are {list(valid)}")
+        for name in ("text_kwargs", "images_kwargs"):
+            twice = sorted(set(groups[name]) & set(kwargs))
+            if twice:
+                raise ValueError(f"{twice} passed twice, in {name} and as keyword arguments; pass each once")
+        init = getattr(self.tokenizer, "init_kwargs", None) or {}
+        text = {key: getattr(self.tokenizer, key, init[key]) for key in _TEXT_KEYS if key in init}
+        text.update(groups["common_kwargs"])
+        text.update(groups["text_kwargs"])
+        text.update({key: value for key, value in kwargs.items() if key in _GROUP_KEYS["text_kwargs"]})
+        images = {**groups["images_kwargs"], **{key: value for key, value in kwargs.items() if key in _IMAGE_KEYS}}
+        return text, images, text.pop("return_tensors", None)
 
     @staticmethod
     def _prompts(text: Any) -> list[str] | None:
@@ -286,7 +350,7 @@ class MllamaProcessor:
             isinstance(conversation[0], (list, tuple))
         conversations = [normalize_messages(c) for c in (conversation if batched else [conversation])]
         call_kwargs = dict(processor_kwargs or {})
-        for key in _TEXT_KWARGS:
+        for key in _TEXT_KEYS:
             if key in template_kwargs:
                 call_kwargs[key] = template_kwargs.pop(key)
 

@@ -12,15 +12,16 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from .chat_template import load_chat_template, save_chat_template
 from .feature import BatchFeature
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json")
+                   "chat_template.jinja", "chat_template.json", "additional_chat_templates/*.jinja")
 
-_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+# transformers' named special tokens, in its order; those a tokenizer has no use for are None.
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
 _TRUNCATION_STRATEGIES = ("longest_first", "only_first", "do_not_truncate")
 
@@ -59,6 +60,9 @@ class MllamaTokenizer:
         eos_token: str | None = "<|eot_id|>",
         pad_token: str | None = "<|finetune_right_pad_id|>",
         unk_token: str | None = None,
+        sep_token: str | None = None,
+        cls_token: str | None = None,
+        mask_token: str | None = None,
         padding_side: str = "right",
         truncation_side: str = "right",
         model_max_length: int = 131_072,
@@ -73,6 +77,9 @@ class MllamaTokenizer:
         self.eos_token = eos_token
         self.pad_token = pad_token
         self.unk_token = unk_token
+        self.sep_token = sep_token
+        self.cls_token = cls_token
+        self.mask_token = mask_token
         self.padding_side = padding_side
         if truncation_side not in ("left", "right"):
             raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
@@ -86,10 +93,11 @@ class MllamaTokenizer:
         # Other keywords (max_length, padding, truncation, ...) are kept and saved the way transformers keeps them;
         # like transformers, a call does not take its defaults from them.
         self.init_kwargs.update(extra)
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        # As in transformers, a named special token that the vocabulary lacks is added to it (at the next id).
+        for name in _SPECIAL_TOKEN_KEYS:
             token = getattr(self, name)
             if token is not None and self._tokenizer.token_to_id(token) is None:
-                raise ValueError(f"{name} {token!r} is not in the vocabulary of this tokenizer")
+                self._tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading and saving
@@ -161,7 +169,7 @@ class MllamaTokenizer:
                                                    encoding="utf-8")
         (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
         if self.chat_template is not None:
-            written.append(save_chat_template(out, self.chat_template, jinja=save_jinja_files))
+            written += save_chat_template(out, self.chat_template, jinja=save_jinja_files)
         return [str(p) for p in written]
 
     # ------------------------------------------------------------------------------------------------------------
@@ -210,6 +218,18 @@ class MllamaTokenizer:
     @property
     def unk_token_id(self) -> int | None:
         return self._id_of(self.unk_token)
+
+    @property
+    def sep_token_id(self) -> int | None:
+        return self._id_of(self.sep_token)
+
+    @property
+    def cls_token_id(self) -> int | None:
+        return self._id_of(self.cls_token)
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self._id_of(self.mask_token)
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
