@@ -200,22 +200,23 @@ def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[attr] = tensor
 
 
-def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtype: torch.dtype | None) -> dict:
-    """Streams tensors from memory-mapped safetensors into `model` (built on the meta device), one at a time,
-    straight to `device` and `dtype`: host memory never holds more than one tensor beyond the result.
+class StateDictSource:
+    """An in-memory state dict read the way a safetensors file is (keys() and get_tensor)."""
 
-    Returns transformers' loading info: {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}.
-    A missing tensor or a shape mismatch is an error (a model with random parts is not what was asked for); a
-    tensor the model has no place for is only reported, with a warning unless it belongs to another part of a
-    Mllama checkpoint (the vision tower when loading MllamaForCausalLM), as transformers loads such checkpoints.
-    """
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def keys(self) -> Iterable[str]:
+        return self.state.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        return self.state[key]
+
+
+def open_files(files: list[Path], device: torch.device) -> Iterable[tuple[str, object]]:
+    """(file name, open safetensors handle) for each file in turn, memory-mapped, with a progress bar."""
     from safetensors import safe_open
 
-    class_name = type(model).__name__
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    seen: set[str] = set()
-    unexpected: list[str] = []  # named like the model's own tensors where the prefix maps, else as stored
-    other_parts: list[str] = []
     progress = _Progress(len(files), "Loading weights")
     open_device = str(device) if device.type in ("cuda", "cpu") else "cpu"
     for file in files:
@@ -224,37 +225,77 @@ def load_weights(model: nn.Module, files: list[Path], device: torch.device, dtyp
         except Exception as e:  # safetensors' own error type is not importable in every version
             raise CheckpointError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from None
         with handle:
-            for key in handle.keys():
-                canonical = canonical_key(key)
-                name = own_key(class_name, canonical)
-                if name is None:
-                    (other_parts if canonical.startswith(_KNOWN_PREFIXES) else unexpected).append(key)
-                    continue
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed from the config
-                if name not in expected:
-                    unexpected.append(name)
-                    continue
-                try:
-                    tensor = handle.get_tensor(key)
-                except Exception as e:  # safetensors raises its own error types for damaged data
-                    raise CheckpointError(f"tensor {key} in {file.name} cannot be read: {e}") from None
-                if tensor.shape != expected[name]:
-                    raise CheckpointError(f"tensor {key} in {file.name} has shape {list(tensor.shape)}, the model "
-                                          f"expects {list(expected[name])} for {name} (config does not match "
-                                          f"the weights?)")
-                target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
-                _set_tensor(model, name, tensor.to(device=device, dtype=target_dtype))
-                seen.add(name)
+            yield file.name, handle
         progress.step()
-    missing = sorted(set(expected) - seen - {n for n in expected if n.endswith("rotary_emb.inv_freq")})
-    if missing:
-        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors of {class_name}, e.g. {missing[:3]}")
+
+
+def load_weights(model: nn.Module, sources: Iterable[tuple[str, object]], device: torch.device,
+                 dtype: torch.dtype | None, strict: bool = True, ignore_mismatched_sizes: bool = False) -> dict:
+    """Streams tensors from `sources` ((name, handle) pairs: open_files' memory-mapped safetensors, or a
+    StateDictSource) into `model` (built on the meta device), one at a time, straight to `device` and `dtype`:
+    host memory never holds more than one tensor beyond the result.
+
+    Returns transformers' loading info: {"missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"}.
+    A missing tensor or a shape mismatch is an error (a model with random parts is not what was asked for),
+    unless `strict=False` (missing tensors are then reported, left for the caller to initialise, allocated on
+    `device`) or `ignore_mismatched_sizes` (such tensors are reported as (name, stored shape, model shape) and
+    left like missing ones). A tensor the model has no place for is only reported, with a warning unless it
+    belongs to another part of a Mllama checkpoint (the vision tower when loading MllamaForCausalLM), as
+    transformers loads such checkpoints.
+    """
+    class_name = type(model).__name__
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    seen: set[str] = set()
+    unexpected: list[str] = []  # named like the model's own tensors where the prefix maps, else as stored
+    other_parts: list[str] = []
+    mismatched: set[tuple[str, torch.Size, torch.Size]] = set()
+    for source_name, handle in sources:
+        for key in handle.keys():
+            canonical = canonical_key(key)
+            name = own_key(class_name, canonical)
+            if name is None:
+                (other_parts if canonical.startswith(_KNOWN_PREFIXES) else unexpected).append(key)
+                continue
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed from the config
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            try:
+                tensor = handle.get_tensor(key)
+            except Exception as e:  # safetensors raises its own error types for damaged data
+                raise CheckpointError(f"tensor {key} in {source_name} cannot be read: {e}") from None
+            if tensor.shape != expected[name]:
+                if ignore_mismatched_sizes:
+                    mismatched.add((name, tensor.shape, expected[name]))
+                    continue
+                raise CheckpointError(f"tensor {key} in {source_name} has shape {list(tensor.shape)}, the model "
+                                      f"expects {list(expected[name])} for {name} (config does not match "
+                                      f"the weights? ignore_mismatched_sizes=True loads the rest)")
+            target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            _set_tensor(model, name, tensor.to(device=device, dtype=target_dtype))
+            seen.add(name)
+    mismatched_names = {m[0] for m in mismatched}
+    absent = sorted(set(expected) - seen - {n for n in expected if n.endswith("rotary_emb.inv_freq")})
+    missing = [n for n in absent if n not in mismatched_names]
+    if missing and strict:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} tensors of {class_name}, e.g. {missing[:3]} "
+                              f"(output_loading_info=True loads it with those initialised afresh, and lists them)")
+    placeholders = model.state_dict(keep_vars=True)
+    for name in absent:
+        meta = placeholders[name]
+        kept_dtype = dtype if dtype is not None and meta.is_floating_point() else meta.dtype
+        _set_tensor(model, name, torch.empty(meta.shape, device=device, dtype=kept_dtype))
     if unexpected:
         warnings.warn(f"the checkpoint has {len(unexpected)} tensors that {class_name} does not have, ignored: "
                       f"{sorted(unexpected)[:3]}", stacklevel=3)
-    return {"missing_keys": set(), "unexpected_keys": set(unexpected) | set(other_parts), "mismatched_keys": set(),
-            "error_msgs": []}
+    if mismatched:
+        warnings.warn(f"{len(mismatched)} tensors of the checkpoint do not fit {class_name} and were initialised "
+                      f"afresh (ignore_mismatched_sizes): "
+                      + "; ".join(f"{n}: stored {list(a)}, model {list(b)}" for n, a, b in sorted(mismatched)[:3]),
+                      stacklevel=3)
+    return {"missing_keys": set(missing), "unexpected_keys": set(unexpected) | set(other_parts),
+            "mismatched_keys": mismatched, "error_msgs": []}
 
 
 # ---------------------------------------------------------------------------------------------------------------
