@@ -13,6 +13,7 @@ from conftest import IMAGE, randomize, tiny_config
 from test_parity import CASES, compat_mode, make_inputs
 from mllama import (MllamaForCausalLM, MllamaForConditionalGeneration, MllamaModel, MllamaTextModel,
                     MllamaVisionModel)
+from mllama.weights import CheckpointError
 
 TOL = 1e-5
 
@@ -295,3 +296,113 @@ def test_vision_model_has_no_token_embeddings_to_resize(pair):
         theirs.model.vision_model.resize_token_embeddings(400)
     with pytest.raises(ValueError, match="no token embeddings"):
         ours.model.vision_model.resize_token_embeddings(400)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Construction, loading and saving as transformers' own tests drive them
+
+_CLASSES = {"MllamaForConditionalGeneration": MllamaForConditionalGeneration, "MllamaForCausalLM": MllamaForCausalLM,
+            "MllamaModel": MllamaModel, "MllamaTextModel": MllamaTextModel, "MllamaVisionModel": MllamaVisionModel}
+
+
+def test_base_model_prefix_and_base_model_as_transformers(pair):
+    for name, ours, theirs in _five(pair):
+        assert type(ours).base_model_prefix == getattr(transformers, name).base_model_prefix, name
+        body = dict(ours.named_modules(remove_duplicate=False))
+        names = {id(m): n for n, m in theirs.named_modules(remove_duplicate=False)}
+        assert [n for n, m in body.items() if m is ours.base_model] == [names[id(theirs.base_model)]], name
+    assert pair[0].base_model is pair[0].model and pair[0].model.vocab_size == IMAGE
+
+
+def test_post_init_initialises_only_what_is_new_and_applies_gradient_checkpointing():
+    config = tiny_config()
+    model = MllamaForConditionalGeneration(config)  # construction initialises (zero gates, unit norms)
+    layer = model.model.language_model.layers[1]
+    assert not layer.cross_attn_attn_gate.any() and torch.equal(model.model.language_model.norm.weight,
+                                                                torch.ones(64))
+    model.resize_token_embeddings(IMAGE + 20, mean_resizing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.post_init()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    model.model.multi_modal_projector = torch.nn.Linear(128, 64)
+    model.post_init()  # a part set by hand is initialised with the recipe (zero bias)
+    assert not model.model.multi_modal_projector.bias.any()
+    config.gradient_checkpointing = True
+    model = MllamaForConditionalGeneration(config)
+    assert model.is_gradient_checkpointing and not hasattr(config, "gradient_checkpointing")
+
+
+def test_resize_refuses_a_fractional_multiple_like_transformers():
+    model = MllamaForCausalLM(tiny_config().text_config)
+    with pytest.raises(ValueError, match="multiple of `1.3`, which is not and integer"):
+        model.resize_token_embeddings(IMAGE, pad_to_multiple_of=1.3)
+    assert model.resize_token_embeddings(IMAGE + 1, pad_to_multiple_of=64).num_embeddings == 384
+    assert model.lm_head.out_features == model.config.vocab_size == model.vocab_size == 384
+
+
+def test_from_pretrained_with_a_state_dict_and_no_folder(pair):
+    ours, _ = pair
+    loaded = MllamaForConditionalGeneration.from_pretrained(None, config=ours.config, state_dict=ours.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values()))
+    assert loaded.state_dict().keys() == ours.state_dict().keys()
+    with pytest.raises(ValueError, match="config= and state_dict="):
+        MllamaForConditionalGeneration.from_pretrained(None, state_dict=ours.state_dict())
+
+
+def test_from_pretrained_refuses_a_meta_device_context(pair, tmp_path):
+    pair[0].save_pretrained(tmp_path)
+    with torch.device("meta"), pytest.raises(RuntimeError, match="meta device context manager"):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["MllamaForConditionalGeneration", "MllamaForCausalLM"])
+def test_loading_the_base_model_lists_the_head_as_missing_like_transformers(pair, tmp_path, name):
+    """transformers' MllamaForCausalLM finds none of a saved MllamaTextModel's tensors (its base_model_prefix,
+    "language_model", names no attribute) and lists them all; mllama loads them and lists only the head."""
+    ours = pair[0] if name == "MllamaForConditionalGeneration" else oracle.causal_lm_of(pair[0])
+    ours.model.save_pretrained(tmp_path)  # the body without the lm_head
+    loaded, info = _CLASSES[name].from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"lm_head.weight"}
+    if name == "MllamaForConditionalGeneration":
+        transformers.logging.set_verbosity_error()
+        _, theirs = getattr(transformers, name).from_pretrained(tmp_path, output_loading_info=True)
+        assert info["missing_keys"] == theirs["missing_keys"]
+    assert torch.equal(loaded.model.get_input_embeddings().weight, ours.model.get_input_embeddings().weight)
+    assert loaded.lm_head.weight.device.type == "cpu" and loaded.lm_head.weight.std() > 0
+
+
+def test_ignore_mismatched_sizes_as_transformers(pair, tmp_path):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    config = tiny_config()
+    config.text_config.vocab_size = IMAGE + 16
+    with pytest.raises(CheckpointError, match="ignore_mismatched_sizes"):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path, config=config)
+    transformers.logging.set_verbosity_error()
+    _, theirs = transformers.MllamaForConditionalGeneration.from_pretrained(
+        tmp_path, config=oracle.hf_config(config), ignore_mismatched_sizes=True, output_loading_info=True)
+    with pytest.warns(UserWarning, match="initialised afresh"):
+        loaded, info = MllamaForConditionalGeneration.from_pretrained(
+            tmp_path, config=config, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert info["mismatched_keys"] == theirs["mismatched_keys"] and len(info["mismatched_keys"]) == 2
+    assert info["missing_keys"] == theirs["missing_keys"] == set()
+    assert loaded.lm_head.weight.shape[0] == IMAGE + 16
+    assert torch.equal(loaded.model.multi_modal_projector.weight, ours.model.multi_modal_projector.weight)
+
+
+@pytest.mark.parametrize("name", list(_CLASSES))
+def test_generation_config_is_saved_only_for_models_that_generate(pair, tmp_path, name):
+    model = dict((n, m) for n, m, _ in _five(pair))[name]
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "generation_config.json").is_file() == getattr(transformers, name).can_generate()
+
+
+def test_input_require_grads_reach_the_frozen_vision_tower():
+    model = randomize(MllamaForConditionalGeneration.from_config(tiny_config()), seed=4)
+    model.requires_grad_(False)
+    model.train().gradient_checkpointing_enable({"use_reentrant": True})
+    model.enable_input_require_grads()
+    adapter = model.model.vision_model.transformer.layers[0].mlp.fc1.weight
+    adapter.requires_grad_(True)
+    model(**make_inputs(*CASES["text_before_image"], 28)).logits.sum().backward()
+    assert adapter.grad is not None and adapter.grad.abs().sum() > 0
