@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import MllamaTextConfig
 from .activations import activation
-from .base import MllamaPreTrainedModel
+from .base import MllamaPreTrainedModel, copy_resized, resized_rows
 from .cache import MllamaCache
 from .outputs import ModelOutput, config_default, finish
 
@@ -266,6 +266,7 @@ def self_attention_mask(attention_mask: torch.Tensor | None, batch: int, query_l
 
 class MllamaTextModel(MllamaPreTrainedModel):
     config_class = MllamaTextConfig
+    base_model_prefix = "language_model.model"
 
     def __init__(self, config: MllamaTextConfig):
         super().__init__(config)
@@ -282,6 +283,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
         self.rotary_emb = MllamaRotaryEmbedding(config)
         self.gradient_checkpointing = False  # see MllamaPreTrainedModel.gradient_checkpointing_enable
         self.checkpoint_kwargs: dict = {"use_reentrant": False}
+        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -294,21 +296,13 @@ class MllamaTextModel(MllamaPreTrainedModel):
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
-        """The input table with `new_num_tokens` rows: old rows kept, new rows their mean (or random)."""
+        """The input table with `new_num_tokens` rows (rounded up to a multiple of `pad_to_multiple_of`): old rows
+        kept, new rows their mean (or random without mean_resizing); config.vocab_size follows."""
         old = self.embed_tokens
-        rows = old.num_embeddings if new_num_tokens is None else new_num_tokens
-        if pad_to_multiple_of:
-            rows = -(-rows // pad_to_multiple_of) * pad_to_multiple_of
+        rows = resized_rows(new_num_tokens, old.num_embeddings, pad_to_multiple_of)
         pad = old.padding_idx if old.padding_idx is not None and old.padding_idx < rows else None
         new = nn.Embedding(rows, old.embedding_dim, padding_idx=pad, device=old.weight.device, dtype=old.weight.dtype)
-        keep = min(rows, old.num_embeddings)
-        with torch.no_grad():
-            new.weight[:keep] = old.weight[:keep]
-            if rows > keep:
-                fill = (old.weight.float().mean(0).to(new.weight.dtype) if mean_resizing else
-                        torch.randn_like(new.weight[keep:]) * self.config.initializer_range)
-                new.weight[keep:] = fill
-        new.weight.requires_grad_(old.weight.requires_grad)
+        copy_resized(old.weight, new.weight, mean_resizing, self.config.initializer_range)
         self.embed_tokens = new
         self.config.vocab_size = self.vocab_size = rows
         return new
