@@ -178,13 +178,21 @@ def test_an_extra_key_loads_with_a_warning_and_the_right_weights(saved, model, t
         MllamaForConditionalGeneration.from_pretrained(saved)
 
 
-def test_missing_and_mismatched_weights_stay_errors_with_loading_info(saved, tmp_path):
+def test_a_missing_weight_is_an_error_unless_loading_info_is_asked_for(saved, tmp_path):
+    """Plain loading stays strict; with output_loading_info the tensor is initialised afresh and listed, as in
+    transformers (whose own tests load checkpoints with missing tensors that way)."""
     state = load_file(str(saved / "model.safetensors"))
     state.pop("vision_model.class_embedding")
     save_file(state, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((saved / "config.json").read_text())
     with pytest.raises(CheckpointError, match="class_embedding"):
-        MllamaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+        MllamaForConditionalGeneration.from_pretrained(tmp_path)
+    transformers.logging.set_verbosity_error()
+    _, theirs = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    loaded, ours = MllamaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert ours["missing_keys"] == theirs["missing_keys"] == {"model.vision_model.class_embedding"}
+    assert loaded.vision_model.class_embedding.device.type == "cpu"
+    assert torch.isfinite(loaded.vision_model.class_embedding).all()
 
 
 def test_the_name_as_a_keyword_as_in_transformers(saved, model):
