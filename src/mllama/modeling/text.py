@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from ..config import MllamaTextConfig
+from ..config import ROPE_TYPES, MllamaTextConfig
 from .activations import activation
+from .attention import attend
 from .base import MllamaPreTrainedModel, copy_resized, resized_rows
 from .cache import MllamaCache
 from .outputs import ModelOutput, config_default, finish
@@ -34,13 +34,19 @@ class MllamaTextRMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_inv_freq(config: MllamaTextConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] in fp32, with the llama3 (or linear) scaling of the config."""
+def rope_inv_freq(config: MllamaTextConfig, device: torch.device | str | None = None,
+                  seq_len: int | None = None) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, with the config's scaling: llama3 (the published checkpoints),
+    linear, yarn, or dynamic NTK (whose base grows with `seq_len` past max_position_embeddings)."""
     params = config.rope_parameters
-    dim = config.head_dim
+    kind, theta, dim = params["rope_type"], params["rope_theta"], config.head_dim
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_parameters.rope_type {kind!r} is not supported: use one of {ROPE_TYPES}")
+    if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
+        factor = params["factor"]
+        theta = theta * (factor * seq_len / config.max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
     exponent = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv = 1.0 / (params["rope_theta"] ** exponent)
-    kind = params["rope_type"]
+    inv = 1.0 / (theta ** exponent)
     if kind == "linear":
         inv = inv / params["factor"]
     elif kind == "llama3":
@@ -50,7 +56,41 @@ def rope_inv_freq(config: MllamaTextConfig, device: torch.device | str | None = 
         smooth = (old_ctx / wavelen - low) / (high - low)
         blended = (1 - smooth) * inv / factor + smooth * inv
         inv = torch.where(wavelen > old_ctx / low, inv / factor, torch.where(wavelen < old_ctx / high, inv, blended))
+    elif kind == "yarn":
+        inv = _yarn_blend(inv, params, dim, theta)
     return inv
+
+
+def _yarn_blend(inv: torch.Tensor, params: dict, dim: int, theta: float) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original context are interpolated
+    (divided by the factor), those turning more than beta_fast times are kept, with a linear ramp between."""
+    old_ctx = params["original_max_position_embeddings"]
+
+    def dim_of(turns: float) -> float:  # the frequency index that turns `turns` times over old_ctx positions
+        return dim * math.log(old_ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(params.get("beta_fast") or 32), dim_of(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=inv.device) - low) / max(high - low, 1e-3))
+    keep = 1 - ramp.clamp(0, 1)
+    return inv / params["factor"] * (1 - keep) + inv * keep
+
+
+def rope_attention_scale(config: MllamaTextConfig) -> float:
+    """The factor YaRN applies to cos and sin (1 for the other scalings)."""
+    params = config.rope_parameters
+    if params["rope_type"] != "yarn":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = params["factor"], params.get("mscale"), params.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
 
 
 class MllamaRotaryEmbedding(nn.Module):
@@ -58,14 +98,21 @@ class MllamaRotaryEmbedding(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.attention_scale = rope_attention_scale(config)
 
     def reset_buffers(self, device: torch.device | str) -> None:
         self.inv_freq = rope_inv_freq(self.config, device)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[..., None] * self.inv_freq           # [B, S, head_dim/2]
+        inv_freq = self.inv_freq
+        if self.config.rope_parameters["rope_type"] == "dynamic":  # the base follows this call's longest position
+            inv_freq = rope_inv_freq(self.config, position_ids.device, int(position_ids.max()) + 1)
+        freqs = position_ids.float()[..., None] * inv_freq                # [B, S, head_dim/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos()[:, None], emb.sin()[:, None]                     # [B, 1, S, head_dim] fp32
+        cos, sin = emb.cos()[:, None], emb.sin()[:, None]                 # [B, 1, S, head_dim] fp32
+        if self.attention_scale != 1.0:
+            cos, sin = cos * self.attention_scale, sin * self.attention_scale
+        return cos, sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,22 +121,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = xf.shape[-1] // 2
     rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return (xf * cos + rotated * sin).to(x.dtype)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           weights: list | None = None) -> torch.Tensor:
-    """Attention q [B, H, S, hd] over k, v [B, kv_heads, K, hd] -> [B, H, S, hd] by SDPA; with a `weights` list
-    (output_attentions) the softmax is formed explicitly instead and its weights [B, H, S, K] are appended."""
-    if weights is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores + mask
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    weights.append(probs)
-    return probs @ v
 
 
 def run_layer(owner: nn.Module, layer: nn.Module, *args, attentions: list | None = None) -> torch.Tensor:
@@ -126,6 +157,7 @@ class MllamaTextSelfAttention(nn.Module):
     def __init__(self, config: MllamaTextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.config = config  # its _attn_implementation is read at each call (set_attn_implementation changes it)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -144,7 +176,7 @@ class MllamaTextSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask, weights)
+        out = attend(q, k, v, mask, self.config._attn_implementation, weights)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -181,7 +213,7 @@ class MllamaTextCrossAttention(nn.Module):
                 k, v = cache.update_cross(self.layer_idx, k, v)
         else:
             k, v = cache.cross_key[self.layer_idx], cache.cross_value[self.layer_idx]
-        out = attend(q, k, v, mask, weights)
+        out = attend(q, k, v, mask, self.config._attn_implementation, weights)
         if row_mask is not None and self.config.compat == "meta":
             # Meta zeroes the attention output of rows that see no image; transformers does not (#39379).
             out = out * row_mask

@@ -11,8 +11,9 @@ from torch import nn
 
 from ..config import MllamaVisionConfig
 from .activations import activation
+from .attention import attend
 from .base import MllamaPreTrainedModel
-from .outputs import ModelOutput, finish
+from .outputs import ModelOutput, config_default, finish
 
 
 class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
@@ -60,6 +61,7 @@ class MllamaPrecomputedPositionEmbedding(nn.Module):
 class MllamaVisionAttention(nn.Module):
     def __init__(self, config: MllamaVisionConfig):
         super().__init__()
+        self.config = config  # its _attn_implementation is read at each call (set_attn_implementation changes it)
         self.num_heads = config.attention_heads
         self.head_dim = config.head_dim
         dim = config.hidden_size
@@ -77,7 +79,7 @@ class MllamaVisionAttention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         if valid_groups is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+            out = attend(q, k, v, mask, self.config._attn_implementation).transpose(1, 2)
         else:
             out = reordered_attention(q, k, v, valid_groups)
         return self.o_proj(out.reshape(b, s, -1))
@@ -162,11 +164,12 @@ class MllamaVisionEncoder(nn.Module):
         self.checkpoint_kwargs: dict = {"use_reentrant": False}
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, keep: tuple[int, ...] = (),
-                keep_outputs: bool = False,
-                valid_groups: ValidGroups | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                keep_outputs: bool = False, valid_groups: ValidGroups | None = None,
+                states: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Runs all layers; also returns the states at the indices in `keep`: each listed layer's input
         (Meta's rule, which the weights were trained with) or, with keep_outputs, its output (transformers).
-        With `valid_groups`, x is in valid-first token order and so are the returned states."""
+        With `valid_groups`, x is in valid-first token order and so are the returned states. `states`: a list
+        that gets every layer's output appended."""
         kept = []
         checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
@@ -178,6 +181,8 @@ class MllamaVisionEncoder(nn.Module):
                 x = layer(x, mask, valid_groups)
             if i in keep and keep_outputs:
                 kept.append(x)
+            if states is not None:
+                states.append(x)
         return x, kept
 
 
@@ -261,6 +266,7 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         super().__init__(config)
         # True: attention on valid-first reordered tokens with unmasked SDPA calls (flash-eligible, same function);
         # False: the additive-mask form. Either can be chosen per call with forward(..., exact_reorder=...).
+        # With attn_implementation "eager" the mask form always runs (its softmax written out).
         self.exact_reorder = True
         self.image_size = config.image_size
         self.patch_size = config.patch_size
@@ -317,53 +323,84 @@ class MllamaVisionModel(MllamaPreTrainedModel):
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor, exact_reorder: bool | None = None, return_dict: bool | None = None,
-                **unused) -> ModelOutput | tuple:
+                output_hidden_states: bool | None = None, **unused) -> ModelOutput | tuple:
+        """Pixels [B, N, T, 3, H, W] -> last_hidden_state [B, N, T, num_patches, D * (1 + intermediate layers)].
+        With output_hidden_states (or the config's), also hidden_states: the encoder's input (the embeddings
+        after layernorm_pre) and every local and then global layer's output, each [B, N, T, num_patches, D]
+        (tile padding dropped). transformers answers (last_hidden_state,) there."""
         b, n, t = pixel_values.shape[:3]
+        if output_hidden_states is None:
+            output_hidden_states = config_default(self.config, "output_hidden_states", False)
         device = self.patch_embedding.weight.device
         tile_mask = aspect_ratio_mask.reshape(b * n, t).to(device)
-        reorder = self.exact_reorder if exact_reorder is None else exact_reorder
-        # On the meta device (shape-only runs) the valid counts cannot be read, so the mask form is used there.
-        reorder = reorder and device.type != "meta"
+        reorder = self._reorders(exact_reorder, device)
         # The order reads the valid counts on the host: before any encoder work is queued, so that nothing waits.
         order = vision_token_order(tile_mask, self.num_patches, self.num_pad) if reorder else None
         x = self.embed(pixel_values, aspect_ratio_ids)
         length = x.shape[2]
         ids = aspect_ratio_ids.reshape(b * n, 1).to(x.device)
         if reorder:
-            return finish(self._forward_reordered(x, ids, order, b, n), return_dict, self.config)
+            return finish(self._forward_reordered(x, ids, order, b, n, output_hidden_states), return_dict,
+                          self.config)
         mask = vision_attention_mask(tile_mask, self.num_patches, self.num_pad, x.dtype)
-        x, kept = self.transformer(x.reshape(b * n, t * length, self.hidden_size), mask,
-                                   keep=self.intermediate_layers_indices,
-                                   keep_outputs=self.config.compat == "transformers")
+        x = x.reshape(b * n, t * length, self.hidden_size)
+        states = [x] if output_hidden_states else None
+        x, kept = self.transformer(x, mask, keep=self.intermediate_layers_indices,
+                                   keep_outputs=self.config.compat == "transformers", states=states)
         x = self.layernorm_post(x)
         x = self.post_tile_positional_embedding(x.reshape(b * n, t, length, self.hidden_size), ids)
-        x, _ = self.global_transformer(x.reshape(b * n, t * length, self.hidden_size), mask)
+        x, _ = self.global_transformer(x.reshape(b * n, t * length, self.hidden_size), mask, states=states)
         x = x.reshape(b * n, t, length, self.hidden_size)[:, :, :self.num_patches]
         # Intermediate features are interleaved: feature index = channel * len(kept) + which layer.
         inter = torch.stack(kept, dim=-1).reshape(b * n, t, length, -1)[:, :, :self.num_patches]
         out = torch.cat([x, inter], dim=-1).reshape(b, n, t, self.num_patches, -1)   # [B, N, T, 1601, 7680]
-        return finish(ModelOutput(last_hidden_state=out), return_dict, self.config)
+        hidden = None if states is None else tuple(
+            s.reshape(b * n, t, length, self.hidden_size)[:, :, :self.num_patches] for s in states)
+        return finish(ModelOutput(last_hidden_state=out, hidden_states=self._per_image(hidden, b, n)), return_dict,
+                      self.config)
+
+    def _per_image(self, states: tuple[torch.Tensor, ...] | None, b: int, n: int) -> tuple[torch.Tensor, ...] | None:
+        """Recorded states [B*N, T, num_patches, D] (or flattened tiles) -> [B, N, T, num_patches, D] each."""
+        if states is None:
+            return None
+        return tuple(s.reshape(b, n, self.max_num_tiles, self.num_patches, self.hidden_size) for s in states)
+
+    def _reorders(self, exact_reorder: bool | None, device: torch.device) -> bool:
+        """Whether this call runs the valid-first reordered form (see exact_reorder) rather than the mask form."""
+        if self.config._attn_implementation == "eager":
+            if exact_reorder:
+                raise ValueError("exact_reorder=True computes the vision attention with SDPA calls, but this model's "
+                                 "attn_implementation is 'eager' (the mask form): leave exact_reorder unset, or "
+                                 "call set_attn_implementation('sdpa')")
+            return False
+        reorder = self.exact_reorder if exact_reorder is None else exact_reorder
+        # On the meta device (shape-only runs) the valid counts cannot be read, so the mask form is used there.
+        return reorder and device.type != "meta"
 
     def _forward_reordered(self, x: torch.Tensor, ids: torch.Tensor, token_order: tuple, b: int,
-                           n: int) -> ModelOutput:
+                           n: int, output_hidden_states: bool = False) -> ModelOutput:
         """`forward` on valid-first reordered tokens (`token_order`: what vision_token_order returns): the same
         function as the mask form, without a mask."""
         bn, t, length = x.shape[:3]
         order, inverse, groups = token_order
         x = _gather_tokens(x.reshape(bn, t * length, self.hidden_size), order)
+        states = [x] if output_hidden_states else None
         x, kept = self.transformer(x, None, keep=self.intermediate_layers_indices,
-                                   keep_outputs=self.config.compat == "transformers", valid_groups=groups)
+                                   keep_outputs=self.config.compat == "transformers", valid_groups=groups,
+                                   states=states)
         x = self.layernorm_post(x)
         # The post-tile embedding is per tile, not per token: take each tile's embedding from the module itself
         # (added to zeros, so the values are exactly those it adds) and give every token the one of its own tile.
         tile_emb = self.post_tile_positional_embedding(x.new_zeros(bn, t, 1, self.hidden_size), ids)
         x = x + _gather_tokens(tile_emb.reshape(bn, t, self.hidden_size), torch.div(order, length,
                                                                                     rounding_mode="floor"))
-        x, _ = self.global_transformer(x, None, valid_groups=groups)
+        x, _ = self.global_transformer(x, None, valid_groups=groups, states=states)
         # Undo the reordering once, on the final and intermediate features together, gathering only the tokens the
         # output keeps (the first num_patches of every tile; the tile padding is dropped as in the mask form).
         inter = torch.stack(kept, dim=-1).reshape(bn, t * length, -1)   # channel * len(kept) + layer, as there
         keep_tokens = inverse.reshape(bn, t, length)[:, :, :self.num_patches].reshape(bn, t * self.num_patches)
         out = _gather_tokens(torch.cat([x, inter], dim=-1), keep_tokens)
-        return ModelOutput(last_hidden_state=out.reshape(b, n, t, self.num_patches, -1))
+        hidden = None if states is None else tuple(_gather_tokens(s, keep_tokens) for s in states)
+        return ModelOutput(last_hidden_state=out.reshape(b, n, t, self.num_patches, -1),
+                           hidden_states=self._per_image(hidden, b, n))
 

@@ -1,0 +1,126 @@
+"""Attention implementations as transformers exposes them: "sdpa" (the default) and "eager", chosen through the
+config, at construction, in from_pretrained and afterwards with set_attn_implementation, per part of the
+composite model. transformers (fp32, eager) is the oracle for the numbers."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oracle
+from conftest import randomize, tiny_config
+from test_parity import CASES, make_inputs
+from mllama import MllamaConfig, MllamaForCausalLM, MllamaForConditionalGeneration
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize(MllamaForConditionalGeneration.from_config(tiny_config()), seed=5).eval()
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """Counts calls of torch's scaled_dot_product_attention, by shape of the query's sequence dimension."""
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[-2])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    return calls
+
+
+def _implementations(model) -> tuple:
+    config = model.config
+    return config._attn_implementation, config.text_config._attn_implementation, \
+        config.vision_config._attn_implementation
+
+
+def test_sdpa_is_the_default_and_set_attn_implementation_switches_the_kernel(model, sdpa_calls):
+    inputs = make_inputs(*CASES["text_before_image"], 28)
+    switched = copy.deepcopy(model)
+    assert _implementations(switched) == ("sdpa",) * 3
+    with torch.no_grad():
+        switched(**inputs)
+        assert sdpa_calls  # text and vision layers
+        switched.set_attn_implementation("eager")
+        assert _implementations(switched) == ("eager",) * 3
+        sdpa_calls.clear()
+        switched(**inputs)
+        assert sdpa_calls == []
+        switched.set_attn_implementation({"vision_config": "sdpa"})  # one part; the others keep theirs
+        assert _implementations(switched) == ("eager", "eager", "sdpa")
+        switched(**inputs)
+        assert sdpa_calls and all(n > inputs["input_ids"].shape[1] for n in sdpa_calls)  # vision tokens only
+
+
+@pytest.mark.parametrize("case", ["padded_batch", "interleaved", "text_only"])
+def test_eager_equals_sdpa_and_transformers_eager(model, case):
+    inputs = make_inputs(*CASES[case], 28)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad(), oracle.meta_fixes():
+        sdpa_logits = model(**inputs).logits
+        eager_logits = eager(**inputs).logits
+        reference = oracle.hf_model(model)(**inputs).logits
+    valid = inputs["attention_mask"].bool()  # padded rows attend to nothing real; their values are arbitrary
+    scale = reference.abs().max().item()
+    assert (eager_logits - sdpa_logits)[valid].abs().max().item() <= TOL * scale
+    assert (eager_logits - reference)[valid].abs().max().item() <= TOL * scale
+
+
+def test_the_choice_at_construction_in_from_config_and_from_pretrained(model, tmp_path, sdpa_calls):
+    config = copy.deepcopy(model.config)
+    config._attn_implementation = "eager"  # a composite config passes it on to its parts
+    assert _implementations(MllamaForConditionalGeneration(config)) == ("eager",) * 3
+    config._attn_implementation = {"": "sdpa", "text_config": "eager", "vision_config": "sdpa"}
+    assert _implementations(MllamaForConditionalGeneration(config)) == ("sdpa", "eager", "sdpa")
+    built = MllamaForCausalLM._from_config(copy.deepcopy(model.config.text_config), attn_implementation="eager")
+    assert built.config._attn_implementation == built.model.config._attn_implementation == "eager"
+    text = MllamaConfig(**{**model.config.to_dict(), "attn_implementation": "eager"}).text_config
+    assert text._attn_implementation == "eager"
+
+    model.save_pretrained(tmp_path)
+    assert "attn_implementation" not in (tmp_path / "config.json").read_text()
+    loaded = MllamaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="eager")
+    assert _implementations(loaded) == ("eager",) * 3
+    sdpa_calls.clear()
+    with torch.no_grad():
+        loaded(**make_inputs(*CASES["padded_batch"], 28))
+    assert sdpa_calls == []
+    per_part = {"": "eager", "text_config": "sdpa", "vision_config": "eager"}
+    loaded = MllamaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=per_part)
+    assert _implementations(loaded) == ("eager", "sdpa", "eager")
+    assert _implementations(MllamaForConditionalGeneration.from_pretrained(tmp_path)) == ("sdpa",) * 3
+
+
+@pytest.mark.parametrize("name", ["flash_attention_2", "flex_attention", "foo"])
+def test_unknown_implementations_are_refused_with_the_valid_ones(model, tmp_path, name):
+    with pytest.raises(ValueError, match=f'attn_implementation="{name}"` is not supported.*"sdpa".*"eager"'):
+        model.set_attn_implementation(name)
+    with pytest.raises(ValueError, match=f'attn_implementation="{name}"` is not supported'):
+        model.set_attn_implementation({"text_config": name})
+    assert _implementations(model) == ("sdpa",) * 3  # nothing changed
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f'attn_implementation="{name}"` is not supported'):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=name)
+
+
+def test_the_vision_reordering_is_an_sdpa_form(model):
+    """exact_reorder computes the vision attention with SDPA calls: asked for under eager, it is refused."""
+    vision = copy.deepcopy(model.vision_model)
+    inputs = make_inputs(*CASES["padded_batch"], 28)
+    args = [inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")]
+    with torch.no_grad():
+        reordered = vision(*args, exact_reorder=True).last_hidden_state
+        vision.set_attn_implementation("eager")
+        eager = vision(*args).last_hidden_state
+        with pytest.raises(ValueError, match="exact_reorder=True .* 'eager'"):
+            vision(*args, exact_reorder=True)
+    assert (eager - reordered).abs().max().item() <= TOL * reordered.abs().max().item()
