@@ -406,3 +406,28 @@ def test_input_require_grads_reach_the_frozen_vision_tower():
     adapter.requires_grad_(True)
     model(**make_inputs(*CASES["text_before_image"], 28)).logits.sum().backward()
     assert adapter.grad is not None and adapter.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("exact_reorder", [True, False])
+def test_vision_hidden_states_are_every_layer_output_as_transformers_computes_them(pair, exact_reorder):
+    """transformers' vision model answers output_hidden_states with (last_hidden_state,); mllama gives the
+    embeddings and every local and global layer's output, here checked against transformers' layers (hooked)."""
+    ours, theirs = pair
+    inputs = make_inputs(*CASES["padded_batch"], 28)
+    vision = theirs.model.vision_model
+    recorded = []
+    layers = list(vision.transformer.layers) + list(vision.global_transformer.layers)
+    hooks = [layer.register_forward_hook(lambda m, i, o: recorded.append(o[0] if isinstance(o, tuple) else o))
+             for layer in layers]
+    args = (inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    with torch.no_grad():
+        vision(*args)
+        out = ours.model.vision_model(*args, output_hidden_states=True, exact_reorder=exact_reorder)
+    for hook in hooks:
+        hook.remove()
+    b, n, t, patches, dim = out.hidden_states[0].shape
+    assert len(out.hidden_states) == 1 + len(layers)
+    real = inputs["aspect_ratio_mask"].bool()  # padding tiles' values differ between the two forms
+    for mine, reference in zip(out.hidden_states[1:], recorded):
+        reference = reference.reshape(b, n, t, -1, dim)[:, :, :, :patches]
+        assert _max_diff(mine[real], reference[real]) <= TOL * reference.abs().max().item()
