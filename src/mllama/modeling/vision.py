@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import MllamaVisionConfig
 from .activations import activation
+from .attention import attend
 from .base import MllamaPreTrainedModel
 from .outputs import ModelOutput, config_default, finish
 
@@ -60,6 +61,7 @@ class MllamaPrecomputedPositionEmbedding(nn.Module):
 class MllamaVisionAttention(nn.Module):
     def __init__(self, config: MllamaVisionConfig):
         super().__init__()
+        self.config = config  # its _attn_implementation is read at each call (set_attn_implementation changes it)
         self.num_heads = config.attention_heads
         self.head_dim = config.head_dim
         dim = config.hidden_size
@@ -77,7 +79,7 @@ class MllamaVisionAttention(nn.Module):
         k = self.k_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         if valid_groups is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+            out = attend(q, k, v, mask, self.config._attn_implementation).transpose(1, 2)
         else:
             out = reordered_attention(q, k, v, valid_groups)
         return self.o_proj(out.reshape(b, s, -1))
@@ -264,6 +266,7 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         super().__init__(config)
         # True: attention on valid-first reordered tokens with unmasked SDPA calls (flash-eligible, same function);
         # False: the additive-mask form. Either can be chosen per call with forward(..., exact_reorder=...).
+        # With attn_implementation "eager" the mask form always runs (its softmax written out).
         self.exact_reorder = True
         self.image_size = config.image_size
         self.patch_size = config.patch_size
@@ -330,9 +333,7 @@ class MllamaVisionModel(MllamaPreTrainedModel):
             output_hidden_states = config_default(self.config, "output_hidden_states", False)
         device = self.patch_embedding.weight.device
         tile_mask = aspect_ratio_mask.reshape(b * n, t).to(device)
-        reorder = self.exact_reorder if exact_reorder is None else exact_reorder
-        # On the meta device (shape-only runs) the valid counts cannot be read, so the mask form is used there.
-        reorder = reorder and device.type != "meta"
+        reorder = self._reorders(exact_reorder, device)
         # The order reads the valid counts on the host: before any encoder work is queued, so that nothing waits.
         order = vision_token_order(tile_mask, self.num_patches, self.num_pad) if reorder else None
         x = self.embed(pixel_values, aspect_ratio_ids)
@@ -363,6 +364,18 @@ class MllamaVisionModel(MllamaPreTrainedModel):
         if states is None:
             return None
         return tuple(s.reshape(b, n, self.max_num_tiles, self.num_patches, self.hidden_size) for s in states)
+
+    def _reorders(self, exact_reorder: bool | None, device: torch.device) -> bool:
+        """Whether this call runs the valid-first reordered form (see exact_reorder) rather than the mask form."""
+        if self.config._attn_implementation == "eager":
+            if exact_reorder:
+                raise ValueError("exact_reorder=True computes the vision attention with SDPA calls, but this model's "
+                                 "attn_implementation is 'eager' (the mask form): leave exact_reorder unset, or "
+                                 "call set_attn_implementation('sdpa')")
+            return False
+        reorder = self.exact_reorder if exact_reorder is None else exact_reorder
+        # On the meta device (shape-only runs) the valid counts cannot be read, so the mask form is used there.
+        return reorder and device.type != "meta"
 
     def _forward_reordered(self, x: torch.Tensor, ids: torch.Tensor, token_order: tuple, b: int,
                            n: int, output_hidden_states: bool = False) -> ModelOutput:
