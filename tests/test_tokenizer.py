@@ -404,7 +404,7 @@ def test_tokenizer_apply_chat_template(tokenizer):
     chat = [{"role": "user", "content": "Who are you?"}]
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, date_string="1 Jan 2025")
     assert text == hf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False, date_string="1 Jan 2025")
-    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, date_string="1 Jan 2025")
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, date_string="1 Jan 2025", return_dict=False)
     assert ids[:2] == [128000, 128006] and ids.count(128000) == 1
 
 

@@ -248,3 +248,155 @@ def test_explicit_none_image_option_matches_transformers(backend, name, where):
         np.testing.assert_allclose(ours[1], theirs[1], rtol=0, atol=1e-5)
     if where == "init" and theirs[0] == "ok":
         assert backend(**options).to_dict() == TheirPil(**options).to_dict()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Processor keywords by modality: text_kwargs / images_kwargs / common_kwargs, flat, and the tokenizer's defaults
+
+
+def _processor_pair(tokenizer_kwargs: dict | None = None):
+    tokenizer_kwargs = tokenizer_kwargs or {}
+    ours = MllamaProcessor(MllamaImageProcessorPil(**OPTIONS),
+                           MllamaTokenizer.from_pretrained(converted_dir(True), **tokenizer_kwargs))
+    their_tokenizer = type(hf_tokenizer(True)).from_pretrained(str(converted_dir(True)), **tokenizer_kwargs)
+    return ours, TheirProcessor(TheirPil(**OPTIONS), their_tokenizer)
+
+
+def test_processor_call_has_typed_kwargs():
+    import inspect
+    import typing
+
+    unpack = getattr(typing, "Unpack", None) or __import__("typing_extensions").Unpack
+    kwargs = [p for p in inspect.signature(MllamaProcessor.__call__).parameters.values() if p.kind == p.VAR_KEYWORD]
+    assert kwargs[0].annotation.__origin__ is unpack  # what transformers' tests look for
+
+
+@pytest.mark.parametrize("tokenizer_kwargs, call", [
+    ({}, dict(common_kwargs={"return_tensors": "pt"}, images_kwargs={"do_rescale": True, "rescale_factor": -1.0},
+              text_kwargs={"padding": "max_length", "max_length": 30})),
+    ({}, dict(return_tensors="pt", rescale_factor=-1.0, padding="max_length", max_length=30)),
+    ({}, dict(text_kwargs={}, return_tensors="pt", padding=True)),
+    ({}, dict(text_kwargs={"return_tensors": "np", "padding": True}, images_kwargs={"do_normalize": False})),
+    ({"padding": "max_length", "max_length": 25}, dict(return_tensors="pt")),
+    ({"padding": "max_length", "max_length": 25}, dict(return_tensors="pt", max_length=28)),
+    ({"padding": "longest"}, dict(return_tensors="pt", padding="max_length", max_length=27)),
+])
+def test_processor_kwargs_merge_like_transformers(tokenizer_kwargs, call):
+    ours, theirs = _processor_pair(tokenizer_kwargs)
+    text, images = ["<|image|>lower newer", "<|image|>upper older longer string"], [[_image(70, 40)], [_image(40, 70)]]
+    assert_same_output(ours(text=text, images=images, **call), theirs(text=text, images=images, **call))
+
+
+@pytest.mark.parametrize("call", [
+    dict(images_kwargs={"do_rescale": True, "rescale_factor": -1.0}, do_rescale=True),
+    dict(padding="max_length", text_kwargs={"padding": "do_not_pad"}),
+])
+def test_processor_refuses_doubly_passed_kwargs_like_transformers(call):
+    ours, theirs = _processor_pair()
+    for processor in (ours, theirs):
+        with pytest.raises(ValueError):
+            processor(text="<|image|>hi", images=[_image(40, 40)], return_tensors="pt", **call)
+
+
+def test_processor_refuses_unknown_kwargs():
+    ours, _ = _processor_pair()
+    with pytest.raises(TypeError, match="not_an_option"):
+        ours(text="hi", not_an_option=1)
+    with pytest.raises(TypeError, match="padding"):  # a tokenizer option in the image group
+        ours(text="<|image|>hi", images=[_image(40, 40)], images_kwargs={"padding": True})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Image processors: options that are not Mllama's are kept and saved; from_json_file
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_processor_keeps_extra_options_like_transformers(backend, tmp_path):
+    with pytest.warns(UserWarning, match="custom_flag"):
+        ours = backend(**OPTIONS, custom_flag="x")
+    theirs = TheirPil(**OPTIONS, custom_flag="x")
+    ours.is_override, theirs.is_override = True, True
+    assert ours.custom_flag == "x"
+    assert ours.to_dict() == theirs.to_dict()
+    ours.to_json_file(tmp_path / "ours.json")
+    with pytest.warns(UserWarning):
+        again = backend.from_json_file(tmp_path / "ours.json")
+    assert again.is_override is True and again.to_dict() == ours.to_dict()
+    assert TheirPil.from_json_file(tmp_path / "ours.json").to_dict() == again.to_dict()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Tokenizer: transformers' named special tokens (cls, sep, mask: None unless given, added to the vocabulary if new)
+
+
+def test_tokenizer_extra_special_tokens_like_transformers(tmp_path):
+    plain, their_plain = MllamaTokenizer.from_pretrained(converted_dir(True)), hf_tokenizer(True)
+    for name in ("cls_token", "sep_token", "mask_token", "cls_token_id", "sep_token_id", "mask_token_id"):
+        assert getattr(plain, name) is None and getattr(their_plain, name) is None, name
+    kwargs = dict(cls_token="(CLS)", sep_token="(SEP)", mask_token="<|image|>")
+    ours = MllamaTokenizer.from_pretrained(converted_dir(True), **kwargs)
+    theirs = type(their_plain).from_pretrained(str(converted_dir(True)), **kwargs)
+    assert ours.special_tokens_map == theirs.special_tokens_map
+    assert (ours.cls_token_id, ours.sep_token_id, ours.mask_token_id, len(ours)) == \
+        (theirs.cls_token_id, theirs.sep_token_id, theirs.mask_token_id, len(theirs))
+    assert ours.encode("a (CLS) b (SEP)") == theirs.encode("a (CLS) b (SEP)")
+    ours.save_pretrained(tmp_path)
+    again = MllamaTokenizer.from_pretrained(tmp_path)
+    assert (again.cls_token, again.cls_token_id) == ("(CLS)", theirs.cls_token_id)
+
+
+def test_tokenizer_apply_chat_template_returns_dict_by_default_like_transformers(tokenizer):
+    chat = [{"role": "user", "content": "Who are you?"}]
+    ours, theirs = tokenizer.apply_chat_template(chat), hf_tokenizer(True).apply_chat_template(chat)
+    assert ours["input_ids"] == theirs["input_ids"] and ours["attention_mask"] == theirs["attention_mask"]
+    assert tokenizer.apply_chat_template(chat, return_dict=False) == theirs["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Processor.from_pretrained: keywords go to the component they configure; ready components are used as given
+
+
+def test_processor_from_pretrained_routes_kwargs_and_takes_components(tokenizer, tmp_path):
+    MllamaProcessor(MllamaImageProcessorPil(**OPTIONS), tokenizer, chat_template=template_text()).save_pretrained(
+        tmp_path)
+    loaded = MllamaProcessor.from_pretrained(tmp_path, cls_token="(CLS)", sep_token="(SEP)", do_normalize=False)
+    assert (loaded.tokenizer.cls_token, loaded.tokenizer.sep_token) == ("(CLS)", "(SEP)")
+    assert loaded.image_processor.do_normalize is False
+    image_processor = MllamaImageProcessor(**OPTIONS)
+    given = MllamaProcessor.from_pretrained(tmp_path, image_processor=image_processor, tokenizer=tokenizer)
+    assert given.image_processor is image_processor and given.tokenizer is tokenizer
+    with pytest.raises(ValueError, match="do_normalize"):
+        MllamaProcessor.from_pretrained(tmp_path, image_processor=image_processor, do_normalize=False)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Named chat templates: transformers' file layout, and names that would leave the folder refused
+
+
+def _tree(folder) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if "chat_template" in str(p)}
+
+
+def test_processor_saves_named_chat_templates_like_transformers(tokenizer, tmp_path):
+    templates = {"default": "{{ 'a' }}", "secondary": "{{ 'b' }}"}
+    ours = MllamaProcessor(MllamaImageProcessorPil(**OPTIONS), tokenizer, chat_template=templates)
+    theirs = TheirProcessor(TheirPil(**OPTIONS), hf_tokenizer(True), chat_template=templates)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert _tree(tmp_path / "ours") == _tree(tmp_path / "theirs")
+    again = MllamaProcessor.from_pretrained(tmp_path / "ours")
+    assert again.chat_template == templates == again.tokenizer.chat_template
+    assert TheirProcessor.from_pretrained(tmp_path / "ours").chat_template == templates
+    assert MllamaProcessor.from_pretrained(tmp_path / "theirs").chat_template == templates
+    ours.chat_template = "{{ 'c' }}"  # saving a single template over the folder leaves no named ones behind
+    ours.save_pretrained(tmp_path / "ours")
+    assert MllamaProcessor.from_pretrained(tmp_path / "ours").chat_template == "{{ 'c' }}"
+
+
+@pytest.mark.parametrize("name", ["../../PWNED", "sub/name", "..", ""])
+def test_chat_template_names_that_leave_the_folder_are_refused(tokenizer, name, tmp_path):
+    processor = MllamaProcessor(MllamaImageProcessorPil(**OPTIONS), tokenizer,
+                                chat_template={"default": "a", name: "attacker content"})
+    with pytest.raises(ValueError, match="plain file name"):
+        processor.save_pretrained(tmp_path / "a" / "save")
+    assert not list(tmp_path.rglob("*.jinja"))

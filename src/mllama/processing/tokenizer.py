@@ -410,7 +410,7 @@ class MllamaTokenizer:
         tools: list[dict] | None = None,
         documents: list[dict] | None = None,
         return_tensors: str | None = None,
-        return_dict: bool = False,
+        return_dict: bool = True,
         return_assistant_tokens_mask: bool = False,
         padding: bool | str | None = None,
         truncation: bool | str = False,
@@ -419,8 +419,8 @@ class MllamaTokenizer:
         **template_kwargs: Any,
     ) -> str | list[str] | list[int] | list[list[int]] | Any:
         """Render a conversation (or a batch) with the chat template. With tokenize=True (the default, as in
-        transformers' tokenizers) the rendered text is encoded without adding special tokens: the ids, or with
-        return_dict=True the whole BatchFeature. return_assistant_tokens_mask=True (needs tokenize and
+        transformers' tokenizers) the rendered text is encoded without adding special tokens: the whole
+        BatchFeature (return_dict=True, the default, as in transformers 5), or only the ids (return_dict=False). return_assistant_tokens_mask=True (needs tokenize and
         return_dict) adds "assistant_masks": 1 on the tokens the template wrote inside
         `{% generation %}...{% endgeneration %}`, the assistant's answers, for fine-tuning on them only."""
         from .chat_template import (
