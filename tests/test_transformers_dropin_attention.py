@@ -124,3 +124,66 @@ def test_the_vision_reordering_is_an_sdpa_form(model):
         with pytest.raises(ValueError, match="exact_reorder=True .* 'eager'"):
             vision(*args, exact_reorder=True)
     assert (eager - reordered).abs().max().item() <= TOL * reordered.abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks beyond the 2-D padding mask: prepared 4-D masks and packed sequences (MllamaForCausalLM, as transformers)
+
+@pytest.fixture(scope="module")
+def lm_pair(model):
+    lm = oracle.causal_lm_of(model)
+    return lm, oracle.hf_model(lm, "MllamaForCausalLM")
+
+
+def test_a_prepared_4d_mask_is_used_as_given(lm_pair):
+    """Three sequences sharing a prefix, written as one row with a 4-D mask, give the three rows' last logits."""
+    lm, theirs = lm_pair
+    ids = torch.tensor([[10, 11, 12, 13], [10, 11, 12, 14], [10, 11, 12, 15]])
+    shared = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    allowed = torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0],
+                            [1, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1]]).bool()[None, None]
+    additive = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    with torch.no_grad():
+        rows = lm(ids).logits[:, -1]
+        as_bool = lm(shared, attention_mask=allowed, position_ids=positions).logits[0, -3:]
+        as_float = lm(shared, attention_mask=additive, position_ids=positions).logits[0, -3:]
+        reference = theirs(shared, attention_mask=additive, position_ids=positions).logits[0, -3:]
+    assert (as_float - rows).abs().max().item() <= TOL * rows.abs().max().item()
+    assert torch.equal(as_bool, as_float)
+    assert (as_float - reference).abs().max().item() <= TOL * rows.abs().max().item()
+    with pytest.raises(ValueError, match="4-D attention_mask must be"):
+        lm(shared, attention_mask=allowed[..., :5], position_ids=positions)
+
+
+def test_positions_that_restart_mark_packed_sequences(lm_pair):
+    """Padding-free batches (DataCollatorWithFlattening): without a mask or cache, a row whose positions restart
+    holds several sequences, each attending only to itself, as in transformers."""
+    lm, theirs = lm_pair
+    padded = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    mask = (padded != 0).long()
+    packed = padded[mask.bool()][None]
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+    with torch.no_grad():
+        rows = lm(padded, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=False)
+        together = lm(packed, position_ids=positions, use_cache=False).logits[0]
+        reference = theirs(packed, position_ids=positions, use_cache=False).logits[0]
+    expected = rows.logits[mask.bool()]
+    assert (together - expected).abs().max().item() <= TOL * expected.abs().max().item()
+    assert (together - reference).abs().max().item() <= TOL * expected.abs().max().item()
+
+
+def test_the_causal_lm_forward_traces_into_one_graph(lm_pair):
+    """_can_compile_fullgraph is claimed for MllamaForCausalLM (as transformers does): torch.compile with
+    fullgraph=True traces its forward, prefill and decode step, without a graph break (dynamo only)."""
+    lm, _ = lm_pair
+    assert MllamaForCausalLM._can_compile_fullgraph and not MllamaForConditionalGeneration._can_compile_fullgraph
+    torch._dynamo.reset()
+    traced = torch.compile(lm.forward, fullgraph=True, backend="eager")
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 10]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        prefill = traced(input_ids=ids, attention_mask=mask[:, :3], use_cache=True)
+        step = traced(input_ids=ids[:, :1], attention_mask=mask, cache=prefill.cache)
+        plain = lm(input_ids=ids[:, :1], attention_mask=mask, cache=lm(input_ids=ids, attention_mask=mask[:, :3],
+                                                                           use_cache=True).cache)
+    assert torch.equal(step.logits, plain.logits)

@@ -92,6 +92,9 @@ class MllamaForCausalLM(_EmbeddingsMixin, MllamaPreTrainedModel, GenerationMixin
 
     config_class = MllamaTextConfig
     base_model_prefix = "language_model"
+    # Its forward traces into one graph (torch.compile(fullgraph=True)): host reads are skipped while compiling.
+    # The composite models do not claim it (transformers neither).
+    _can_compile_fullgraph = True
 
     def __init__(self, config: MllamaTextConfig):
         if isinstance(config, MllamaConfig):

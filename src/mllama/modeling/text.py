@@ -275,25 +275,63 @@ def prepare_cross_attention_mask(mask: torch.Tensor, tokens_per_tile: int, dtype
 
 
 def self_attention_mask(attention_mask: torch.Tensor | None, batch: int, query_len: int, past_len: int,
-                        dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """Additive causal + padding mask [B, 1, S, past+S], or None when nothing needs masking."""
+                        dtype: torch.dtype, device: torch.device,
+                        packed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Additive causal + padding mask [B, 1, S, past+S], or None when nothing needs masking.
+
+    A 4-D attention_mask is one already prepared, used as given: floats are additive (0 = attend), booleans
+    True = attend, over [B or 1, 1 or heads, S, at least past+S]. `packed` [B, S] (see packed_sequences): tokens
+    attend only within their own sequence.
+    """
     total = past_len + query_len
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return _prepared_mask(attention_mask, query_len, total, dtype, device)
+    # the shortcut reads the mask on the host, which a compiled graph cannot: compiled, the mask is always built
+    shortcut = query_len == 1 and not torch.compiler.is_compiling()
     if attention_mask is not None:
         if attention_mask.shape[-1] < total:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions but the cache and the "
                              f"input span {total}: pass a mask over past and new tokens")
         keep = attention_mask[:, :total].to(device=device).bool()
-        if query_len == 1 and bool(keep.all()):
+        if shortcut and bool(keep.all()):
             return None
-    elif query_len == 1:
+    elif shortcut:
         return None
     q_pos = torch.arange(past_len, total, device=device)
     allowed = torch.arange(total, device=device)[None, :] <= q_pos[:, None]         # [S, total]
     allowed = allowed[None].expand(batch, -1, -1)
     if attention_mask is not None:
         allowed = allowed & keep[:, None, :]
+    if packed is not None:  # (no past tokens then: total == S)
+        allowed = allowed & (packed[:, :, None] == packed[:, None, :]).to(device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def _prepared_mask(mask: torch.Tensor, query_len: int, total: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    if mask.shape[-2] != query_len or mask.shape[-1] < total:
+        raise ValueError(f"a 4-D attention_mask must be [batch, 1, {query_len} new tokens, >= {total} positions "
+                         f"(cache and input)], got {list(mask.shape)}")
+    mask = mask[..., :total].to(device)
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if not mask.is_floating_point():
+        raise ValueError(f"a 4-D attention_mask must be additive floats (0 = attend) or booleans (True = "
+                         f"attend), got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def packed_sequences(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Sequences packed into one row (padding-free batches, e.g. DataCollatorWithFlattening) are told apart by
+    their positions: a new one starts wherever a position does not follow the one before. Returns the sequence
+    index of every token [B, S], or None when each row holds one sequence (read on the host; compiled, the index
+    is always returned)."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    index = (step != 1).cumsum(-1)
+    if not torch.compiler.is_compiling() and not bool(index[:, -1].any()):
+        return None
+    return index
 
 
 class MllamaTextModel(MllamaPreTrainedModel):
@@ -382,15 +420,21 @@ class MllamaTextModel(MllamaPreTrainedModel):
             cache = MllamaCache()
         past_len = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is None:
-            if past_len == 0 and not ids_checked:  # (MllamaModel checks them before the vision encoder)
+            # (MllamaModel checks them before the vision encoder.) The check reads the ids on the host, which a
+            # compiled graph cannot: compiled, an id outside the table fails in the embedding lookup instead.
+            if past_len == 0 and not ids_checked and not torch.compiler.is_compiling():
                 self._check_ids(input_ids)
             inputs_embeds = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
         x = inputs_embeds
         b, s = x.shape[:2]
+        # Without a mask or a cache (as transformers), given positions that restart mark packed sequences.
+        packed = None
+        if position_ids is not None and attention_mask is None and cache is None:
+            packed = packed_sequences(position_ids.expand(b, -1))
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + s, device=x.device)[None].expand(b, -1)
         cos, sin = self.rotary_emb(position_ids.to(x.device))
-        self_mask = self_attention_mask(attention_mask, b, s, past_len, x.dtype, x.device)
+        self_mask = self_attention_mask(attention_mask, b, s, past_len, x.dtype, x.device, packed)
 
         if cache is not None and cross_attention_states is not None:
             if cache.cross_length() and (cross_tiles is not None or cache.cross_tiles is not None):
