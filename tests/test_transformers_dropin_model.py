@@ -431,3 +431,13 @@ def test_vision_hidden_states_are_every_layer_output_as_transformers_computes_th
     for mine, reference in zip(out.hidden_states[1:], recorded):
         reference = reference.reshape(b, n, t, -1, dim)[:, :, :, :patches]
         assert _max_diff(mine[real], reference[real]) <= TOL * reference.abs().max().item()
+
+
+def test_past_key_values_is_a_key_of_the_outputs_as_in_transformers(pair):
+    ours, theirs = pair
+    inputs = make_inputs(*CASES["text_before_image"], 28)
+    with torch.no_grad():
+        for use_cache in (True, False):
+            a, b = ours(**inputs, use_cache=use_cache), theirs(**inputs, use_cache=use_cache)
+            assert ("past_key_values" in a) == ("past_key_values" in b) == use_cache
+            assert (a["past_key_values"] is a.cache) if use_cache else a.past_key_values is None

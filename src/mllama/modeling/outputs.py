@@ -26,6 +26,9 @@ class ModelOutput(dict):
             key = "cache"
         return super().__getitem__(key)
 
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__("cache" if key == "past_key_values" else key)
+
     def to_tuple(self) -> tuple:
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
