@@ -187,3 +187,18 @@ def test_the_causal_lm_forward_traces_into_one_graph(lm_pair):
         plain = lm(input_ids=ids[:, :1], attention_mask=mask, cache=lm(input_ids=ids, attention_mask=mask[:, :3],
                                                                            use_cache=True).cache)
     assert torch.equal(step.logits, plain.logits)
+
+
+def test_the_fast_path_and_engine_refuse_eager_attention(model):
+    """Their layer functions compute attention with SDPA: an eager model generates through the plain forward by
+    default, and asking for the fast path (or the engine) names the reason."""
+    from mllama.engine.batch import BatchEngine
+
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation({"vision_config": "eager"})
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with pytest.raises(ValueError, match="attn_implementation is 'eager'"):
+        eager.generate(input_ids=ids, max_new_tokens=2, fast=True)
+    with pytest.raises(ValueError, match="attn_implementation is 'eager'"):
+        BatchEngine(eager, None)
+    assert torch.equal(eager.generate(input_ids=ids, max_new_tokens=2), model.generate(input_ids=ids, max_new_tokens=2))

@@ -493,8 +493,13 @@ def check_fits(model: nn.Module, batch: int, length: int, vision_tokens: int, dt
 def unsupported(model: nn.Module) -> str | None:
     """Why the fast path's layer functions cannot compute this model, or None. They are written for the MLP the
     published checkpoints use (SiLU gate): another hidden_act would be computed wrongly, so it is refused; so is
-    dynamic RoPE, whose frequencies follow each call's positions where the captured graphs fix them."""
+    dynamic RoPE, whose frequencies follow each call's positions where the captured graphs fix them; and an
+    "eager" attn_implementation, since they compute attention with SDPA."""
     text = getattr(model.config, "text_config", model.config)
+    parts = (text, getattr(model.config, "vision_config", None))
+    if any(getattr(part, "_attn_implementation", None) == "eager" for part in parts):
+        return "the fast path and the serving engine compute attention with SDPA, and this model's " \
+               "attn_implementation is 'eager' (set_attn_implementation('sdpa') allows them)"
     act = getattr(text, "hidden_act", "silu")
     if act != "silu":
         return f"the fast path and the serving engine compute SiLU MLPs, and this model's hidden_act is {act!r}"
