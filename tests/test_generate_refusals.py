@@ -28,8 +28,7 @@ def test_keywords_that_loading_honours_still_load(tiny_checkpoint):
     assert model.num_parameters() > 0
 
 
-@pytest.mark.parametrize("keyword", ["output_attentions", "output_hidden_states", "num_return_sequences",
-                                     "logits_processor", "stopping_criteria", "generation_config"])
+@pytest.mark.parametrize("keyword", ["logits_processor", "stopping_criteria", "generation_config"])
 def test_generate_refuses_what_it_does_not_honour(keyword):
     model = MllamaForConditionalGeneration.from_config(tiny_config()).eval()
     inputs = make_inputs([[1, 5, 6]], None, 28)

@@ -562,7 +562,7 @@ class _Steps:
         keep = self.request.logits_to_keep
         extra = dict(self.images, cross_attention_mask=self.cross) if self.cross is not None else self.images
         inputs = prepare_inputs_for_generation(
-            self.model, self.tokens, self.cache, self.mask, embeds, self.positions, self.cache is not None,
+            self.tokens, self.cache, self.mask, embeds, self.positions, self.cache is not None,
             logits_to_keep=1 if keep is None else keep, output_attentions=self.request.attentions,
             output_hidden_states=self.request.hidden_states, **extra)
         with torch.no_grad():
@@ -728,7 +728,7 @@ class _Finished:
                              beam_indices=origin[:, :length], cache=steps.cache)
 
 
-def prepare_inputs_for_generation(model, input_ids: torch.Tensor | None, past_key_values: MllamaCache | None = None,
+def prepare_inputs_for_generation(input_ids: torch.Tensor | None, past_key_values: MllamaCache | None = None,
                                   attention_mask: torch.Tensor | None = None,
                                   inputs_embeds: torch.Tensor | None = None,
                                   position_ids: torch.Tensor | None = None, use_cache: bool = True,
@@ -765,8 +765,8 @@ class GenerationMixin:
                                       attention_mask=None, inputs_embeds=None, position_ids=None,
                                       use_cache: bool = True, **kwargs) -> dict:
         """The forward arguments of the next generation step; see mllama.generation.prepare_inputs_for_generation."""
-        return prepare_inputs_for_generation(self, input_ids, past_key_values, attention_mask, inputs_embeds,
-                                             position_ids, use_cache, **kwargs)
+        return prepare_inputs_for_generation(input_ids, past_key_values, attention_mask, inputs_embeds, position_ids,
+                                             use_cache, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
