@@ -388,3 +388,13 @@ def test_the_fast_path_refuses_dynamic_rope():
     config = tiny_config()
     config.text_config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
     assert "RoPE is 'dynamic'" in unsupported(MllamaForConditionalGeneration(config))
+
+
+def test_config_from_pretrained_applies_attribute_keywords_as_transformers(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    ours = MllamaConfig.from_pretrained(tmp_path, text_config={"vocab_size": 20}, image_token_index=7)
+    theirs = transformers.MllamaConfig.from_pretrained(tmp_path, text_config={"vocab_size": 20}, image_token_index=7)
+    assert (ours.text_config.vocab_size, ours.image_token_index) == (theirs.text_config.vocab_size, 7) == (20, 7)
+    assert ours.text_config.hidden_size == tiny_config().text_config.hidden_size  # the rest from the file
+    config, unused = MllamaTextConfig.from_pretrained(tmp_path, rms_norm_eps=1e-3, foo=1, return_unused_kwargs=True)
+    assert config.rms_norm_eps == 1e-3 and unused == {"foo": 1}

@@ -26,6 +26,7 @@ _BOILERPLATE = {
     "is_decoder", "finetuning_task", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "tf_legacy_loss", "_attn_implementation_autoset", "model_type", "base_config_key",
 }
+_HUB_OPTIONS = ("token", "revision", "cache_dir", "local_files_only", "subfolder")
 # Keys transformers writes as null when they are unset (every sub-config of its to_dict has them).
 _UNSET_WHEN_NONE = {"architectures", "dtype", "torch_dtype"}
 
@@ -150,6 +151,8 @@ class _ConfigBase:
             if key.startswith("_"):
                 continue
             out[key] = value.to_dict() if isinstance(value, _ConfigBase) else copy.deepcopy(value)
+        if out.get("compat") == "meta":  # the default is not written, so that transformers reads the file as its own
+            del out["compat"]
         out["model_type"] = self.model_type
         return out
 
@@ -218,15 +221,18 @@ class _ConfigBase:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """Where to find config.json (token, revision, cache_dir, local_files_only, subfolder); every other
+        keyword overrides an attribute as in from_dict (a dict updates a sub-config)."""
         from .weights import resolve_file
 
-        path = resolve_file(pretrained_model_name_or_path, "config.json", **kwargs)
+        where = {key: kwargs.pop(key) for key in _HUB_OPTIONS if key in kwargs}
+        path = resolve_file(pretrained_model_name_or_path, "config.json", **where)
         data = json.loads(Path(path).read_text())
         # A sub-config asked for from a full Mllama config.json: take the relevant part.
         key = getattr(cls, "base_config_key", None)
         if key and data.get("model_type") == "mllama" and key in data:
             data = data[key]
-        return cls.from_dict(data)
+        return cls.from_dict(data, **kwargs)
 
 
 class MllamaVisionConfig(_ConfigBase):
@@ -493,9 +499,6 @@ class MllamaConfig(_ConfigBase):
         out = super().to_dict()
         out["text_config"] = self.text_config.to_dict(config_format)
         out["vision_config"] = self.vision_config.to_dict()
-        for sub in ("text_config", "vision_config"):
-            if out[sub].get("compat") == "meta":
-                del out[sub]["compat"]
         out.setdefault("architectures", ["MllamaForConditionalGeneration"])
         return out
 
