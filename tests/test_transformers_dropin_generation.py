@@ -187,3 +187,5 @@ def test_unsupported_combinations_are_refused(pair):
         ours.generate(**inputs, bad_words_ids=[5])
     with pytest.raises(ValueError, match="beam search streams no tokens"):
         ours.generate(**inputs, num_beams=2, streamer=object())
+    with pytest.raises(ValueError, match="fast=True decodes greedy search and sampling from input_ids only"):
+        ours.generate(**inputs, num_beams=2, fast=True)

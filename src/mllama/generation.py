@@ -482,6 +482,10 @@ def generate(model, input_ids: torch.Tensor | None = None, *, streamer=None, tok
     stop = StopStrings(tokenizer, params.stop_strings) if params.stop_strings else None
     gen = _make_generator(seed, generator, model.device)
     if request.eager() or inputs_embeds is not None or past is not None or position_ids is not None:
+        if fast:
+            raise ValueError("fast=True decodes greedy search and sampling from input_ids only: beam search, "
+                             "inputs_embeds, past_key_values, position_ids, use_cache=False, logits_to_keep and "
+                             "output_attentions/output_hidden_states run on the plain model (leave fast unset)")
         steps = _Steps(model, input_ids, inputs_embeds, position_ids, past, request, model_inputs)
         if request.num_beams > 1:
             if streamer is not None or stop is not None:
@@ -661,9 +665,9 @@ def beam_search(steps: _Steps, params: SamplingParams, request: _Request, genera
         cand_origin = _take(run_origin, source)
         cand_origin[:, :, step] = source + offsets
         hits = torch.isin(picked % vocab, eos) | (step + 1 == total)
-        running = (cand_scores - 1e9 * hits.float()).topk(k).indices
-        run_scores = _take(cand_scores - 1e9 * hits.float(), running)
-        run_origin = _take(cand_origin, running)
+        alive = cand_scores - 1e9 * hits.float()
+        running = alive.topk(k).indices
+        run_scores, run_origin = _take(alive, running), _take(cand_origin, running)
         finals = cand_scores / (step + 1) ** request.length_penalty
         # A candidate enters the finished slots only if it just finished among the first num_beams, the slots
         # take more (early_stopping=True stops at full) and the search can still improve: -1e9 per reason not.
@@ -673,8 +677,8 @@ def beam_search(steps: _Steps, params: SamplingParams, request: _Request, genera
         steps.reorder(run_origin[:, :, step].reshape(-1).long())
         steps.append(_take(cand_tokens, running)[:, :, -1].reshape(-1))
         improvable = improvable & _can_improve(run_scores, done, step + 1, total, request)
-        if not (bool(improvable.any()) and not (bool(done.full().all()) and request.early_stopping is True)
-                and not bool(hits.all())):
+        all_full = request.early_stopping is True and bool(done.full().all())
+        if all_full or not bool(improvable.any()) or bool(hits.all()):
             break
     return done.result(steps, record, request, batch)
 
