@@ -340,8 +340,9 @@ def test_attn_implementation_is_set_at_init_and_after_on_every_sub_config():
     assert [c._attn_implementation for c in (config, config.text_config, config.vision_config)] == ["eager"] * 3
     config._attn_implementation = "sdpa"
     assert config.text_config._attn_implementation == config.vision_config._attn_implementation == "sdpa"
-    config._attn_implementation = {"text_config": "eager"}
-    assert (config.text_config._attn_implementation, config.vision_config._attn_implementation) == ("eager", None)
+    config._attn_implementation = {"text_config": "eager"}  # the vision config keeps its choice, as transformers
+    assert (config.text_config._attn_implementation, config.vision_config._attn_implementation) == ("eager", "sdpa")
+    assert config._attn_implementation == "sdpa"
     assert "attn_implementation" not in json.dumps(config.to_dict())
     with pytest.raises(ValueError, match="'flash_attention_2' is not supported: use one of"):
         MllamaTextConfig(attn_implementation="flash_attention_2")

@@ -69,13 +69,14 @@ class _ConfigBase:
     @property
     def _attn_implementation(self) -> str | None:
         """The attention kernel the models built from this config use ('eager' or 'sdpa'; None = the default,
-        sdpa). Set on a composite config, it sets every sub-config too; a dict sets them one by one by attribute
-        name ('' for the composite itself), as transformers allows."""
+        sdpa). Set on a composite config, it sets every sub-config too; a dict sets those it names, by attribute
+        name ('' for the composite itself), and leaves the others as they are, as transformers does."""
         return self.__dict__.get("_attn_implementation_internal")
 
     @_attn_implementation.setter
     def _attn_implementation(self, value: str | dict | None) -> None:
-        own = value.get("") if isinstance(value, dict) else value
+        current = self.__dict__.get("_attn_implementation_internal")
+        own = value.get("", current) if isinstance(value, dict) else value
         if isinstance(value, dict) and set(value) - {"", *self.sub_configs}:
             raise ValueError(f"attn_implementation keys {sorted(set(value) - {'', *self.sub_configs})} name no "
                              f"sub-config of {type(self).__name__}: valid keys are {sorted(self.sub_configs)} and ''")
@@ -85,7 +86,10 @@ class _ConfigBase:
         for key in self.sub_configs:
             sub = self.__dict__.get(key)
             if sub is not None:
-                sub._attn_implementation = value.get(key, own) if isinstance(value, dict) else value
+                if not isinstance(value, dict):
+                    sub._attn_implementation = value
+                elif key in value:  # a sub-config the dict leaves out keeps its choice
+                    sub._attn_implementation = value[key]
 
     # Class labels: no Mllama head classifies, but transformers' configs carry them (LABEL_i names, 2 by default);
     # they are kept out of config.json as transformers' defaults are.

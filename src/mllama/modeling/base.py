@@ -184,10 +184,6 @@ class MllamaPreTrainedModel(nn.Module):
         sets them one by one: "" for the model's own config, "text_config" and "vision_config" for the parts of a
         composite model; a part left out keeps its implementation."""
         _check_attn_implementation(attn_implementation)
-        if isinstance(attn_implementation, dict):
-            current = {"": self.config._attn_implementation, **{
-                key: getattr(self.config, key)._attn_implementation for key in self.config.sub_configs}}
-            attn_implementation = {**current, **attn_implementation}
         self.config._attn_implementation = attn_implementation
 
     @property
