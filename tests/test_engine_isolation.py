@@ -168,3 +168,22 @@ def test_fast_path_and_engine_refuse_an_mlp_they_do_not_compute():
     with pytest.raises(ValueError, match="fast=False"):
         model.generate(input_ids=ids, max_new_tokens=2, fast=True)
     assert model.generate(input_ids=ids, max_new_tokens=2).shape == (1, 6)
+
+
+def test_the_engine_honours_bad_words_ids_as_generate_does(loaded):
+    """Before: the batched argmax skipped every token rule but the penalty, so a banned word came out anyway."""
+    model, processor = loaded
+    ids = _prompt(processor, "Banned words")
+    banned = _greedy_alone(model, ids, 6)[2]
+    expected = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                              bad_words_ids=[[banned]])[0, len(ids):].tolist()
+    assert banned not in expected
+    engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128).start()
+    try:
+        c = Collector()
+        engine.submit(GenerationRequest(prompt_ids=ids, emit=c,
+                                        params=SamplingParams(max_new_tokens=6, bad_words_ids=((banned,),))))
+        _wait([c])
+        assert c.events[-1].error is None and c.ids == expected
+    finally:
+        engine.stop()

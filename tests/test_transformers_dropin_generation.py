@@ -189,3 +189,15 @@ def test_unsupported_combinations_are_refused(pair):
         ours.generate(**inputs, num_beams=2, streamer=object())
     with pytest.raises(ValueError, match="fast=True decodes greedy search and sampling from input_ids only"):
         ours.generate(**inputs, num_beams=2, fast=True)
+
+
+def test_setting_a_generation_config_attribute_changes_what_generate_does():
+    """Before: the attribute was stored beside the dict, so generate kept using the old value."""
+    config = tiny_config()
+    model = randomize(MllamaForCausalLM(config.text_config)).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    model.generation_config.max_new_tokens = 2
+    assert model.generation_config["max_new_tokens"] == 2
+    assert model.generate(input_ids=ids, do_sample=False).shape == (1, 5)
+    del model.generation_config.max_new_tokens
+    assert "max_new_tokens" not in model.generation_config

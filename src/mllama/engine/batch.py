@@ -851,9 +851,11 @@ class BatchEngine:
     @staticmethod
     def _chosen_on_host(r: GenerationRequest, count: int) -> bool:
         """Whether the token after `count` generated ones is not the plain argmax: sampled (with the request's own
-        generator, as generate() alone would), repeats penalised, or EOS not allowed yet."""
+        generator, as generate() alone would), repeats penalised, words banned, invalid scores replaced, or EOS not
+        allowed yet."""
         p = r.params
-        return p.do_sample or p.repetition_penalty != 1.0 or bool(count < p.min_new_tokens and p.eos_token_id)
+        return (p.do_sample or p.repetition_penalty != 1.0 or bool(p.bad_words_ids) or p.remove_invalid_values
+                or bool(count < p.min_new_tokens and p.eos_token_id))
 
     def _launch(self) -> _Step | None:
         """Queues a decode step for every running request that has a token left to make; returns it, or None."""
@@ -930,7 +932,7 @@ class BatchEngine:
             r = requests[row]
             try:
                 seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
-                    if r.params.repetition_penalty != 1.0 else None
+                    if r.params.repetition_penalty != 1.0 or r.params.bad_words_ids else None
                 chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
             except Exception as e:  # noqa: BLE001 - this request's sampling failed: it ends, the batch goes on
                 self._fail(r, "sampling", e)

@@ -144,10 +144,17 @@ def copy_resized(old: torch.Tensor, new: torch.Tensor, mean_resizing: bool, std:
 
 
 class GenerationConfig(dict):
-    """generation_config.json as a dict with attribute access (defaults for `generate`)."""
+    """generation_config.json as a dict with attribute access (defaults for `generate`): setting an attribute
+    sets the key that generate reads, as `model.generation_config.max_new_tokens = 5` does in transformers."""
 
     def __getattr__(self, name: str) -> Any:
         return self.get(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        self.pop(name, None)
 
 
 class MllamaPreTrainedModel(nn.Module):
