@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps({"header": header, "results": results}, indent=1) + "\n")
+        Path(f"{args.out}.md").write_text(text)  # appended: a prefix like ...-5.16.0.dev0 has dots of its own
+        Path(f"{args.out}.json").write_text(json.dumps({"header": header, "results": results}, indent=1) + "\n")
     if args.keep:
         print(f"scratch folder: {work}")
     else:

@@ -370,10 +370,10 @@ def test_yarn_and_dynamic_rope_equal_transformers(rope):
         theirs = hf.MllamaRotaryEmbedding(transformers.MllamaTextConfig(rope_parameters=dict(rope), **shape))
     for length in (50, 300):  # inside and past max_position_embeddings (where dynamic changes its base)
         positions = torch.arange(length)[None]
-        cos, sin = ours(positions)
+        cos, sin = ours(torch.zeros(1, length, 64), positions)  # called as transformers' rotary modules are
         their_cos, their_sin = theirs(torch.zeros(1, length, 64), positions)
-        torch.testing.assert_close(cos[:, 0], their_cos, atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(sin[:, 0], their_sin, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(cos, their_cos, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(sin, their_sin, atol=2e-5, rtol=1e-5)
 
 
 def test_a_rope_type_set_after_the_config_is_built_is_checked_by_the_model():
@@ -381,6 +381,25 @@ def test_a_rope_type_set_after_the_config_is_built_is_checked_by_the_model():
     config.text_config.rope_parameters = {"rope_type": "longrope", "rope_theta": 1e4}
     with pytest.raises(ValueError, match="rope_type 'longrope' is not supported"):
         MllamaForConditionalGeneration(config)
+    config.text_config.rope_parameters = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+    with pytest.raises(ValueError, match="partial_rotary_factor 0.5 is not supported"):
+        MllamaForConditionalGeneration(config)
+
+
+def test_yarn_without_an_original_context_uses_max_position_embeddings_as_transformers():
+    from mllama.modeling.text import MllamaRotaryEmbedding
+
+    shape = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                 num_hidden_layers=2, cross_attention_layers=[1])
+    config = MllamaTextConfig(**shape)
+    config.rope_parameters = {"rope_type": "yarn", "factor": 10.0, "rope_theta": 1e4}  # as transformers' tests set it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = hf.MllamaRotaryEmbedding(transformers.MllamaTextConfig(
+            rope_parameters={"rope_type": "yarn", "factor": 10.0, "rope_theta": 1e4}, **shape))
+    positions = torch.arange(20)[None]
+    torch.testing.assert_close(MllamaRotaryEmbedding(config)(torch.zeros(1), positions)[0],
+                               theirs(torch.zeros(1, 20, 64), positions)[0], atol=2e-5, rtol=1e-5)
 
 
 def test_the_fast_path_refuses_dynamic_rope():

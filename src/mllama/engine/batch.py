@@ -158,7 +158,7 @@ def decode_step(text, lm_head, buffers: SlotBuffers, tokens: torch.Tensor, posit
     gqa = heads != kv_heads
     rows = buffers.row_index[:n]
     x = text.embed_tokens(tokens[:, None])                                      # [n, 1, hidden]
-    cos, sin = text.rotary_emb(positions[:, None])                              # [n, 1, 1, head_dim]
+    cos, sin = (t[:, None] for t in text.rotary_emb(x, positions[:, None]))     # [n, 1, 1, head_dim]
     keys = buffers.key_index[:length]
     self_bias = torch.zeros(n, 1, 1, length, device=x.device, dtype=x.dtype)
     self_bias.masked_fill_((keys[None, :] > positions[:, None])[:, None, None, :], buffers.min)

@@ -191,7 +191,7 @@ class FastDecoder:
         text, cfg = self.text, self.config
         eps, hd = cfg.rms_norm_eps, cfg.head_dim
         x = text.embed_tokens(self.tokens)[:, None]                          # [B, 1, D]
-        cos, sin = text.rotary_emb(self.positions[:, None])
+        cos, sin = (t[:, None] for t in text.rotary_emb(x, self.positions[:, None]))
         visible = self.key_valid & (self.key_index[None] <= self.slot)
         bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, self.min)
         bias = bias[:, None, None, :]                                        # [B, 1, 1, L]

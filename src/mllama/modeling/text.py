@@ -42,6 +42,9 @@ def rope_inv_freq(config: MllamaTextConfig, device: torch.device | str | None = 
     kind, theta, dim = params["rope_type"], params["rope_theta"], config.head_dim
     if kind not in ROPE_TYPES:
         raise ValueError(f"rope_parameters.rope_type {kind!r} is not supported: use one of {ROPE_TYPES}")
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"rope_parameters.partial_rotary_factor {params['partial_rotary_factor']} is not supported: "
+                         f"Mllama rotates every head dimension (1.0)")
     if kind == "dynamic" and seq_len is not None and seq_len > config.max_position_embeddings:
         factor = params["factor"]
         theta = theta * (factor * seq_len / config.max_position_embeddings - (factor - 1)) ** (dim / (dim - 2))
@@ -57,14 +60,14 @@ def rope_inv_freq(config: MllamaTextConfig, device: torch.device | str | None = 
         blended = (1 - smooth) * inv / factor + smooth * inv
         inv = torch.where(wavelen > old_ctx / low, inv / factor, torch.where(wavelen < old_ctx / high, inv, blended))
     elif kind == "yarn":
-        inv = _yarn_blend(inv, params, dim, theta)
+        inv = _yarn_blend(inv, params, dim, theta, params.get("original_max_position_embeddings",
+                                                              config.max_position_embeddings))
     return inv
 
 
-def _yarn_blend(inv: torch.Tensor, params: dict, dim: int, theta: float) -> torch.Tensor:
-    """YaRN: frequencies that turn fewer than beta_slow times over the original context are interpolated
-    (divided by the factor), those turning more than beta_fast times are kept, with a linear ramp between."""
-    old_ctx = params["original_max_position_embeddings"]
+def _yarn_blend(inv: torch.Tensor, params: dict, dim: int, theta: float, old_ctx: int) -> torch.Tensor:
+    """YaRN: frequencies that turn fewer than beta_slow times over the original context `old_ctx` are
+    interpolated (divided by the factor), those turning more than beta_fast times are kept, a linear ramp between."""
 
     def dim_of(turns: float) -> float:  # the frequency index that turns `turns` times over old_ctx positions
         return dim * math.log(old_ctx / (turns * 2 * math.pi)) / (2 * math.log(theta))
@@ -94,22 +97,26 @@ def rope_attention_scale(config: MllamaTextConfig) -> float:
 
 
 class MllamaRotaryEmbedding(nn.Module):
-    def __init__(self, config: MllamaTextConfig):
+    """cos and sin tables [B, S, head_dim] for the given positions, called as transformers' rotary modules are
+    (`rotary_emb(x, position_ids)`, x giving only the device); they stay in float32, as Meta rotates."""
+
+    def __init__(self, config: MllamaTextConfig, device: torch.device | str | None = None):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config, device), persistent=False)
         self.attention_scale = rope_attention_scale(config)
 
     def reset_buffers(self, device: torch.device | str) -> None:
         self.inv_freq = rope_inv_freq(self.config, device)
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        position_ids = position_ids.to(x.device)
+        inv_freq = self.inv_freq.to(x.device)
         if self.config.rope_parameters["rope_type"] == "dynamic":  # the base follows this call's longest position
-            inv_freq = rope_inv_freq(self.config, position_ids.device, int(position_ids.max()) + 1)
+            inv_freq = rope_inv_freq(self.config, x.device, int(position_ids.max()) + 1)
         freqs = position_ids.float()[..., None] * inv_freq                # [B, S, head_dim/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        cos, sin = emb.cos()[:, None], emb.sin()[:, None]                 # [B, 1, S, head_dim] fp32
+        cos, sin = emb.cos(), emb.sin()                                   # [B, S, head_dim] fp32
         if self.attention_scale != 1.0:
             cos, sin = cos * self.attention_scale, sin * self.attention_scale
         return cos, sin
@@ -433,7 +440,7 @@ class MllamaTextModel(MllamaPreTrainedModel):
             packed = packed_sequences(position_ids.expand(b, -1))
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + s, device=x.device)[None].expand(b, -1)
-        cos, sin = self.rotary_emb(position_ids.to(x.device))
+        cos, sin = (t[:, None] for t in self.rotary_emb(x, position_ids))      # [B, 1, S, head_dim]
         self_mask = self_attention_mask(attention_mask, b, s, past_len, x.dtype, x.device, packed)
 
         if cache is not None and cross_attention_states is not None:
