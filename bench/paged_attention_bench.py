@@ -18,15 +18,13 @@ import argparse
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-from mllama.engine import paged_attention as pa  # noqa: E402
+from mllama.engine import paged_attention as pa
 
 DEV = "cuda"
 HEADS, KV_HEADS, DIM = 32, 8, 128
@@ -169,10 +167,6 @@ def save(path: Path, result: dict) -> None:
     path.write_text(json.dumps(result, indent=1))
 
 
-if __name__ == "__main__":
-    main()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -200,7 +194,7 @@ def main() -> None:
     save(args.out, result)
     if args.sweep:
         result["sweep"] = {}
-        for kind, batch in [("self", 1), ("self", 64), ("cross", 1), ("cross", 64)]:
+        for kind, batch in [("self", 1), ("self", 8), ("self", 64), ("cross", 1), ("cross", 8), ("cross", 64)]:
             rows = sweep(batch, kind, args.sweep_seconds)
             result["sweep"][f"{kind}-{batch}"] = rows
             best = sorted((r for r in rows if "us" in r), key=lambda r: r["us"])[:5]
@@ -209,3 +203,7 @@ def main() -> None:
                 for r in best), flush=True)
             torch.cuda.empty_cache()
             save(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
