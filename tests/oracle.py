@@ -88,3 +88,39 @@ def causal_lm_of(ours: torch.nn.Module) -> torch.nn.Module:
     lm.model.load_state_dict(ours.model.language_model.state_dict())
     lm.lm_head.load_state_dict(ours.lm_head.state_dict())
     return lm
+
+
+def memoize_vision(model: torch.nn.Module) -> torch.nn.Module:
+    """Make transformers' vision tower (the oracle's costliest part: eager attention over 4 x 1608 tokens per image
+    at the real tile size) compute each distinct input once per model and hand back copies of that output after.
+
+    Only the oracle is memoized, never our model, and only where recomputing would give the same tensors: a call
+    with just the three image inputs, under no_grad, in eval mode. The key holds everything else that decides the
+    output: the input tensors themselves (compared exactly), the encoder forward in use (oracle.meta_fixes swaps
+    it), the weights (storage and in-place version of each) and the vision config; anything else runs the tower."""
+    vision = model.model.vision_model if hasattr(model, "model") else model
+    forward = vision.forward
+    entries: list[tuple[tuple, tuple[torch.Tensor, ...], torch.Tensor]] = []
+
+    def state() -> tuple:
+        weights = tuple((p.data_ptr(), p._version, p.dtype) for p in vision.parameters())
+        return hf.MllamaVisionEncoder.forward, weights, vision.config.to_json_string()
+
+    def memo_forward(*args, **kwargs):
+        names = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+        given = dict(zip(names, args), **kwargs)
+        if (torch.is_grad_enabled() or vision.training or set(given) != set(names)
+                or not all(isinstance(given[n], torch.Tensor) for n in names)):
+            return forward(*args, **kwargs)
+        inputs, key = tuple(given[n] for n in names), state()
+        for entry_key, entry_inputs, out in entries:
+            if entry_key == key and all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                                        for a, b in zip(inputs, entry_inputs)):
+                return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=out.clone())
+        result = forward(*args, **kwargs)
+        assert set(result.keys()) == {"last_hidden_state"}, list(result.keys())  # nothing else to remember
+        entries.append((key, tuple(t.clone() for t in inputs), result.last_hidden_state.clone()))
+        return result
+
+    vision.forward = memo_forward
+    return model

@@ -78,7 +78,8 @@ def pair(request):
     if request.param == "real_tile":
         config.vision_config.attention_heads = 2  # keeps transformers' eager [6432 x 6432] scores in memory
     ours = randomize(MllamaForConditionalGeneration.from_config(config)).eval()
-    return request.param, ours, oracle.hf_model(ours)
+    # Many tests here show transformers the same images in the same mode: its vision tower computes each once.
+    return request.param, ours, oracle.memoize_vision(oracle.hf_model(ours))
 
 
 @pytest.mark.parametrize("mode", ["meta", "transformers"])
