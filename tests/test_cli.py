@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,14 @@ def run(*args, stdin: str | None = None, env: dict | None = None, timeout: int =
     full_env.pop("MLLAMA_DEBUG", None)
     return subprocess.run([MLLAMA, *args], input=stdin, capture_output=True, text=True, env=full_env,
                           timeout=timeout)
+
+
+def run_together(*calls: tuple) -> list[subprocess.CompletedProcess]:
+    """`run(*args, **kwargs)` for each (args, kwargs) in `calls`, a few at a time: each is a separate `mllama`
+    process (whose start-up, importing torch, is most of its time) and sees nothing of the others. The results
+    come back in the order of `calls`."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda call: run(*call[0], **call[1]), calls))
 
 
 def assert_one_line_error(result, *fragments):
@@ -177,20 +186,23 @@ def test_bad_arguments_are_refused_before_the_model_loads(tmp_path):
              (["--top-k", "-1"], ["--top-k", ">= 0"]),
              (["--repetition-penalty", "0"], ["--repetition-penalty", "> 0"]),
              (["--threads", "0"], ["--threads 0", "1 or more"])]
-    for flags, fragments in cases:
-        assert_one_line_error(run("generate", "--model", nothing, "--prompt", "x", *flags), *fragments)
-    assert_one_line_error(run("chat", "--model", nothing, "--dtype", "int8"), "--dtype")
-    assert_one_line_error(run("generate", "--model", nothing, "--prompt", "x", env={"MLLAMA_NUM_THREADS": "many"}),
-                          "MLLAMA_NUM_THREADS='many'")
+    results = run_together(*[(("generate", "--model", nothing, "--prompt", "x", *flags), {}) for flags, _ in cases],
+                           (("chat", "--model", nothing, "--dtype", "int8"), {}),
+                           (("generate", "--model", nothing, "--prompt", "x"), {"env": {"MLLAMA_NUM_THREADS": "many"}}))
+    for (_, fragments), result in zip(cases, results):
+        assert_one_line_error(result, *fragments)
+    assert_one_line_error(results[-2], "--dtype")
+    assert_one_line_error(results[-1], "MLLAMA_NUM_THREADS='many'")
 
 
 def test_a_prompt_that_is_not_utf8_is_named(tmp_path):
-    result = subprocess.run([MLLAMA, "generate", "--model", str(tmp_path), "--prompt", b"caf\xe9 au lait"],
-                            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert_one_line_error(result, "--prompt is not valid UTF-8", "0xe9", "character 4")
-    result = subprocess.run([MLLAMA, "chat", "--model", str(tmp_path), "--system", b"\xff"], capture_output=True,
-                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert_one_line_error(result, "--system is not valid UTF-8", "0xff")
+    commands = [[MLLAMA, "generate", "--model", str(tmp_path), "--prompt", b"caf\xe9 au lait"],
+                [MLLAMA, "chat", "--model", str(tmp_path), "--system", b"\xff"]]
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two separate processes, started together
+        prompt, system = pool.map(lambda command: subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}), commands)
+    assert_one_line_error(prompt, "--prompt is not valid UTF-8", "0xe9", "character 4")
+    assert_one_line_error(system, "--system is not valid UTF-8", "0xff")
 
 
 def test_version_and_python_dash_m():
@@ -200,8 +212,12 @@ def test_version_and_python_dash_m():
 
     expected = f"mllama {version('mllama')}\n"
     assert mllama.__version__ == version("mllama")
-    assert run("--version").stdout == expected
-    module = subprocess.run([sys.executable, "-m", "mllama", "--version"], capture_output=True, text=True)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two separate processes, started together
+        script = pool.submit(run, "--version")
+        module = pool.submit(subprocess.run, [sys.executable, "-m", "mllama", "--version"], capture_output=True,
+                             text=True)
+        script, module = script.result(), module.result()
+    assert script.stdout == expected
     assert module.returncode == 0 and module.stdout == expected
 
 
@@ -224,27 +240,24 @@ def test_threads_flag_and_environment_reach_torch(tiny_checkpoint, monkeypatch, 
 
 
 def test_info_on_a_folder_and_a_preset(tiny_checkpoint):
-    result = run("info", str(tiny_checkpoint))
-    assert result.returncode == 0, result.stderr
-    assert "parameters:" in result.stdout and "cross-attention at [2]" in result.stdout
-    result = run("info", "11b-instruct")
-    assert "total 10,670,220,835" in result.stdout
-    assert "bfloat16 19.9 GiB" in result.stdout
+    folder, preset = run_together((("info", str(tiny_checkpoint)), {}), (("info", "11b-instruct"), {}))
+    assert folder.returncode == 0, folder.stderr
+    assert "parameters:" in folder.stdout and "cross-attention at [2]" in folder.stdout
+    assert "total 10,670,220,835" in preset.stdout
+    assert "bfloat16 19.9 GiB" in preset.stdout
 
 
 def test_missing_files_and_bad_arguments(tiny_checkpoint, tmp_path):
-    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "none.png"),
-                              "--prompt", "x"), "none.png")
-    assert_one_line_error(run("generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"), "nothing")
-    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--dtype", "float99"),
-                          "float99")
-    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--top-p", "3"),
-                          "--top-p", "(0, 1]")
-    assert_one_line_error(run("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--device", "cuda"),
-                          "CUDA")
-    assert_one_line_error(run("create-tiny", str(tmp_path / "t"), "--tokenizer", str(tmp_path / "tok.model")),
-                          "tok.model")
-    usage = run("generate", "--max-new-tokens", "x")
+    cases = [(("generate", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "none.png"), "--prompt", "x"),
+              ["none.png"]),
+             (("generate", "--model", str(tmp_path / "nothing"), "--prompt", "x"), ["nothing"]),
+             (("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--dtype", "float99"), ["float99"]),
+             (("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--top-p", "3"), ["--top-p", "(0, 1]"]),
+             (("generate", "--model", str(tiny_checkpoint), "--prompt", "x", "--device", "cuda"), ["CUDA"]),
+             (("create-tiny", str(tmp_path / "t"), "--tokenizer", str(tmp_path / "tok.model")), ["tok.model"])]
+    *results, usage = run_together(*[(args, {}) for args, _ in cases], (("generate", "--max-new-tokens", "x"), {}))
+    for (_, fragments), result in zip(cases, results):
+        assert_one_line_error(result, *fragments)
     assert usage.returncode == 2 and "Traceback" not in usage.stderr
 
 
