@@ -63,7 +63,8 @@ def _prompt(processor, image):
 def run_level(engine, ids, inputs, concurrency: int, requests: int, max_tokens: int) -> dict:
     from load_server import _percentile as percentile
 
-    from mllama.engine.batch import GenerationRequest, sampling_params
+    from mllama.engine.batch import sampling_params
+    from mllama.engine.requests import GenerationRequest
 
     params = sampling_params(engine, max_tokens, 0.0, None)
     ttft, itl, tokens = [], [], [0]
@@ -118,7 +119,8 @@ def main(argv=None):
     from gpu_bench import build_ours
 
     from mllama import MllamaConfig
-    from mllama.engine.batch import BatchEngine, GenerationRequest, sampling_params
+    from mllama.engine.batch import BatchEngine, sampling_params
+    from mllama.engine.requests import GenerationRequest
 
     processor, ids, inputs = request_inputs(args.assets, args.tiny)
     if args.tiny:
@@ -143,14 +145,17 @@ def main(argv=None):
         for _ in range(3):
             reqs = [GenerationRequest(prompt_ids=list(ids), params=sampling_params(engine, 4, 0.0, None),
                                       model_inputs=dict(inputs), emit=lambda e: None) for _ in range(size)]
-            with engine.lock:  # the engine thread is idle (no requests): borrow its prefill
+            with engine.scheduler.lock:  # the engine thread is idle (no requests): borrow its prefill
+                for r in reqs:  # what submit and admission do first: images described, pages taken
+                    r.images = engine.describe_images(r.model_inputs)
+                    assert engine._reserve(r)
                 sync()
                 s = time.perf_counter()
                 engine._prefill(list(zip(reqs, range(size))))
                 sync()
                 per.append(time.perf_counter() - s)
                 for slot in range(size):
-                    engine.slots[slot] = None
+                    engine._free(slot)
         timings[size] = statistics.median(per[1:])
         print(f"prefill group of {size}: {timings[size] * 1e3:.1f} ms", flush=True)
     result["prefill_group_s"] = timings
@@ -170,13 +175,13 @@ def main(argv=None):
               f"ttft p50/p99 {fmt(r['ttft_p50_s'])}/{fmt(r['ttft_p99_s'])} ms itl p50/p99 {fmt(r['itl_p50_s'])}/"
               f"{fmt(r['itl_p99_s'])} ms, {r['decode_steps']} steps", flush=True)
     result["levels"] = levels
-    if torch.cuda.is_available():  # one decode step of the graph runner per batch size (key length 512, 1 image)
+    if torch.cuda.is_available():  # one decode step of the graph runner per batch size (free rows: scratch pages)
         steps = {}
-        vision = engine.buffers.cross_k[next(iter(engine.buffers.cross_k))].shape[2]
+        vision = True
         for n in (1, 8, 32, 64, 128):
-            if n > args.max_batch:
+            if n > engine.max_batch:
                 continue
-            with engine.lock:
+            with engine.scheduler.lock:
                 for _ in range(3):
                     engine.runner([0] * n, [400] * n, vision)
                 sync()

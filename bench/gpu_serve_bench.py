@@ -24,58 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def check_graph_runner(device: str = "cuda", use_graphs: bool = True) -> dict:
-    """The batch engine's CUDA-graph + compiled decode step against its eager form (fp32, small random model):
-    random cache contents, rows at different positions, free rows inside the bucket, with and without images."""
-    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-    from conftest import randomize, tiny_config
-
-    from mllama import MllamaForConditionalGeneration
-    from mllama.engine.batch import LAYER_FUNCTIONS, DecodeRunner, SlotBuffers, decode_step
-
-    config = tiny_config(image_size=56)
-    model = randomize(MllamaForConditionalGeneration(config)).to(device).eval()
-    text = model.model.language_model
-    buffers = SlotBuffers(text, 16, 256, 64, torch.device(device), torch.float32)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for t in [*buffers.cache.key.values(), *buffers.cache.value.values(), *buffers.cross_k.values(),
-              *buffers.cross_v.values()]:
-        t.copy_(torch.randn(t.shape, generator=gen, device=device))
-    buffers.cross_bias.zero_()
-    buffers.cross_bias[:, :, :, 40:] = buffers.min
-    buffers.row_mask.fill_(1)
-    buffers.attn_keep.fill_(1)
-    buffers.row_mask[3] = 0
-    buffers.attn_keep[3] = 0
-    graph = DecodeRunner(model, text, buffers, use_graphs=use_graphs)
-    def step(tokens, positions, vision, given, feeds):
-        """The runner's logits for one step and their relative difference from the eager step fed `feeds`."""
-        saved = {i: (k.clone(), buffers.cache.value[i].clone()) for i, k in buffers.cache.key.items()}
-        got = graph(tokens, positions, vision, given).clone()
-        for i, (k, v) in saved.items():
-            buffers.cache.key[i].copy_(k)
-            buffers.cache.value[i].copy_(v)
-        want = decode_step(text, model.lm_head, buffers, torch.tensor(feeds, device=device),
-                           torch.tensor(positions, device=device), max(positions) + 1, vision, LAYER_FUNCTIONS)
-        return got, float((got - want).abs().max() / want.abs().max())
-
-    worst = 0.0
-    cases = [(5, 0), (5, 64), (1, 64), (11, 64), (16, 0)]
-    for n, vision in cases:
-        tokens = torch.randint(0, config.text_config.vocab_size, (n,)).tolist()
-        positions = torch.randint(0, 200, (n,)).tolist()
-        got, diff = step(tokens, positions, vision, None, tokens)
-        worst = max(worst, diff)
-        # the next step with odd rows taking their token from this one's greedy choice on the device
-        greedy = got.argmax(-1).tolist()
-        given = [row % 2 == 0 for row in range(n)]
-        following = [t if g else 0 for t, g in zip(tokens, given)]
-        feeds = [t if g else greedy[row] for row, (t, g) in enumerate(zip(tokens, given))]
-        worst = max(worst, step(following, [p + 1 for p in positions], vision, given, feeds)[1])
-    return {"cases": cases, "worst_relative_max_diff": worst, "graphs": len(graph.graphs),
-            "compile_error": graph.compile_error, "ok": worst < 1e-4}
-
-
 def check_overlapped_prefill(assets: str, device: str = "cuda", overlap: bool = True) -> dict:
     """The engine on a tiny fp32 checkpoint with CUDA graphs: a text-only request decodes while 13 image requests
     arrive, prefilled in groups (more than 8 wait), with `overlap` their vision part on the side stream beside
@@ -86,7 +34,8 @@ def check_overlapped_prefill(assets: str, device: str = "cuda", overlap: bool = 
     import PIL.Image
 
     from mllama.cli import create_tiny
-    from mllama.engine.batch import BatchEngine, GenerationRequest
+    from mllama.engine.batch import BatchEngine
+    from mllama.engine.requests import GenerationRequest
     from mllama.generation import SamplingParams
     from mllama.modeling.mllama import MllamaForConditionalGeneration
     from mllama.processing.processor import AutoProcessor
@@ -97,7 +46,8 @@ def check_overlapped_prefill(assets: str, device: str = "cuda", overlap: bool = 
     model = MllamaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32,
                                                            device_map=device).eval()
     processor = AutoProcessor.from_pretrained(str(folder))
-    engine = BatchEngine(model, processor.tokenizer, max_batch=16, max_model_len=512, overlap_prefill=overlap).start()
+    engine = BatchEngine(model, processor.tokenizer, max_batch=16, max_model_len=512, overlap_prefill=overlap,
+                         pages=(16 * 8 + 1, 16 * 4 + 1)).start()
     gen = torch.Generator().manual_seed(0)
     cases = [("Tell me a long story about the sea.", None, 48)]
     for i in range(13):  # more than 8 waiting: prefill groups of 4 images, as at concurrency 32 on the 11B
@@ -160,7 +110,8 @@ def profile_engine_prefill(model, folder: Path, requests: int = 6) -> dict:
     """Where a one-image request's time to first token goes inside the engine (no HTTP, no pipes): the 11B in
     this process, one 1120x1120 image and a short chat prompt, requests one after another; then the same with
     each prefill phase timed between device synchronisations, and one request under the profiler."""
-    from mllama.engine.batch import BatchEngine, GenerationRequest
+    from mllama.engine.batch import BatchEngine
+    from mllama.engine.requests import GenerationRequest
     from mllama.generation import SamplingParams
 
     processor, ids, inputs = one_image_request(folder, seed=0)
@@ -217,7 +168,8 @@ def profile_engine_prefill(model, folder: Path, requests: int = 6) -> dict:
 def profile_engine_decode(model, folder: Path, batch: int = 64, seconds: float = 1.0) -> dict:
     """Where a decode step's time goes at a large batch, in-process: `batch` one-image requests running, then
     the engine loop profiled for about `seconds`: wall time per step against the GPU's kernel time per step."""
-    from mllama.engine.batch import BatchEngine, GenerationRequest
+    from mllama.engine.batch import BatchEngine
+    from mllama.engine.requests import GenerationRequest
     from mllama.generation import SamplingParams
 
     processor, ids, inputs = one_image_request(folder, seed=1)
@@ -312,11 +264,17 @@ def main() -> None:
     ap.add_argument("--profile-decode", type=int, default=0, metavar="BATCH",
                     help="first profile the engine's decode loop in-process with BATCH one-image requests running")
     ap.add_argument("--profile-only", action="store_true", help="only the in-process profiles, no server")
+    ap.add_argument("--defaults", action="store_true",
+                    help="serve with default flags only (`mllama serve MODEL --port P`): no --max-batch, "
+                         "--max-model-len or --max-images-per-request")
+    ap.add_argument("--runs", nargs="*", default=None, metavar="CONC:TOKENS:REQUESTS",
+                    help="load levels to run instead of --levels/--long-level (each image distinct)")
+    ap.add_argument("--multiturn", nargs="*", type=int, default=[], metavar="CONC",
+                    help="also run bench/multiturn.py at these concurrencies (4-turn conversations)")
     args = ap.parse_args()
     check = overlap = "skipped (--skip-checks)"
     if not args.skip_checks:
-        check = check_graph_runner()
-        print("graph runner vs eager:", check, flush=True)
+        check = "tests/gpu/test_cuda_paths.py (the engine on graphs against generate alone)"
         overlap = {"overlapped": check_overlapped_prefill(args.assets),
                    "groups_without_overlap": check_overlapped_prefill(args.assets, overlap=False)}
         print("tiny-model engine checks:", overlap, flush=True)
@@ -348,10 +306,11 @@ def main() -> None:
     del model
     torch.cuda.empty_cache()
     port = 8011
-    server = subprocess.Popen([sys.executable, "-m", "mllama.server", str(ckpt), "--device", "cuda", "--dtype",
-                               "bfloat16", "--port", str(port), "--served-model-name", "m", "--max-batch",
-                               str(args.max_batch), "--max-queue", "1024", "--max-model-len", "1024",
-                               "--max-images-per-request", "1"]
+    flags = ["--port", str(port), "--served-model-name", "m"]
+    if not args.defaults:
+        flags += ["--device", "cuda", "--dtype", "bfloat16", "--max-batch", str(args.max_batch), "--max-queue",
+                  "1024", "--max-model-len", "1024", "--max-images-per-request", "1"]
+    server = subprocess.Popen([sys.executable, "-m", "mllama.server", str(ckpt)] + flags
                               + (["--overlap-prefill"] if args.overlap_prefill else [])
                               + ([] if args.max_prefill_batch is None else
                                  ["--max-prefill-batch", str(args.max_prefill_batch)]),
@@ -365,7 +324,8 @@ def main() -> None:
             if server.poll() is not None:
                 raise SystemExit("server exited")
             time.sleep(1)
-    print(f"server ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    startup = time.perf_counter() - t0
+    print(f"server ready in {startup:.0f} s", flush=True)
     try:
         import load_server
 
@@ -373,7 +333,10 @@ def main() -> None:
         counts = {1: 16, 8: 64}
         runs = [(level, counts.get(level, max(8, 3 * level)), args.max_tokens, args.time_limit, f"c{level}", 0.0)
                 for level in args.levels]
-        if args.long_level:
+        if args.runs is not None:
+            runs = [(int(c), int(r), int(t), 2 * args.time_limit, f"c{c}-t{t}", 0.0)
+                    for c, t, r in (spec.split(":") for spec in args.runs)]
+        elif args.long_level:
             runs.append((args.long_level, 2 * args.long_level, args.long_tokens, 2 * args.time_limit,
                          f"c{args.long_level}-long", 0.0))
         if args.varied_level:
@@ -381,7 +344,8 @@ def main() -> None:
             runs.append((level, counts.get(level, max(8, 3 * level)), args.max_tokens, args.time_limit,
                          f"c{level}-varied", args.varied_spread))
         summary = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "command": " ".join(sys.argv), "graph_runner_check": check, "overlapped_prefill_check": overlap,
+                   "command": " ".join(sys.argv), "server_flags": flags, "startup_s": startup,
+                   "graph_runner_check": check, "overlapped_prefill_check": overlap,
                    "engine_prefill_profile": prefill_profile,
                    "engine_decode_profile": decode_profile, "levels": []}
         for level, requests, max_tokens, limit, name, spread in runs:
@@ -396,7 +360,19 @@ def main() -> None:
             summary["levels"].append({"run": name, "load": json.loads(load_json.read_text()), "server_metrics": delta})
             load_json.unlink()  # all of it is in the summary: one file to bring back
             (Path(args.out) / "serve-summary.json").write_text(json.dumps(summary, indent=1))
-        print(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()[-3000:])
+        import multiturn
+
+        summary["multiturn"] = []
+        for level in args.multiturn:
+            result = multiturn.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", str(level),
+                                     "--conversations", str(max(8, 2 * level)), "--max-tokens", "64"])
+            summary["multiturn"].append(result)
+            (Path(args.out) / "serve-summary.json").write_text(json.dumps(summary, indent=1))
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        summary["final_metrics"] = [line for line in metrics.splitlines()
+                                    if line.startswith(("mllama_kv", "mllama_image", "mllama_cache", "mllama_batch"))]
+        (Path(args.out) / "serve-summary.json").write_text(json.dumps(summary, indent=1))
+        print(metrics[-3000:])
     finally:
         server.send_signal(signal.SIGTERM)
         print("server exit code", server.wait(timeout=60), flush=True)

@@ -36,6 +36,23 @@ def _image_url(size: int = 64) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def distinct_images(count: int, size: int, seed: int = 0) -> list[str]:
+    """`count` PNG data URLs of random pixels, each different."""
+    import numpy as np
+    import PIL.Image
+
+    base = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    urls = []
+    for k in range(count):
+        pixels = base.copy()
+        pixels[k % size, (k // size) % size] ^= 0xFF  # one pixel apart: another image to the server
+        pixels[0, 0, 0] = k % 256
+        buf = io.BytesIO()
+        PIL.Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    return urls
+
+
 def _check_loopback(url: str) -> None:
     host = urlsplit(url).hostname or ""
     for info in socket.getaddrinfo(host, None):
@@ -97,7 +114,9 @@ def request_lengths(requests: int, max_tokens: int, spread: float, seed: int = 0
 
 
 async def run_level(url: str, model: str, concurrency: int, requests: int, max_tokens: int, image: str,
-                    time_limit: float, spread: float = 0.0) -> dict:
+                    time_limit: float, spread: float = 0.0, image_size: int = 0) -> dict:
+    """image_size > 0: each request gets an image of its own of that size (so none is in the server's image
+    cache); 0: every request sends `image`."""
     record = {"concurrency": concurrency, "ok": 0, "tokens": 0, "ttft": [], "itl": [], "errors": {}}
     body = {"temperature": 0, "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
@@ -106,8 +125,11 @@ async def run_level(url: str, model: str, concurrency: int, requests: int, max_t
     rest = json.dumps(body).encode()[1:]
     head = b'{"model": ' + json.dumps(model).encode() + b', "max_tokens": '
     queue: asyncio.Queue[bytes] = asyncio.Queue()
-    for n in request_lengths(requests, max_tokens, spread):
-        queue.put_nowait(head + str(n).encode() + b", " + rest)
+    # (seeded by the level, so that two levels never send the same images either)
+    own = distinct_images(requests, image_size, seed=concurrency * 100_003 + max_tokens) if image_size else None
+    for k, n in enumerate(request_lengths(requests, max_tokens, spread)):
+        part = rest if own is None else rest.replace(image.encode(), own[k].encode(), 1)
+        queue.put_nowait(head + str(n).encode() + b", " + part)
     start = time.perf_counter()
     deadline = start + time_limit
 
@@ -146,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                              "lengths end together and come back together; unequal ones drift apart)")
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per level")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--same-image", action="store_true",
+                        help="every request sends the same image (the server's image cache then answers all but "
+                             "the first); default: each request has an image of its own")
     parser.add_argument("--json", default="load_server.json", help="where to write the results")
     args = parser.parse_args(argv)
     _check_loopback(args.url)
@@ -157,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     fmt = lambda v: f"{v * 1000:8.1f}ms" if v is not None else f"{'-':>10}"  # noqa: E731
     for level in args.concurrency:
         r = asyncio.run(run_level(args.url, model, level, args.requests, args.max_tokens, image, args.time_limit,
-                                  args.max_tokens_spread))
+                                  args.max_tokens_spread, 0 if args.same_image else args.image_size))
         results.append(r)
         print(f"{level:>5} {r['requests_ok']:>5} {r['requests_per_s']:8.2f} {r['output_tokens_per_s']:9.1f}"
               f"{fmt(r['ttft_p50_s'])}{fmt(r['ttft_p99_s'])}{fmt(r['itl_p50_s'])}{fmt(r['itl_p99_s'])}  "
               f"{r['errors'] or ''}", flush=True)
     with open(args.json, "w") as f:
-        json.dump({"url": args.url, "model": model, "max_tokens": args.max_tokens,
+        json.dump({"url": args.url, "model": model, "max_tokens": args.max_tokens, "same_image": args.same_image,
                    "max_tokens_spread": args.max_tokens_spread, "results": results}, f, indent=2)
     print(f"wrote {args.json}")
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from mllama.engine.batch import Event
+from mllama.engine.requests import Event
 
 
 class Collector:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllama.engine.batch import BatchEngine, GenerationRequest
+from mllama.engine.batch import BatchEngine
+from mllama.engine.requests import GenerationRequest
 from mllama.generation import SamplingParams
 from waiting import GUARD, wait_until
 
@@ -20,12 +21,21 @@ def loaded(tiny_checkpoint):
     return model, AutoProcessor.from_pretrained(str(tiny_checkpoint))
 
 
-def _prefill_logits(engine: BatchEngine, request: GenerationRequest) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _admitted(engine: BatchEngine, request: GenerationRequest) -> GenerationRequest:
+    """What submit and admission do before a prefill: the images described, the pages taken."""
+    request.images = engine.describe_images(request.model_inputs)
+    assert engine._reserve(request)
+    return request
+
+
+def _prefill_logits(engine: BatchEngine, request: GenerationRequest, keep_slot: bool = False):
+    """-> (the prefill's logits, the slot's self-attention keys as its pages hold them)."""
     seen = []
     engine._sample_and_emit = lambda requests, logits, start=None: seen.append(logits.clone())
-    engine._prefill([(request, 0)])
-    slot_keys = [k[0, :, :request.length].clone() for k in engine.buffers.cache.key.values()]
-    engine.slots[0] = None
+    engine._prefill([(_admitted(engine, request), 0)])
+    slot_keys = [k.clone() for k in engine.caches.prompt_keys(request.holding.self_pages, request.length).values()]
+    if not keep_slot:
+        engine._free(0)
     return seen[0], slot_keys
 
 
@@ -40,7 +50,7 @@ def test_rounded_prefill_width_is_exact(loaded):
     results = []
     for width in (1, 64):  # 1: no padding; 64: every prompt left-padded to a multiple of 64
         engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128)
-        engine.PREFILL_WIDTH = width
+        engine.prefiller.width = width
         request = GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=1, do_sample=False),
                                     model_inputs=dict(inputs), emit=lambda event: None)
         results.append(_prefill_logits(engine, request))
@@ -55,12 +65,18 @@ def test_warm_up_prefills_every_tile_count_and_leaves_no_trace(loaded):
     model, processor = loaded
     engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=128, max_prefill_batch=3)
     vision = model.config.vision_config
-    kept = []
-    original = engine._prefill
+    kept, bound = [], {}
+    original, original_bind = engine._prefill, engine.caches.bind_row
+
+    def bind_row(slot, holding, visible_pages, row_mask):  # vision tokens each slot's decode steps see
+        bound[slot] = len(visible_pages) * engine.caches.tile_tokens
+        original_bind(slot, holding, visible_pages, row_mask)
 
     def recording(group):
         original(group)
-        kept.append((len(group), [engine.buffers.vision_len[slot] for _, slot in group]))
+        kept.append((len(group), [bound[slot] for _, slot in group]))
+
+    engine.caches.bind_row = bind_row
 
     engine._prefill = recording
     engine._warm_up_prefill()
@@ -70,6 +86,8 @@ def test_warm_up_prefills_every_tile_count_and_leaves_no_trace(loaded):
     assert kept == [(1, [0])] + [(1, [t * vision.num_patches]) for t in range(1, vision.max_num_tiles + 1)] + \
         [(rows, [v] * rows) for rows in (2, 3) for v in (0, most)]
     assert engine.running == 0 and not engine.outcomes and engine.tokens_generated == 0 and not engine.reserved
+    pools = (engine.caches.self_allocator, engine.caches.images.allocator)
+    assert all(pool.free == pool.total for pool in pools) and not engine.caches.images.entries  # no page kept
     assert engine.ttft.count == 0
 
 
@@ -78,7 +96,7 @@ def test_engine_thread_failure_fails_every_request_and_refuses_new_ones(loaded):
     event, the engine refuses new requests, and on_failure (the server process exits on it) is called."""
     import threading
 
-    from mllama.engine.batch import EngineStopped
+    from mllama.engine.scheduler import EngineStopped
 
     model, processor = loaded
     engine = BatchEngine(model, processor.tokenizer, max_batch=1, max_model_len=128)
@@ -203,7 +221,7 @@ def _each_equals_generate(model, requests: list, outputs: dict) -> None:
         assert outputs[index][:n] == want, index
 
 
-def test_prefill_through_the_static_graph_path_equals_the_plain_prefill(loaded):
+def test_prefill_through_the_static_graph_path_equals_the_plain_prefill(loaded, monkeypatch):
     """fast.PrefillGraphs (run eagerly here: the same static inputs, ids_checked forward and cache it hands back
     as the CUDA graph replays) gives the same logits and slot caches as the plain prefill, with and without an
     image; a text prompt with an id outside the table is still refused before anything runs."""
@@ -224,21 +242,24 @@ def test_prefill_through_the_static_graph_path_equals_the_plain_prefill(loaded):
             engine.prefill_graphs = graphs
             request = GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=1, do_sample=False),
                                         model_inputs=dict(inputs), emit=lambda event: None)
-            logits, keys = _prefill_logits(engine, request)
-            cross = [k[0, :, :engine.buffers.vision_len[0]].clone() for k in engine.buffers.cross_k.values()]
+            logits, keys = _prefill_logits(engine, request, keep_slot=True)
+            tiles = [page for _, entry in request.holding.images for page in entry.pages]
+            cross = list(engine.caches.gather_tiles(tiles)[0].values()) if tiles else []
+            engine._free(0)
             results.append((logits, keys, cross))
         (logits_a, keys_a, cross_a), (logits_b, keys_b, cross_b) = results
         torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
         for a, b in zip(keys_a + cross_a, keys_b + cross_b):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-        assert all(bool(c.numel()) == ("pixel_values" in inputs) for c in cross_a)  # vision K/V with the image
+        assert bool(cross_a) == ("pixel_values" in inputs)  # vision K/V with the image
     engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128)
     engine.prefill_graphs = PrefillGraphs(model, use_graphs=False)
-    engine.prefill_graphs._forward = lambda *a: pytest.fail("the forward ran with a bad id")
+    for module in ("mllama.engine.fast", "mllama.engine.prefill"):
+        monkeypatch.setattr(f"{module}.text_prefill", lambda *a, **k: pytest.fail("the forward ran with a bad id"))
     bad = GenerationRequest(prompt_ids=[1, 2, model.model.language_model.embed_tokens.num_embeddings + 3],
                             params=SamplingParams(max_new_tokens=1, do_sample=False), emit=lambda event: None)
     with pytest.raises(ValueError, match="outside the embedding table"):
-        engine._prefill([(bad, 0)])
+        engine._prefill([(_admitted(engine, bad), 0)])
 
 
 def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded):

@@ -9,7 +9,8 @@ import torch
 
 from collecting import Collector
 from mllama.engine import batch as batch_module
-from mllama.engine.batch import BatchEngine, GenerationRequest
+from mllama.engine.batch import BatchEngine
+from mllama.engine.requests import GenerationRequest
 from mllama.generation import GREEDY_BELOW_TEMPERATURE, SamplingParams, filter_logits
 
 
@@ -146,28 +147,35 @@ def test_stop_waits_for_a_request_between_the_queue_and_its_slot(loaded, monkeyp
     assert entered.wait(120)
     stopper = threading.Thread(target=engine.stop, args=(120.0,))
     stopper.start()
-    wait_until(lambda: polled.is_set() or engine.stopping, "stop() to poll or to decide the engine is idle")
-    assert polled.is_set() and not engine.stopping
+    wait_until(lambda: polled.is_set() or engine.scheduler.stopping, "stop() to poll or to decide the engine is idle")
+    assert polled.is_set() and not engine.scheduler.stopping
     go.set()
     stopper.join(120)
     assert c.events[-1].finish_reason == "length" and c.ids == _greedy_alone(model, ids, 4)
 
 
-def test_fast_path_and_engine_refuse_an_mlp_they_do_not_compute():
-    """Their layer functions compute SiLU gates; a gelu config (which transformers builds) would be computed
-    wrongly, so generate falls back to the plain model by default and the engine refuses it by name."""
+def test_fast_path_and_engine_run_the_models_own_mlp(loaded):
+    """They call the model's layers (one copy of the math), so a gelu config, which transformers builds, decodes
+    as the plain model does; before, their SiLU-only layer functions had to refuse it."""
     from conftest import randomize, tiny_config
     from mllama import MllamaForConditionalGeneration
 
     config = tiny_config()
     config.text_config.hidden_act = "gelu"
     model = randomize(MllamaForConditionalGeneration.from_config(config)).eval()
-    with pytest.raises(ValueError, match="hidden_act is 'gelu'"):
-        BatchEngine(model, None)
-    ids = torch.tensor([[1, 5, 9, 12]])
-    with pytest.raises(ValueError, match="fast=False"):
-        model.generate(input_ids=ids, max_new_tokens=2, fast=True)
-    assert model.generate(input_ids=ids, max_new_tokens=2).shape == (1, 6)
+    ids = torch.tensor([[1, 5, 9, 12, 40, 41]])
+    plain = model.generate(input_ids=ids, max_new_tokens=8, fast=False, do_sample=False, eos_token_id=None)
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=8, fast=True, do_sample=False,
+                                      eos_token_id=None), plain)
+    engine = BatchEngine(model, loaded[1].tokenizer, max_batch=2, max_model_len=64).start()
+    try:
+        c = Collector()
+        engine.submit(GenerationRequest(prompt_ids=ids[0].tolist(), params=SamplingParams(max_new_tokens=8,
+                                        do_sample=False, eos_token_id=()), emit=c))
+        _wait([c])
+    finally:
+        engine.stop()
+    assert c.ids == plain[0, 6:].tolist()
 
 
 def test_the_engine_honours_bad_words_ids_as_generate_does(loaded):

@@ -6,7 +6,8 @@ from conftest import randomize, tiny_config
 from test_generation import GEN_CASES
 from test_parity import make_inputs
 from mllama import MllamaForCausalLM, MllamaForConditionalGeneration
-from mllama.engine.fast import fuse_projections
+from mllama.engine.decode import fuse_projections
+from mllama.engine.fast import engine_state
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +57,12 @@ def test_fast_logits_match_plain_logits(model):
 
 def test_decoders_are_reused_across_requests(model):
     inputs = make_inputs(*GEN_CASES["two_images"], 28)
-    model.__dict__.pop("_fast_decoders", None)
+    engine_state(model).pop("decoders", None)
     first = model.generate(**inputs, max_new_tokens=6, fast=True)
-    decoders = dict(model._fast_decoders)
+    decoders = dict(engine_state(model)["decoders"])
     second = model.generate(**inputs, max_new_tokens=6, fast=True)
-    assert torch.equal(first, second) and model._fast_decoders.keys() == decoders.keys()
-    assert all(model._fast_decoders[k] is decoders[k] for k in decoders)
+    assert torch.equal(first, second) and engine_state(model)["decoders"].keys() == decoders.keys()
+    assert all(engine_state(model)["decoders"][k] is decoders[k] for k in decoders)
     # another request shape between two equal ones does not disturb them
     model.generate(**make_inputs(*GEN_CASES["text_only"], 28), max_new_tokens=3, fast=True)
     assert torch.equal(model.generate(**inputs, max_new_tokens=6, fast=True), first)

@@ -8,6 +8,7 @@ import torch
 from conftest import BOS, IMAGE, PAD, randomize, tiny_config
 from test_parity import make_inputs
 from mllama import MllamaCache, MllamaForConditionalGeneration
+from mllama.engine.fast import engine_state
 
 # Left-padded batches of 2 (ids, aspect-ratio ids: 1 = 1 tile, 2 = 2 tiles, 3 = 3 tiles of 4), and the indices into
 # the images*tiles axis of the tiles some row sees.
@@ -79,11 +80,11 @@ def test_generate_tokens_equal_without_dropping(model, case, fast):
         expected = model.generate(**inputs, max_new_tokens=16, fast=False, eos_token_id=None)
     finally:
         model.model.drop_padding_tiles = True
-    model.__dict__.pop("_fast_decoders", None)
+    engine_state(model).pop("decoders", None)
     got = model.generate(**inputs, max_new_tokens=16, fast=fast, eos_token_id=None)
     assert torch.equal(got, expected)
     if fast:  # the decoder's cross buffers hold the kept tiles' tokens only
-        (decoder,) = model._fast_decoders.values()
+        (decoder,) = engine_state(model)["decoders"].values()
         assert decoder.vision_tokens == len(seen) * model.config.vision_config.num_patches
 
 
@@ -119,9 +120,9 @@ def test_transformers_mode_drops_nothing(model):
         unchanged, _, _ = run(model, inputs, drop=False, tokens=tokens)
         assert cache.cross_tiles is None and cache.cross_length() == 4 * patches
         assert torch.equal(logits, unchanged)
-        model.__dict__.pop("_fast_decoders", None)
+        engine_state(model).pop("decoders", None)
         model.generate(**inputs, max_new_tokens=3, fast=True)
-        assert next(iter(model._fast_decoders.values())).vision_tokens == 4 * patches
+        assert next(iter(engine_state(model)["decoders"].values())).vision_tokens == 4 * patches
         # why: rows that see no image attend to every key there, so dropping would change their output
         keep = torch.tensor(seen)
         images = [inputs[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")]

@@ -27,12 +27,12 @@ class FakeEngine:
         self.submitted = []
 
     def check_length(self, prompt_len, max_tokens):
-        from mllama.engine.batch import check_length
+        from mllama.engine.requests import check_length
 
         check_length(prompt_len, max_tokens, self.max_model_len)
 
     def submit(self, **fields):
-        from mllama.engine.batch import Event
+        from mllama.engine.requests import Event
 
         self.submitted.append(fields)
         fields["emit"](Event(text="ok", token_ids=[1], finish_reason="stop", prompt_tokens=3, completion_tokens=1))

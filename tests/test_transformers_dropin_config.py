@@ -403,7 +403,7 @@ def test_yarn_without_an_original_context_uses_max_position_embeddings_as_transf
 
 
 def test_the_fast_path_refuses_dynamic_rope():
-    from mllama.engine.fast import unsupported
+    from mllama.engine.decode import unsupported
 
     config = tiny_config()
     config.text_config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}

@@ -11,35 +11,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
+from .loading import CliError, as_dtype, load
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
-DTYPES = ("auto", "bfloat16", "float16", "float32")
-
-
-class CliError(Exception):
-    """An error whose message is shown to the user as one line."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _dtype(name: str):
-    import torch
-
-    if name not in DTYPES:
-        raise CliError(f"--dtype {name!r} is not a dtype the model runs in: use {', '.join(DTYPES)}")
-    return name if name == "auto" else getattr(torch, name)
-
-
-def load(model_id: str, dtype: str, device: str, text_only: bool = False):
-    from .modeling.mllama import MllamaForCausalLM, MllamaForConditionalGeneration
-    from .processing.processor import AutoProcessor
-
-    cls = MllamaForCausalLM if text_only else MllamaForConditionalGeneration
-    model = cls.from_pretrained(model_id, dtype=_dtype(dtype), device_map=device)
-    processor = AutoProcessor.from_pretrained(model_id)
-    return model, processor
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,7 +35,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_args(args: argparse.Namespace) -> None:
     """The flags of generate and chat; each error names its flag and what would be valid."""
-    _dtype(args.dtype)
+    as_dtype(args.dtype)
     _check_device(args.device)
     for flag in ("prompt", "system"):
         _check_utf8(flag, getattr(args, flag, None))
@@ -97,7 +71,7 @@ def _check_sampling(args: argparse.Namespace) -> None:
     """The library's own range rules (SamplingParams.validate), reported under the flag's name."""
     from dataclasses import fields
 
-    from .generation import SamplingParams
+    from .sampling import SamplingParams
 
     names = {f.name for f in fields(SamplingParams)}
     try:

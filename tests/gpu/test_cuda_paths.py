@@ -12,7 +12,8 @@ from test_generation import GEN_CASES
 from test_parity import make_inputs
 from mllama import MllamaForConditionalGeneration
 from mllama.engine import batch as batch_module
-from mllama.engine.batch import BatchEngine, GenerationRequest
+from mllama.engine.batch import BatchEngine
+from mllama.engine.requests import GenerationRequest
 from mllama.generation import SamplingParams
 
 DEVICE = "cuda"
@@ -73,7 +74,8 @@ def test_engine_on_graphs_equals_generate_and_failures_stay_alone(served, monkey
         return real(logits, seen, params, count, generator, eos)
 
     monkeypatch.setattr(batch_module, "next_tokens", next_tokens)
-    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True)
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
+                         pages=(64, 64))
     engine.eos = ()  # every request runs to max_tokens, so the answers compare token for token
     engine.start()
     try:
@@ -98,5 +100,65 @@ def test_engine_on_graphs_equals_generate_and_failures_stay_alone(served, monkey
             assert c.events[-1].error is None and c.ids == _alone(model, ids, inputs, 12)
         assert "sampling failed" in sampled.events[-1].error and "RuntimeError" in broken.events[-1].error
         assert engine.failed is None and engine.runner.use_graphs
+        # the decode step ran compiled and captured (a failure falls back to eager kernels with a warning)
+        assert engine.runner.compile_error is None and engine.runner.calls.compiled
+        assert engine.runner.graphs.failed is None and len(engine.runner.graphs)
     finally:
         engine.stop()
+
+
+def test_engine_image_cache_on_graphs(served):
+    """A repeated image's K/V come from its pages (no encoder run), through the paged decode graphs: the same
+    tokens as generate alone, before and after."""
+    import PIL.Image
+
+    model, processor = served
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
+                         pages=(64, 64))
+    engine.eos = ()
+    engine.start()
+    try:
+        image = PIL.Image.new("RGB", (60, 30), (200, 20, 30))
+        first, again = _request(processor, "What is it?", image), _request(processor, "What is it? Say more.", image)
+        outputs = []
+        for ids, inputs in (first, again):
+            c = Collector()
+            engine.submit(GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=10),
+                                            model_inputs=inputs, emit=c))
+            assert c.done.wait(300), "a request never got its final event"
+            outputs.append(c)
+        assert engine.stats()["image_cache"]["hits"] == 1
+    finally:
+        engine.stop()
+    for c, (ids, inputs) in zip(outputs, (first, again)):
+        assert c.events[-1].error is None and c.ids == _alone(model, ids, inputs, 10)
+
+
+def test_vision_and_prefill_graphs_equal_their_eager_forms(served):
+    from mllama.engine.fast import PrefillGraphs, VisionGraphs, text_prefill
+    import PIL.Image
+
+    model, processor = served
+    image = PIL.Image.new("RGB", (70, 40), (20, 20, 230))
+    inputs = {k: v.to(DEVICE) for k, v in processor(images=[[image]], text=["<|image|>Hi"],
+                                                     return_tensors="pt").items()}
+    pixels, ratio_ids, ratio_mask = inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"]
+    with torch.no_grad():
+        eager = model.model.vision_model(pixels, ratio_ids, ratio_mask).last_hidden_state
+        graphs = VisionGraphs(model.model.vision_model, use_graphs=True)
+        for _ in range(2):  # capture, then replay
+            torch.testing.assert_close(graphs(pixels, ratio_ids, ratio_mask).last_hidden_state, eager,
+                                       rtol=1e-4, atol=1e-4)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = model.model.kept_tiles(inputs["cross_attention_mask"], pixels)
+        states = model.model.encode_images(pixels, ratio_ids, ratio_mask, keep)
+        given = (ids, mask, positions, inputs["cross_attention_mask"], states, keep)
+        logits, cache = text_prefill(model, *given)
+        prefill = PrefillGraphs(model)
+        for _ in range(2):
+            replayed, replayed_cache = prefill(*given)
+            assert prefill.failed is None
+            torch.testing.assert_close(replayed, logits, rtol=1e-4, atol=1e-4)
+            for i in cache.key:
+                torch.testing.assert_close(replayed_cache.key[i], cache.key[i], rtol=1e-4, atol=1e-4)

@@ -1,325 +1,40 @@
-"""Continuous batching on the plain model: a fixed set of slots that requests join and leave at every step.
+"""Continuous batching: requests join and leave the running batch at every decode step.
 
-Each request is prefilled alone (batch 1, the plain model forward with a temporary cache), then its K/V are
-copied into a slot of one preallocated buffer set. A decode step runs every slot up to the highest busy one
-together, one token each, with per-row positions, per-row cache write positions and per-row masks; rows of
-free slots in between are computed and ignored (cheaper than gathering the busy rows' caches every step).
+The engine is put together from parts that each have a file: the requests and their events (requests.py), the
+queue, slots, admission and grouping (scheduler.py, no torch), the paged K/V memory and the image cache
+(paged.py), the decode step over the pages as CUDA graphs (runner.py, over decode.py's step through the model's
+own layers), prefills (here: the vision part, then the text part, then the pages; decode steps of the running
+batch go between the images of a group), and what a request is sent (output.py). This module runs them.
 
-One background thread owns the model and the buffers; callers talk to it through `BatchEngine.submit` (any
+One background thread owns the model and the caches; callers talk to it through `BatchEngine.submit` (any
 thread) and receive events through the `emit` callback of their request (called on the engine thread).
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from ..generation import SamplingParams, TextDecoder, next_tokens
-from ..modeling.cache import MllamaCache
-from ..modeling.text import MllamaCrossAttentionDecoderLayer, prepare_cross_attention_mask
-from .fast import (PrefillGraphs, cross_output, cross_query, fuse_projections, length_bucket, self_output,
-                   self_qkv, text_model_of, text_prefill, unsupported, vision_graphs)
+from ..sampling import SamplingParams, TextDecoder, next_tokens
+from .decode import text_model_of, unsupported
+from .fast import PrefillGraphs, vision_graphs
+from .graphs import reason_of
+from .output import advance_text, final_event, logprob_entry
+from .paged import PagedCaches, describe_images, plan_pools
+from .prefill import Prefill, Prefiller
+from .requests import Event, GenerationRequest, check_length
+from .runner import ROW_BUCKETS, DecodeRunner
+from .scheduler import Scheduler
+from .stats import Histogram
 
-
-class QueueFull(Exception):
-    """The waiting queue holds --max-queue requests already."""
-
-
-class EngineStopped(Exception):
-    """The engine is shutting down and takes no new requests."""
-
-
-class RequestTooLong(ValueError):
-    """prompt + max_tokens exceeds the context the slots were allocated for."""
-
-
-def check_length(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
-    """Raises RequestTooLong, saying what would fit, when prompt + max_tokens exceeds the slots' context."""
-    if prompt_len + max_tokens > max_model_len:
-        raise RequestTooLong(f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together "
-                             f"{prompt_len + max_tokens}, more than the context of {max_model_len} tokens "
-                             f"(--max-model-len); shorten the prompt or lower max_tokens to at most "
-                             f"{max(0, max_model_len - prompt_len)}")
-
-
-# Histogram bucket bounds in seconds (Prometheus `le`), shared by TTFT and inter-token latency.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-
-
-class Histogram:
-    def __init__(self, bounds=LATENCY_BUCKETS):
-        self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
-        self.total += value
-        self.count += 1
-
-    def snapshot(self) -> dict:
-        return {"bounds": list(self.bounds), "counts": list(self.counts), "total": self.total, "count": self.count}
-
-
-@dataclass
-class Event:
-    """What the engine tells a request. `text` and `token_ids` are new since the last event; `finish_reason`
-    ("stop", "length", "abort") is set on the last one; `error` (a message) replaces everything else."""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-@dataclass(eq=False)  # a request is itself, not its fields: compared and hashed by identity (queue, sets)
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    model_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # pixels, aspect ratios, cross mask
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
-    # --- engine state (engine thread only, except `cancelled`)
-    cancelled: bool = False
-    slot: int = -1
-    length: int = 0
-    generated: list[int] = field(default_factory=list)
-    decoder: TextDecoder | None = None
-    text: str = ""
-    sent: int = 0
-    generator: torch.Generator | None = None
-    submitted: float = 0.0
-    last_token_time: float = 0.0
-    pending_logprobs: list[dict] = field(default_factory=list)
-    pending_ids: list[int] = field(default_factory=list)
-
-    def cancel(self) -> None:
-        # A plain flag: the engine looks at it before every step, so the slot is free by the next one.
-        self.cancelled = True
-
-
-class SlotBuffers:
-    """Preallocated decode state for `slots` rows: self K/V per self-attention layer, vision K/V per
-    cross-attention layer, and per-row positions and masks."""
-
-    def __init__(self, text_model, slots: int, max_len: int, max_vision: int, device, dtype):
-        config = text_model.config
-        self.cache = MllamaCache.allocate(config, slots, max_len, device, dtype)
-        cross = [i for i, l in enumerate(text_model.layers) if isinstance(l, MllamaCrossAttentionDecoderLayer)]
-        shape = (slots, config.num_key_value_heads, max_vision, config.head_dim)
-        self.cross_k = {i: torch.zeros(shape, device=device, dtype=dtype) for i in cross}
-        self.cross_v = {i: torch.zeros(shape, device=device, dtype=dtype) for i in cross}
-        self.min = torch.finfo(dtype).min
-        # Vision keys a slot does not have are masked; a text-only slot masks all (its output is zeroed anyway).
-        self.cross_bias = torch.full((slots, 1, 1, max_vision), self.min, device=device, dtype=dtype)
-        self.row_mask = torch.zeros(slots, 1, 1, 1, device=device, dtype=dtype)
-        self.attn_keep = torch.zeros(slots, 1, 1, 1, device=device, dtype=dtype)
-        self.vision_len = [0] * slots
-        self.key_index = torch.arange(max_len, device=device)
-        self.row_index = torch.arange(slots, device=device)
-        per_token = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k in self.cache.key.values())
-        per_vision = sum(k.shape[1] * k.shape[3] * k.element_size() * 2 for k in self.cross_k.values())
-        self.bytes_per_token, self.bytes_per_vision_token = per_token, per_vision
-        self.allocated_bytes = per_token * slots * max_len + per_vision * slots * max_vision
-
-
-LAYER_FUNCTIONS = (self_qkv, self_output, cross_query, cross_output)
-
-
-@torch.no_grad()
-def decode_step(text, lm_head, buffers: SlotBuffers, tokens: torch.Tensor, positions: torch.Tensor,
-                length: int, vision: int, functions=LAYER_FUNCTIONS) -> torch.Tensor:
-    """One token for rows 0..n-1 (n = len(tokens)); row r writes its K/V at positions[r] and attends to keys
-    0..positions[r]. `length` bounds the keys looked at (> every position), `vision` the vision keys (0: no row
-    sees an image, cross layers are skipped). Returns logits [n, vocab]. Needs `fuse_projections` on the model.
-    Shapes depend only on (n, length, vision), so one CUDA graph per such triple replays it."""
-    self_qkv, self_out, cross_q, cross_out = functions
-    n = tokens.shape[0]
-    config = text.config
-    heads, kv_heads, head_dim, eps = (config.num_attention_heads, config.num_key_value_heads, config.head_dim,
-                                      config.rms_norm_eps)
-    gqa = heads != kv_heads
-    rows = buffers.row_index[:n]
-    x = text.embed_tokens(tokens[:, None])                                      # [n, 1, hidden]
-    cos, sin = (t[:, None] for t in text.rotary_emb(x, positions[:, None]))     # [n, 1, 1, head_dim]
-    keys = buffers.key_index[:length]
-    self_bias = torch.zeros(n, 1, 1, length, device=x.device, dtype=x.dtype)
-    self_bias.masked_fill_((keys[None, :] > positions[:, None])[:, None, None, :], buffers.min)
-    for i, layer in enumerate(text.layers):
-        mlp = layer.mlp
-        if isinstance(layer, MllamaCrossAttentionDecoderLayer):
-            if not vision:
-                continue  # no row sees an image: the layer is the identity for all of them
-            attn = layer.cross_attn
-            q = cross_q(x, layer.input_layernorm.weight, attn.q_proj.weight, attn.q_norm.weight, eps, heads, head_dim)
-            out = F.scaled_dot_product_attention(q, buffers.cross_k[i][:n, :, :vision],
-                                                 buffers.cross_v[i][:n, :, :vision],
-                                                 attn_mask=buffers.cross_bias[:n, :, :, :vision], enable_gqa=gqa)
-            x = cross_out(x, out, buffers.attn_keep[:n], attn.o_proj.weight, layer.cross_attn_attn_gate,
-                          layer.post_attention_layernorm.weight, mlp.w13, mlp.down_proj.weight,
-                          layer.cross_attn_mlp_gate, buffers.row_mask[:n], eps)
-        else:
-            attn = layer.self_attn
-            q, k, v = self_qkv(x, layer.input_layernorm.weight, attn.wqkv, cos, sin, eps, heads, kv_heads, head_dim)
-            k_cache, v_cache = buffers.cache.key[i], buffers.cache.value[i]
-            k_cache[rows, :, positions] = k[:, :, 0]
-            v_cache[rows, :, positions] = v[:, :, 0]
-            out = F.scaled_dot_product_attention(q, k_cache[:n, :, :length], v_cache[:n, :, :length],
-                                                 attn_mask=self_bias, enable_gqa=gqa)
-            x = self_out(x, out, attn.o_proj.weight, layer.post_attention_layernorm.weight, mlp.w13,
-                         mlp.down_proj.weight, eps)
-    return lm_head(text.norm(x)[:, 0])
-
-
-def _compiled_functions():
-    """torch.compile'd layer functions (batch size dynamic after the first recompile); eager ones if the
-    compiler is unavailable here."""
-    try:
-        return tuple(torch.compile(fn, fullgraph=True) for fn in LAYER_FUNCTIONS)
-    except Exception:
-        return LAYER_FUNCTIONS
-
-
-def _bucket(value: int, buckets: tuple[int, ...], cap: int) -> int:
-    return min(cap, next((b for b in buckets if b >= value), cap))
-
-
-ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-
-
-MAX_GRAPHS = 128
-
-
-class DecodeRunner:
-    """Runs `decode_step` for the first n slots: on CUDA as CUDA graphs (one per rows bucket, key-length bucket and
-    vision length, captured on first use) over compiled layer functions; elsewhere eagerly.
-    Rows between n and the bucket are free slots: they compute garbage at position 0 that nobody reads (a slot's
-    prefill rewrites its cache before use).
-
-    All graphs share one memory pool and write their logits into one static buffer, so none of them keeps memory
-    of its own once captured: the GPU memory of the graphs is that of the largest step, however many shapes have
-    been seen. At most MAX_GRAPHS are kept (least recently used out)."""
-
-    def __init__(self, model, text, buffers: SlotBuffers, use_graphs: bool):
-        fuse_projections(model)
-        self.model, self.text, self.buffers = model, text, buffers
-        self.use_graphs = use_graphs
-        slots = buffers.row_index.shape[0]
-        device = buffers.row_index.device
-        # Inputs of a step (static addresses, read by every graph): tokens given by the host, positions, and per row
-        # whether the host gave its token or the row continues from the previous step's greedy choice, `carried`.
-        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
-        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
-        self.from_host = torch.ones(slots, dtype=torch.long, device=device)
-        self.carried = torch.zeros(slots, dtype=torch.long, device=device)
-        # Output besides the logits: each row's greedy token (argmax), which the next step can take without the
-        # host reading it first (see BatchEngine._launch).
-        self.greedy = torch.zeros(slots, dtype=torch.long, device=device)
-        self.functions = _compiled_functions() if use_graphs else LAYER_FUNCTIONS
-        self.graphs: collections.OrderedDict[tuple[int, int, int], torch.cuda.CUDAGraph] = collections.OrderedDict()
-        self.logits: torch.Tensor | None = None  # [slots, vocab], written by every graph
-        self.pool = None  # made at the first capture (a pool handle unused by any graph does not survive
-        # torch.cuda.empty_cache())
-        self.compile_error: str | None = None
-
-    def _eager(self, n: int, length: int, vision: int) -> torch.Tensor:
-        tokens = torch.where(self.from_host[:n] > 0, self.tokens[:n], self.carried[:n])
-        logits = decode_step(self.text, self.model.lm_head, self.buffers, tokens, self.positions[:n], length,
-                             vision, self.functions)
-        self.greedy[:n].copy_(logits.argmax(-1))
-        return logits
-
-    def _capture(self, key) -> torch.cuda.CUDAGraph:
-        if self.logits is None:
-            head = self.model.lm_head.weight
-            self.logits = torch.empty(self.tokens.shape[0], head.shape[0], dtype=head.dtype, device=head.device)
-        if self.pool is None:
-            self.pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            try:
-                self._eager(*key)
-            except Exception as e:  # the compiler failed here: run the same functions as eager kernels
-                self.compile_error = f"{type(e).__name__}: {str(e).strip()[:200]}"
-                warnings.warn(f"torch.compile of the batched decode step failed ({self.compile_error}); "
-                              "using eager kernels")
-                self.functions = LAYER_FUNCTIONS
-            self._eager(*key)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.logits[:key[0]].copy_(self._eager(*key))
-        return graph
-
-    def __call__(self, tokens: list[int], positions: list[int], vision: int,
-                 from_host: list[bool] | None = None) -> torch.Tensor:
-        """tokens/positions: one entry per slot 0..n-1 (free slots: 0). A row whose `from_host` entry is False
-        ignores its entry in `tokens` and takes the greedy token the previous call chose for it (still on the
-        device). Returns logits [n, vocab]; `self.greedy[:n]` holds their argmax."""
-        n = len(tokens)
-        slots = self.tokens.shape[0]
-        length = max(positions) + 1
-        given = [1] * n if from_host is None else [int(bool(f)) for f in from_host]
-        if not self.use_graphs:
-            self.carried[:n].copy_(self.greedy[:n])
-            self.tokens[:n].copy_(torch.tensor(tokens))
-            self.positions[:n].copy_(torch.tensor(positions))
-            self.from_host[:n].copy_(torch.tensor(given))
-            return self._eager(n, length, vision)
-        rows = _bucket(n, ROW_BUCKETS, slots)
-        key_len = min(length_bucket(length), self.buffers.key_index.shape[0])
-        pad = rows - n
-        # greedy -> carried outside the graphs: a capture's warm-up runs write `greedy` but never read it
-        self.carried[:rows].copy_(self.greedy[:rows])
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, given + [1] * pad],
-                            dtype=torch.long).pin_memory()
-        self.tokens[:rows].copy_(host[0], non_blocking=True)
-        self.positions[:rows].copy_(host[1], non_blocking=True)
-        self.from_host[:rows].copy_(host[2], non_blocking=True)
-        key = (rows, key_len, vision)
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-        else:
-            while len(self.graphs) >= MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-            self.graphs[key] = self._capture(key)
-        self.graphs[key].replay()
-        return self.logits[:n]
-
-
-@dataclass
-class _Prefill:
-    """A prefill between its vision part (maybe still running on the side stream) and its text part."""
-    group: list
-    lengths: list[int]
-    width: int
-    ids: torch.Tensor
-    mask: torch.Tensor
-    positions: torch.Tensor
-    inputs: dict
-    keep: torch.Tensor | None = None
-    states: torch.Tensor | None = None
-    ready: Any = None  # a CUDA event recorded after the vision part, or None when nothing is pending
-    ratio_mask_host: torch.Tensor | None = None  # aspect_ratio_mask on the host, for the encoder's planning
-    ids_host: torch.Tensor | None = None
+# GPU memory the page pools leave free: activations of prefills and of the vision encoder (beyond its output
+# buffer, reserved before the pools are sized), compiled kernels' workspaces, and the decode graphs' pool.
+WORKSPACE_BYTES = 6 * 2**30
+PREFILL_GRAPH_BYTES = 2 * 2**30  # outputs kept by one-request prefill graphs (fast.PrefillGraphs)
 
 
 @dataclass
@@ -338,14 +53,19 @@ class _Step:
 class BatchEngine:
     """The scheduler: admission, prefill, batched decode, sampling, stopping, cancellation, statistics."""
 
-    PREFILL_WIDTH = 64  # prefill widths are multiples of this
-
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, max_model_len: int | None = None,
-                 max_images: int = 4, max_prefill_batch: int = 4, use_graphs: bool | None = None,
-                 overlap_prefill: bool | None = None):
-        if max_batch < 1 or max_queue < 0 or max_prefill_batch < 1:
+    def __init__(self, model, tokenizer, *, max_batch: int | None = None, max_queue: int = 64,
+                 max_model_len: int | None = None, max_images: int = 4, max_prefill_batch: int = 4,
+                 use_graphs: bool | None = None, overlap_prefill: bool | None = None,
+                 gpu_memory_utilization: float = 0.9, cross_share: float = 0.5, cache_images: bool = True,
+                 pages: tuple[int, int] | None = None):
+        """pages: (text pages, tile pages) to allocate instead of sizing the pools from the GPU's memory (each
+        count includes the scratch page); see engine.paged."""
+        if (max_batch is not None and max_batch < 1) or max_queue < 0 or max_prefill_batch < 1:
             raise ValueError(f"max_batch and max_prefill_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{max_prefill_batch} and {max_queue}")
+        if not 0 < gpu_memory_utilization <= 1 or not 0 < cross_share < 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1] and cross_share in (0, 1), got "
+                             f"{gpu_memory_utilization} and {cross_share}")
         if (reason := unsupported(model)) is not None:
             raise ValueError(reason)
         self.max_prefill_batch = max_prefill_batch
@@ -361,25 +81,31 @@ class BatchEngine:
             raise ValueError(f"max_model_len must be in 1..{limit} (the model's max_position_embeddings), "
                              f"got {self.max_model_len}")
         vision = config.vision_config
-        self.tokens_per_image = vision.max_num_tiles * vision.num_patches
-        self.max_vision = max_images * self.tokens_per_image
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.meta_compat = getattr(text_config, "compat", "meta") == "meta"
+        self.max_images, self.max_tiles = max_images, vision.max_num_tiles
+        self.max_queue = max_queue
         gen = dict(getattr(model, "generation_config", None) or {})
         eos = gen.get("eos_token_id", text_config.eos_token_id)
         self.eos = tuple([eos] if isinstance(eos, int) else (eos or ()))
         self.defaults = gen
         device = next(model.parameters()).device
         self.device, self.dtype = device, next(model.parameters()).dtype
-        self.buffers = SlotBuffers(self.text, max_batch, self.max_model_len, self.max_vision, device, self.dtype)
-        self.runner = DecodeRunner(model, self.text, self.buffers,
-                                   device.type == "cuda" if use_graphs is None else use_graphs)
-        # the vision encoder of prefills as CUDA graphs too (the same function; see fast.VisionGraphs)
-        self.vision_runner = vision_graphs(model) if self.runner.use_graphs else None
+        use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        # the vision encoder of prefills as CUDA graphs (fast.VisionGraphs); its output buffer first, as part of
+        # the workspace the pools leave room for
+        self.vision_runner = vision_graphs(model) if use_graphs else None
         if self.vision_runner is not None:  # the largest prefill group's images: the buffer never grows later
             self.vision_runner.reserve(max(max_prefill_batch, max_images))
+        plan = plan_pools(text_config, vision.num_patches, vision.max_num_tiles, device=device, dtype=self.dtype,
+                          max_batch=max_batch, max_model_len=self.max_model_len, max_images=max_images,
+                          gpu_memory_utilization=gpu_memory_utilization, cross_share=cross_share,
+                          workspace_bytes=WORKSPACE_BYTES + PREFILL_GRAPH_BYTES, pages=pages)
+        self.max_batch = plan.slots
+        self.caches = PagedCaches(self.text, plan.slots, plan.self_pages, plan.tile_pages, self.max_model_len,
+                                  max_images * vision.max_num_tiles, vision.num_patches, device, self.dtype,
+                                  cache_images=cache_images and getattr(text_config, "compat", "meta") == "meta")
+        self.runner = DecodeRunner(model, self.caches, use_graphs)
         # one-request prefills' text part as CUDA graphs (fast.PrefillGraphs): a first token ~15 ms sooner
-        self.prefill_graphs = PrefillGraphs(model) if self.runner.use_graphs else None
+        self.prefill_graphs = PrefillGraphs(model, PREFILL_GRAPH_BYTES) if use_graphs else None
         # Prefills with images run their vision part on a side stream while the running batch keeps decoding on
         # the engine thread's (higher-priority) stream, and their text part once that is done: a new image no
         # longer stops every running request for the encoder's 50 ms. One such prefill is in flight at a time.
@@ -389,18 +115,14 @@ class BatchEngine:
         self.overlap_prefill = device.type != "cuda" if overlap_prefill is None else overlap_prefill
         self.can_overlap = hasattr(model, "model") and hasattr(model.model, "vision_model")
         self.side_stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-        self.pending: _Prefill | None = None
+        self.prefiller = Prefiller(model, self.caches, self.vision_runner, self.prefill_graphs, self.side_stream,
+                                   self.can_overlap, vision.max_num_tiles)
+        self.pending: Prefill | None = None
         self.inflight: _Step | None = None  # the last decode step, queued, its tokens not read yet
-        self.reserved: set[int] = set()  # slots of the pending prefill
-        self.admitting = 0  # requests taken from the queue whose prefill is under way
         self.overlapped = 0  # prefills whose vision part ran beside decode steps
-        self.failed: str | None = None  # why the engine thread ended, if it failed
         self.on_failure: Callable[[str], None] | None = None  # called on the engine thread after a failure
-        self.slots: list[GenerationRequest | None] = [None] * max_batch
-        self.waiting: collections.deque[GenerationRequest] = collections.deque()
-        self.lock = threading.Condition()
-        self.stopping = False
-        self.accepting = True
+        # the queue, the slots, admission and grouping (engine.scheduler); slots belong to the engine thread
+        self.scheduler = Scheduler(self.max_batch, max_queue, max_prefill_batch)
         self.thread: threading.Thread | None = None
         # statistics (read by /metrics; ints and floats are updated atomically enough under the GIL)
         self.outcomes: collections.Counter = collections.Counter()
@@ -427,58 +149,96 @@ class BatchEngine:
     def submit(self, request: GenerationRequest) -> None:
         """Queues a request or raises QueueFull / EngineStopped / RequestTooLong at once."""
         self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
-        with self.lock:
-            if self.failed is not None:
-                raise EngineStopped(f"the engine failed: {self.failed}")
-            if not self.accepting:
-                raise EngineStopped("the server is shutting down")
-            # Requests that a free slot takes at the next step are not queued in any real sense.
-            free = sum(r is None for r in self.slots)
-            if len(self.waiting) >= self.max_queue + free:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max-queue {self.max_queue})")
-            request.submitted = time.monotonic()
-            self.waiting.append(request)
-            self.lock.notify()
+        request.images = self.describe_images(request.model_inputs)  # (hashing pixels here, not on the engine)
+        self.check_fits(request)
+        self.scheduler.submit(request)
 
     def stop(self, deadline: float = 0.0) -> None:
         """Stops taking requests; lets running and queued ones finish for `deadline` seconds, then aborts
         what is left and ends the thread."""
-        with self.lock:
-            self.accepting = False
-            self.lock.notify()
+        sched = self.scheduler
+        sched.accepting = False
+        sched.wake()
         end = time.monotonic() + deadline
-        while time.monotonic() < end and (self.running or self.waiting or self.admitting or self.pending is not None
+        while time.monotonic() < end and (self.running or sched.waiting or sched.admitting or self.pending is not None
                                           or self.inflight is not None):
             time.sleep(0.02)
-        with self.lock:
-            self.stopping = True
-            self.lock.notify()
+        sched.stopping = True
+        sched.wake()
         if self.thread is not None:
             self.thread.join(timeout=30)
 
+    def describe_images(self, inputs: dict) -> list[tuple[str | None, int]]:
+        return describe_images(inputs, self.max_images, self.max_tiles, getattr(self.text.config, "compat", "meta"))
+
+    def check_fits(self, request: GenerationRequest) -> None:
+        """Refuses at once, with the numbers, a request that could never fit the page pools."""
+        self.caches.check_fits(len(request.prompt_ids), request.params.max_new_tokens, request.images)
+
+    def _all_cached(self, r: GenerationRequest) -> bool:
+        return bool(r.images) and all(key is not None and entry.ready and self.caches.images.enabled
+                                      for key, entry in r.holding.images)
+
+    def _reserve(self, r: GenerationRequest) -> bool:
+        r.holding = self.caches.reserve(len(r.prompt_ids) + r.params.max_new_tokens, r.images)
+        return r.holding is not None
+
+    def _free(self, slot: int) -> None:
+        """Ends a slot's request: its pages go back (cached images stay cached), the slot reads scratch."""
+        r = self.slots[slot]
+        self.slots[slot] = None
+        self.caches.unbind_row(slot)
+        self._release(r)
+
+    def _release(self, r: GenerationRequest | None) -> None:
+        if r is not None and r.holding is not None:
+            self.caches.release(r.holding)
+            r.holding = None
+
+    @property
+    def slots(self) -> list:
+        return self.scheduler.slots
+
+    @property
+    def reserved(self) -> set[int]:
+        return self.scheduler.reserved
+
+    @property
+    def failed(self) -> str | None:
+        return self.scheduler.failed
+
+    @property
+    def accepting(self) -> bool:
+        return self.scheduler.accepting
+
     @property
     def running(self) -> int:
-        return sum(r is not None for r in self.slots)
+        return self.scheduler.running
 
     @property
     def queue_depth(self) -> int:
-        return len(self.waiting)
+        return self.scheduler.queue_depth
 
     def stats(self) -> dict:
         """A plain snapshot of the counters /metrics shows (picklable: it crosses the engine process' pipe)."""
+        c = self.caches
+        images = c.images
+        self_used = c.self_allocator.total - c.self_allocator.free
+        tile_used = images.allocator.total - images.allocator.free
         return {"outcomes": dict(self.outcomes), "tokens_generated": self.tokens_generated,
                 "prompt_tokens": self.prompt_tokens, "queue_depth": self.queue_depth, "running": self.running,
-                "max_batch": self.max_batch, "steps": self.steps, "cache_bytes_in_use": self.cache_bytes_in_use(),
-                "cache_bytes_allocated": self.buffers.allocated_bytes, "ttft": self.ttft.snapshot(),
-                "itl": self.itl.snapshot(), "busy_seconds": dict(self.busy), "overlapped_prefills": self.overlapped}
-
-    def cache_bytes_in_use(self) -> int:
-        total = 0
-        for slot, r in enumerate(list(self.slots)):
-            if r is not None:
-                total += r.length * self.buffers.bytes_per_token
-                total += self.buffers.vision_len[slot] * self.buffers.bytes_per_vision_token
-        return total
+                "max_batch": self.max_batch, "steps": self.steps,
+                "cache_bytes_in_use": self_used * c.bytes_per_self_page
+                + (tile_used - images.idle_pages) * c.bytes_per_tile_page,
+                "cache_bytes_allocated": c.self_allocator.total * c.bytes_per_self_page
+                + images.allocator.total * c.bytes_per_tile_page,
+                "pages": {"self": {"used": self_used, "free": c.self_allocator.free},
+                          "tile": {"used": tile_used, "free": images.allocator.free,
+                                   "cached_idle": images.idle_pages}},
+                "image_cache": {"hits": images.hits, "misses": images.misses, "evictions": images.evictions,
+                                "images": len(images.entries)},
+                "ttft": self.ttft.snapshot(), "itl": self.itl.snapshot(), "busy_seconds": dict(self.busy),
+                "overlapped_prefills": self.overlapped}
 
     # -------------------------------------------------------------------------------------------------------
     # Engine thread
@@ -487,14 +247,9 @@ class BatchEngine:
         try:
             self._run()
         except BaseException as e:  # noqa: BLE001 - e.g. a CUDA error: the device is unusable from here on
-            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            self.accepting = False
+            requests = self.scheduler.fail(reason_of(e))
             error = f"the engine failed: {self.failed}"
-            with self.lock:
-                waiting, self.waiting = list(self.waiting), collections.deque()
-            requests = [r for r in self.slots if r is not None] + waiting
             requests += [r for r, _ in self.pending.group] if self.pending is not None else []
-            self.slots = [None] * len(self.slots)
             self.pending = self.inflight = None
             for r in requests:
                 self.outcomes["error"] += 1
@@ -505,13 +260,7 @@ class BatchEngine:
     def _run(self) -> None:
         if self.device.type == "cuda":  # decode steps go before the side stream's encoder kernels
             torch.cuda.set_stream(torch.cuda.Stream(device=self.device, priority=-1))
-        while True:
-            with self.lock:
-                while (not self.stopping and not self.waiting and not self.running and self.pending is None
-                       and self.inflight is None):
-                    self.lock.wait(timeout=0.5)
-                if self.stopping:
-                    break
+        while self.scheduler.wait_for_work(lambda: self.pending is not None or self.inflight is not None):
             self._drop_cancelled()
             self._admit()
             self._complete_pending()
@@ -529,43 +278,34 @@ class BatchEngine:
                 r.emit(Event(finish_reason="abort", prompt_tokens=len(r.prompt_ids)))
             self.pending = None
             self.reserved.clear()
-        while self.waiting:
-            r = self.waiting.popleft()
+        for r in self.scheduler.take_waiting():
             self.outcomes["aborted"] += 1
             r.emit(Event(finish_reason="abort", prompt_tokens=len(r.prompt_ids)))
 
     def _drop_cancelled(self) -> None:
         # Every request ends with one final event, a cancelled one too: whoever counts requests in flight (the
         # server's admission, across a process boundary) learns here that its slot or queue place is free.
-        gone = []
-        for slot, r in enumerate(self.slots):
-            if r is not None and r.cancelled:
-                self.slots[slot] = None
-                gone.append(r)
-        with self.lock:
-            kept = [r for r in self.waiting if not r.cancelled]
-            gone += [r for r in self.waiting if r.cancelled]
-            self.waiting = collections.deque(kept)
+        running, waiting = self.scheduler.take_cancelled()
+        gone = [self.slots[slot] for slot in running] + waiting
+        for slot in running:
+            self._free(slot)
         for r in gone:
             self.outcomes["cancelled"] += 1
             r.emit(Event(finish_reason="cancelled", prompt_tokens=len(r.prompt_ids),
                          completion_tokens=len(r.generated)))
 
     def _warm_up(self) -> None:
-        """Compiles the layer functions (for one row, then for a dynamic row count) and captures the first graphs
-        before the first request, so that no request pays for it. Writes only position 0 of free slots.
-
-        Then a graph for every batch-size bucket up to --max-batch, with no image and with one, at the shortest
-        key length: besides the capture, each new shape makes the attention kernels set themselves up (cuDNN
-        builds a plan per shape, 0.15-1.2 s on the H200), which a first burst of requests would otherwise meet
-        one bucket after another while the batch fills."""
+        """Compiles the layer calls (for one row, then for a dynamic row count) and captures a decode graph for
+        every rows bucket up to --max-batch, with and without images, before the first request, so that no
+        request pays for it (all rows free: they touch the scratch pages only). Then prefills of every shape the
+        first requests meet (_warm_up_prefill)."""
         t0 = time.perf_counter()
-        for n in (1, 2):
-            for vision in (0, self.max_vision):
+        for n in (1, 2):  # the second row count makes the compiled layer calls dynamic in it
+            for vision in (False, True):
                 self.runner([0] * n, [0] * n, vision)
-        slots = self.buffers.row_index.shape[0]
+        slots = len(self.slots)
         for rows in sorted({min(b, slots) for b in ROW_BUCKETS}):
-            for vision in (0, min(self.tokens_per_image, self.max_vision)):
+            for vision in (False, True):
                 self.runner([0] * rows, [0] * rows, vision)
         self._warm_up_prefill()
         torch.cuda.synchronize()
@@ -598,11 +338,15 @@ class BatchEngine:
         for rows in range(2, min(self.max_prefill_batch, self.max_batch) + 1):
             groups += [[warm[0]] * rows] + ([[warm[-1]] * rows] if len(warm) > 1 else [])
         for group in groups:
-            requests = [GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, emit=lambda event: None)
-                        for ids, inputs in group]
+            requests = [GenerationRequest(prompt_ids=ids, params=params, model_inputs=inputs, emit=lambda event: None,
+                                          images=[(None, self.max_tiles)] * (1 if inputs else 0))
+                        for ids, inputs in group]  # (black warm-up images are not cached)
+            for request in requests:
+                if not self._reserve(request):
+                    raise RuntimeError("the page pools cannot hold the start-up warm-up's requests")
             self._prefill([(request, slot) for slot, request in enumerate(requests)])
             for slot in range(len(group)):
-                self.slots[slot] = None
+                self._free(slot)
         self.outcomes.clear()
         self.ttft = Histogram()
         self.tokens_generated = self.prompt_tokens = 0
@@ -614,43 +358,26 @@ class BatchEngine:
         while True:
             if self.pending is not None:
                 return  # its text part comes first
-            with self.lock:
-                free = [i for i, r in enumerate(self.slots) if r is None and i not in self.reserved]
-                if not free or not self.waiting:
-                    return
-                images = self._image_count(self.waiting[0])
-                # A short queue is prefilled a request at a time (each gets its first token soonest); a long one
-                # in groups, which costs less per request (the text part of a prefill is mostly fixed cost).
-                size = 1 if len(self.waiting) <= 8 else self.max_prefill_batch
-                # counted in images (a text-only request as one), so a group of 4-image requests stalls the running
-                # decodes no longer than a group of 1-image ones
-                size = max(1, size // max(1, images))
-                group = []
-                for r in list(self.waiting):
-                    if len(group) == min(len(free), size):
-                        break
-                    if self._image_count(r) == images:
-                        group.append(r)
-                for r in group:
-                    self.waiting.remove(r)
-                self.admitting = len(group)  # neither waiting nor in a slot: stop() must still wait for them
-            pairs = list(zip(group, free))
+            pairs = self.scheduler.next_group(self._image_count, self._reserve, self._all_cached, self._release)
+            if not pairs:
+                return
+            images = self._image_count(pairs[0][0])
             try:
                 if images and self.running and self.can_overlap and self.overlap_prefill:
                     self._start_overlapped(pairs)
                     return
                 self._prefill_group(pairs)
             finally:
-                self.admitting = 0
-            if self.running > len(group):
+                self.scheduler.admitting = 0
+            if self.running > len(pairs):
                 return  # decode the running batch before the next group
 
     def _start_overlapped(self, group: list[tuple[GenerationRequest, int]]) -> None:
         """Queues the group's vision part on the side stream and returns; _complete_pending does the rest."""
         start = time.perf_counter()
         try:
-            prefill = self._prepare(group)
-            overlapped = self._encode(prefill, overlap=True)
+            prefill = self.prefiller.prepare(group, cached=len(group) == 1 and self._all_cached(group[0][0]))
+            overlapped = self.prefiller.encode(prefill, overlap=True)
         except Exception:  # noqa: BLE001 - the plain path finds the request at fault and fails only that one
             self.busy["prefill"] += time.perf_counter() - start
             self._prefill_group(group)
@@ -685,14 +412,16 @@ class BatchEngine:
             failure = e
         finally:  # decode steps run between the group's images are counted as decode
             self.busy["prefill"] += time.perf_counter() - start - (self.busy["decode"] + self.busy["emit"] - stepped)
-        for r, slot in group:
+        for r, slot in group:  # (their pages stay theirs for the retry below)
             self.slots[slot] = None
+            self.caches.unbind_row(slot)
             self.reserved.discard(slot)
         if len(group) > 1 or attempt is not None:  # run them one by one, so only the request at fault fails
             for pair in group:
                 self._prefill_group([pair])
             return
         r = group[0][0]
+        self._release(r)
         self.outcomes["error"] += 1
         r.emit(Event(error=f"{type(failure).__name__}: {failure}"))
 
@@ -700,136 +429,35 @@ class BatchEngine:
     def _prefill(self, group: list[tuple[GenerationRequest, int]]) -> None:
         """One forward of the plain model over the group's prompts, left-padded (real tokens keep positions
         0..L-1, so each row computes what it would alone); then each row's K/V go to its slot."""
-        prefill = self._prepare(group)
-        self._encode(prefill, overlap=False, interleave=True)
+        prefill = self.prefiller.prepare(group, cached=len(group) == 1 and self._all_cached(group[0][0]))
+        self.prefiller.encode(prefill, overlap=False, between=self._between_images)
         self._complete(prefill)
 
-    def _prepare(self, group: list[tuple[GenerationRequest, int]]) -> "_Prefill":
-        lengths = [len(r.prompt_ids) for r, _ in group]
-        # Widths rounded up (more left padding, exact): attention kernels that build a plan per shape (cuDNN's,
-        # 150-1200 ms each on the H200) then meet a few widths again and again, not a new one per prompt length.
-        width, rows = -(-max(lengths) // self.PREFILL_WIDTH) * self.PREFILL_WIDTH, len(group)
-        ids = torch.zeros(rows, width, dtype=torch.long)
-        mask = torch.zeros(rows, width, dtype=torch.long)
-        for row, (r, _) in enumerate(group):
-            ids[row, width - lengths[row]:] = torch.tensor(r.prompt_ids)
-            mask[row, width - lengths[row]:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        inputs = {}
-        for name in group[0][0].model_inputs:
-            parts = [r.model_inputs[name] for r, _ in group]
-            if name == "cross_attention_mask":  # [1, L, N, T]: pad on the left like the prompts
-                parts = [F.pad(m, (0, 0, 0, 0, width - m.shape[1], 0)) for m in parts]
-            inputs[name] = torch.cat(parts)
-        ratio_mask_host = inputs.get("aspect_ratio_mask")
-        inputs = {name: value.to(self.device) for name, value in inputs.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return _Prefill(group, lengths, width, ids.to(self.device), mask.to(self.device),
-                        positions.to(self.device), inputs, ratio_mask_host=ratio_mask_host, ids_host=ids)
-
-    def _encode(self, p: "_Prefill", overlap: bool, interleave: bool = False) -> bool:
-        """The vision part of a prefill: projected vision tokens of the kept tiles, into p.states. With
-        `overlap`, queued on the side stream (the engine thread returns at once and decode steps go on while the
-        GPU encodes; p.ready then marks the end) if every graph it needs was captured before. Returns whether it
-        was queued that way."""
-        pixels = p.inputs.get("pixel_values")
-        if pixels is None or not self.can_overlap:
-            return False  # text only, or a model without a vision encoder: the whole forward runs in _complete
-        inner = self.model.model
-        mask = p.inputs.get("cross_attention_mask")
-        ratio_ids, ratio_mask = p.inputs.get("aspect_ratio_ids"), p.inputs.get("aspect_ratio_mask")
-        inner.check_image_inputs(p.ids_host, pixels, ratio_ids, ratio_mask, mask)  # before anything is queued
-        p.keep = inner.kept_tiles(mask, pixels)
-        rows = range(pixels.shape[0])
-        if self.vision_runner is not None and p.ratio_mask_host is not None:
-            ratio_mask = p.ratio_mask_host  # the graphs plan on the host: no read-back behind queued encoder work
-            if overlap and not all(self.vision_runner.captured(pixels[r:r + 1], ratio_ids[r:r + 1],
-                                                               ratio_mask[r:r + 1]) for r in rows):
-                overlap = False  # graphs are captured on the engine's stream, never beside running decode steps
-        # One request's images at a time: the encoder only meets one-request shapes, which the start-up warm-up
-        # covers, and without overlap a decode step of the running batch goes between two requests, so that a
-        # group of four stops the batch for one encoder run at a time, not four in a row.
-        stream = self.side_stream if overlap else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            parts = []
-            for row in rows:
-                if row and interleave and not overlap and self.running:
-                    if self.device.type == "cuda":  # the encoder's wait counts as prefill time, not decode
-                        torch.cuda.current_stream(self.device).synchronize()
-                    self._step()
-                parts.append(inner.encode_images(pixels[row:row + 1], ratio_ids[row:row + 1],
-                                                 ratio_mask[row:row + 1], p.keep, self.vision_runner))
-            p.states = parts[0] if len(parts) == 1 else torch.cat(parts)
-            if stream is not None:
-                p.ready = torch.cuda.Event()
-                p.ready.record(stream)
-        return overlap
-
     @torch.no_grad()
-    def _complete(self, p: "_Prefill") -> None:
-        """The text part of a prefill (the whole forward if nothing was encoded before), then the slots."""
-        group, lengths, width = p.group, p.lengths, p.width
-        if p.ready is not None:  # encoded on the side stream: this stream waits for it, then owns the tokens
-            torch.cuda.current_stream().wait_event(p.ready)
-            p.states.record_stream(torch.cuda.current_stream())
-        if p.states is not None or not p.inputs:  # images encoded already, or text only: the text part alone
-            if p.states is None:
-                self.text._check_ids(p.ids_host)  # (the image path checked them before its encoder ran)
-            given = (p.ids, p.mask, p.positions, p.inputs.get("cross_attention_mask"), p.states, p.keep)
-            # one-request prefills only: a group's text part as a graph too was measured no faster (its launches
-            # overlap the last image's encoder work; bench/results/2026-11-29-h200-serve-load-s5-group-prefill-
-            # graphs.json), and its graphs' outputs would hold rows x 210 MB each
-            replayed = self.prefill_graphs(*given) if self.prefill_graphs is not None and len(group) == 1 else None
-            logits, cache = replayed if replayed is not None else text_prefill(self.model, *given)
-        else:  # inputs the encoder path left alone (a model without a vision encoder): the model's own forward
-            cache = MllamaCache.allocate(self.model.config, len(group), width, self.device, self.dtype)
-            logits = self.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, cache=cache,
-                                use_cache=True, logits_to_keep=1, **p.inputs).logits[:, -1]
-        b = self.buffers
-        vision = cache.cross_length()
-        cross_rows = self._cross_rows(cache, p.inputs.get("cross_attention_mask"), vision)
-        for row, (r, slot) in enumerate(group):
-            pad = width - lengths[row]
-            for i, k in cache.key.items():
-                b.cache.key[i][slot, :, :lengths[row]] = k[row, :, pad:]
-                b.cache.value[i][slot, :, :lengths[row]] = cache.value[i][row, :, pad:]
-            b.vision_len[slot] = vision
-            b.cross_bias[slot].fill_(b.min)
-            if vision:
-                for i in cache.cross_key:
-                    b.cross_k[i][slot, :, :vision] = cache.cross_key[i][row]
-                    b.cross_v[i][slot, :, :vision] = cache.cross_value[i][row]
-                additive, row_mask = cross_rows
-                b.cross_bias[slot, :, :, :vision] = additive[row]
-                b.row_mask[slot] = row_mask[row]
-                b.attn_keep[slot] = row_mask[row] if self.meta_compat else 1.0
-            else:
-                b.row_mask[slot] = 0.0
-                b.attn_keep[slot] = 0.0
-            r.slot, r.length = slot, lengths[row]
+    def _complete(self, p: Prefill) -> None:
+        """The text part of a prefill, then the requests into their slots and their first tokens."""
+        logits, cache = self.prefiller.text_part(p)
+        cross_mask = p.inputs.get("cross_attention_mask")
+        last_seen = cross_mask[:, -1].cpu() if cross_mask is not None else None  # [rows, N, T]: what decode sees
+        for row, (r, slot) in enumerate(p.group):
+            self.prefiller.bind(r, slot, cache, row, p.width - p.lengths[row],
+                                None if last_seen is None else last_seen[row], fill=not p.cached)
+            r.slot, r.length = slot, p.lengths[row]
             r.decoder = TextDecoder(self.tokenizer, skip_special_tokens=True)
             if r.seed is not None:
                 r.generator = torch.Generator(device=self.device).manual_seed(int(r.seed))
             self.slots[slot] = r
             self.reserved.discard(slot)
-            self.prompt_tokens += lengths[row]
-        self._sample_and_emit([r for r, _ in group], logits)
+            self.prompt_tokens += p.lengths[row]
+        self._sample_and_emit([r for r, _ in p.group], logits)
 
-    def _cross_rows(self, cache: MllamaCache, mask: torch.Tensor | None, vision: int):
-        """What every generated token of each row sees: the vision keys its last prompt token saw (the rule
-        generate() follows). Returns (additive bias [rows, 1, 1, vision], row mask [rows, 1, 1, 1])."""
-        if not vision:
-            return None
-        if mask is None:  # images without a mask: every row sees every vision token
-            rows = cache.cross_key[next(iter(cache.cross_key))].shape[0]
-            return (torch.zeros(rows, 1, 1, vision, device=self.device, dtype=self.dtype),
-                    torch.ones(rows, 1, 1, 1, device=self.device, dtype=self.dtype))
-        keep = cache.cross_tiles  # the tiles the prefill kept (padding tiles no row sees are dropped)
-        tiles = mask.shape[2] * mask.shape[3] if keep is None else keep.numel()
-        return prepare_cross_attention_mask(mask[:, -1:], vision // tiles, self.dtype, keep)
+    def _between_images(self) -> None:
+        """A decode step of the running batch between two requests' images of a group prefill."""
+        if not self.running:
+            return
+        if self.device.type == "cuda":  # the encoder's wait counts as prefill time, not decode
+            torch.cuda.current_stream(self.device).synchronize()
+        self._step()
 
     def _step(self) -> None:
         """One decode step of the running batch. A step whose rows all decode greedily without logprobs is read
@@ -879,16 +507,13 @@ class BatchEngine:
             else:
                 tokens[r.slot] = r.generated[-1]
             positions[r.slot] = r.length  # the new token's index = its RoPE position (prompts are unpadded)
-        # Vision keys looked at: rounded up to whole images (a row's keys past its own are masked), so that the
-        # steps' shapes, and the CUDA graphs, take few values even though dropped padding tiles vary the lengths.
-        vision = max(self.buffers.vision_len[r.slot] for r in active)
-        vision = min(self.max_vision, -(-vision // self.tokens_per_image) * self.tokens_per_image)
+        vision = any(r.images for r in active)  # (False: no row sees an image, the cross layers are skipped)
         start = time.perf_counter()
         try:
             logits = self.runner(tokens, positions, vision, given)
         except Exception as e:  # fail the batch, keep serving
             for r in active:
-                self.slots[r.slot] = None
+                self._free(r.slot)
                 self.outcomes["error"] += 1
                 r.emit(Event(error=f"{type(e).__name__}: {e}"))
             return None
@@ -959,7 +584,7 @@ class BatchEngine:
             r.pending_ids.append(token)
             try:
                 if logprobs is not None and r.logprobs is not None:
-                    r.pending_logprobs.append(self._logprob_entry(logprobs[wanted.index(row)], token, r.logprobs))
+                    r.pending_logprobs.append(logprob_entry(logprobs[wanted.index(row)], token, r.logprobs))
                 self._advance_text(r, token)
             except Exception as e:  # noqa: BLE001 - detokenizing or the caller's emit failed: end this request only
                 self._fail(r, "emitting its output", e)
@@ -968,7 +593,7 @@ class BatchEngine:
     def _fail(self, r: GenerationRequest, stage: str, error: BaseException) -> None:
         """Ends one request with an error event; the engine and the other requests go on."""
         if 0 <= r.slot < len(self.slots) and self.slots[r.slot] is r:
-            self.slots[r.slot] = None
+            self._free(r.slot)
         self.outcomes["error"] += 1
         try:
             r.emit(Event(error=f"{stage} failed: {type(error).__name__}: {error}", prompt_tokens=len(r.prompt_ids),
@@ -976,50 +601,15 @@ class BatchEngine:
         except Exception:  # noqa: BLE001 - its caller is gone; nobody else to tell
             pass
 
-    def _logprob_entry(self, row: torch.Tensor, token: int, top: int) -> dict:
-        entry = {"id": token, "logprob": float(row[token]), "top": []}
-        if top:
-            values, ids = torch.topk(row, top)
-            entry["top"] = [(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
-        return entry
-
     def _advance_text(self, r: GenerationRequest, token: int) -> None:
-        finish = None
-        if token in self.eos:
-            finish = "stop"  # the EOS token itself adds no text (special tokens are skipped)
-        else:
-            r.text += r.decoder.push(token)
-        if finish is None and len(r.generated) >= r.params.max_new_tokens:
-            finish = "length"
+        finish = advance_text(r, token, self.eos)
         if finish is not None:
-            r.text += r.decoder.flush()  # bytes of an incomplete character held back so far
-        if r.stop:
-            # Search only where a new match can start: text before `sent` was checked when it was emitted.
-            window = max(len(s) for s in r.stop) + 16
-            start = max(0, r.sent - window)
-            hits = [i for i in (r.text.find(s, start) for s in r.stop) if i >= 0]
-            if hits:
-                r.text = r.text[:min(hits)]
-                finish = "stop"
-        if finish is None:
-            # Hold back a tail that could still become a stop string, so a stop string is never streamed.
-            hold = max((len(s) - 1 for s in r.stop), default=0)
-            ready = max(r.sent, len(r.text) - hold)
-            if ready > r.sent or r.pending_logprobs:
-                piece, r.sent = r.text[r.sent:ready], ready
-                r.emit(Event(text=piece, token_ids=r.pending_ids, logprobs=r.pending_logprobs))
-                r.pending_ids, r.pending_logprobs = [], []
-            return
-        self._finish(r, finish)
+            self._finish(r, finish)
 
     def _finish(self, r: GenerationRequest, reason: str) -> None:
-        self.slots[r.slot] = None
+        self._free(r.slot)
         self.outcomes[{"stop": "stop", "length": "length"}.get(reason, "aborted")] += 1
-        piece = r.text[r.sent:]
-        r.sent = len(r.text)
-        r.emit(Event(text=piece, token_ids=r.pending_ids, logprobs=r.pending_logprobs, finish_reason=reason,
-                     prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated)))
-        r.pending_ids, r.pending_logprobs = [], []
+        r.emit(final_event(r, reason))
 
 
 def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | None, top_p: float | None

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .attention import attend
+
 
 class MllamaCache:
     """Per-layer caches, keyed by layer index.
@@ -10,7 +12,9 @@ class MllamaCache:
     Self-attention layers: k/v [B, kv_heads, length, head_dim]. With `max_length` (see `allocate`) the buffers are
     preallocated and written in place; otherwise they grow by concatenation.
     Cross-attention layers: k (after k_norm) / v [B, kv_heads, images*tiles*tokens, head_dim], stored once and
-    reused on every later step. `cross_tiles`: indices into the images*tiles axis of the tiles those k/v hold when
+    reused on every later step.
+    The layers reach the cache through `attend` and `cross_attend` (the attention over what it holds), so that an
+    engine can give them a cache of another layout (engine.caches: static buffers, pages) and keep their math. `cross_tiles`: indices into the images*tiles axis of the tiles those k/v hold when
     padding tiles were dropped (MllamaModel.kept_tiles), else None; later steps select those mask columns.
     """
 
@@ -54,6 +58,17 @@ class MllamaCache:
         self.key[layer_idx][:, :, start:end] = k
         self.value[layer_idx][:, :, start:end] = v
         return self.key[layer_idx][:, :, :end], self.value[layer_idx][:, :, :end]
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               implementation: str | None = None, weights: list | None = None) -> torch.Tensor:
+        """Self-attention of this step's queries over the cached keys and this step's (stored first)."""
+        k, v = self.update(layer_idx, k, v)
+        return attend(q, k, v, mask, implementation, weights)
+
+    def cross_attend(self, layer_idx: int, q: torch.Tensor, mask: torch.Tensor | None,
+                     implementation: str | None = None, weights: list | None = None) -> torch.Tensor:
+        """Cross-attention of this step's queries over the stored vision k/v."""
+        return attend(q, self.cross_key[layer_idx], self.cross_value[layer_idx], mask, implementation, weights)
 
     def update_cross(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores vision k/v; images given on a later call are appended to the earlier ones (multi-turn)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -155,9 +156,14 @@ class MllamaTextMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = activation(config.hidden_act, "text")
+        self.w13: torch.Tensor | None = None  # gate|up in one matrix, set by engine.decode.fuse_projections
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 class MllamaTextSelfAttention(nn.Module):
@@ -173,17 +179,26 @@ class MllamaTextSelfAttention(nn.Module):
         self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+        self.wqkv: torch.Tensor | None = None  # q|k|v in one matrix, set by engine.decode.fuse_projections
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.wqkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        kv = self.num_kv_heads * self.head_dim
+        return F.linear(x, self.wqkv).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: MllamaCache | None, weights: list | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = attend(q, k, v, mask, self.config._attn_implementation, weights)
+        q, k, v = self.project(x)
+        q = apply_rope(q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        implementation = self.config._attn_implementation
+        if cache is None:
+            out = attend(q, k, v, mask, implementation, weights)
+        else:  # the cache stores this step's k/v and attends over all it holds (see MllamaCache.attend)
+            out = cache.attend(self.layer_idx, q, k, v, mask, implementation, weights)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -214,13 +229,14 @@ class MllamaTextCrossAttention(nn.Module):
                 row_mask: torch.Tensor | None, cache: MllamaCache | None, weights: list | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        implementation = self.config._attn_implementation
         if cross_states is not None:
             k, v = self.project_kv(cross_states)
             if cache is not None:
                 k, v = cache.update_cross(self.layer_idx, k, v)
-        else:
-            k, v = cache.cross_key[self.layer_idx], cache.cross_value[self.layer_idx]
-        out = attend(q, k, v, mask, self.config._attn_implementation, weights)
+            out = attend(q, k, v, mask, implementation, weights)
+        else:  # vision k/v stored by an earlier step
+            out = cache.cross_attend(self.layer_idx, q, mask, implementation, weights)
         if row_mask is not None and self.config.compat == "meta":
             # Meta zeroes the attention output of rows that see no image; transformers does not (#39379).
             out = out * row_mask

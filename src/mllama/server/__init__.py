@@ -28,7 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=port_number, default=8000, help="1..65535, 0: any free port (default 8000)")
     parser.add_argument("--served-model-name",
                         help="the id clients pass as 'model' (default: the model argument exactly as given)")
-    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (slots)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="requests decoded together (slots); default: what the K/V page pool supports, at most "
+                             "256 on a GPU (8 on the CPU)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="share of the GPU's memory this server may take: the K/V page pools get what the "
+                             "weights and the workspace leave of it (default 0.9)")
+    parser.add_argument("--image-kv-share", type=float, default=0.5,
+                        help="share of the K/V pool for image tiles' cross-attention K/V (and cached images); the "
+                             "rest holds text tokens' K/V (default 0.5)")
+    parser.add_argument("--no-image-cache", action="store_true",
+                        help="do not keep images' K/V after their request: every image is encoded again")
     parser.add_argument("--max-prefill-batch", type=int, default=4,
                         help="images (or text-only requests) prefilled together, between two decode steps of the "
                              "running batch")
@@ -128,7 +138,9 @@ def build(args: argparse.Namespace):
     spec = {"model": args.model, "dtype": args.dtype, "device": args.device,
             "engine": {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_model_len": args.max_model_len,
                        "max_images": args.max_images_per_request, "max_prefill_batch": args.max_prefill_batch,
-                       "overlap_prefill": True if args.overlap_prefill else None}}
+                       "overlap_prefill": True if args.overlap_prefill else None,
+                       "gpu_memory_utilization": args.gpu_memory_utilization, "cross_share": args.image_kv_share,
+                       "cache_images": not args.no_image_cache}}
     engine = EngineProcess(spec)
     api_key = args.api_key if args.api_key is not None else os.environ.get("MLLAMA_API_KEY") or None
     images = ImageOptions(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,

@@ -22,8 +22,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..engine.batch import BatchEngine, EngineStopped, Event, Histogram, QueueFull, RequestTooLong, sampling_params
-from ..generation import GREEDY_BELOW_TEMPERATURE
+from ..engine.batch import BatchEngine, sampling_params
+from ..engine.requests import Event, RequestTooLong
+from ..engine.scheduler import EngineStopped, QueueFull
+from ..engine.stats import Histogram
+from ..sampling import GREEDY_BELOW_TEMPERATURE
 from .engine_process import EngineProcess, LocalEngine, pack_tensors
 from .prompts import ImageOptions, RemoteImagesNeeded, RequestError, chat_inputs, completion_inputs, fetch_remote
 
@@ -808,8 +811,23 @@ def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram]
     metric("mllama_decode_steps_total", "counter", "Batched decode steps run", [("", stats["steps"])])
     metric("mllama_cache_bytes_in_use", "gauge", "K/V cache bytes held by running requests",
            [("", stats["cache_bytes_in_use"])])
-    metric("mllama_cache_bytes_allocated", "gauge", "K/V cache bytes preallocated for all slots",
+    metric("mllama_cache_bytes_allocated", "gauge", "K/V page pools' bytes (text pages and image tile pages)",
            [("", stats["cache_bytes_allocated"])])
+    pages = stats.get("pages", {})
+    metric("mllama_kv_pages_used", "gauge", "K/V pages taken (text: 64 tokens of all self-attention layers; tile: "
+           "one image tile of all cross-attention layers, cached images' included)",
+           [(f'{{kind="{k}"}}', v["used"]) for k, v in sorted(pages.items())])
+    metric("mllama_kv_pages_free", "gauge", "K/V pages free",
+           [(f'{{kind="{k}"}}', v["free"]) for k, v in sorted(pages.items())])
+    metric("mllama_image_cache_idle_pages", "gauge", "Tile pages of cached images no running request uses "
+           "(given back when pages run short)", [("", pages.get("tile", {}).get("cached_idle", 0))])
+    cache = stats.get("image_cache", {})
+    metric("mllama_image_cache_hits_total", "counter", "Images whose K/V were found in the image cache",
+           [("", cache.get("hits", 0))])
+    metric("mllama_image_cache_misses_total", "counter", "Cacheable images encoded (not found in the cache)",
+           [("", cache.get("misses", 0))])
+    metric("mllama_image_cache_evictions_total", "counter", "Cached images dropped to free pages",
+           [("", cache.get("evictions", 0))])
     metric("mllama_prefills_overlapped_total", "counter", "Prefills whose vision encoder ran beside decode steps",
            [("", stats.get("overlapped_prefills", 0))])
     metric("mllama_engine_busy_seconds_total", "counter", "Engine loop time by phase",

@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..engine.batch import EngineStopped, Event, GenerationRequest, QueueFull, check_length
+from ..engine.requests import Event, GenerationRequest, check_length
+from ..engine.scheduler import EngineStopped, QueueFull
 
 _VIEWS = {"bfloat16": "int16", "float16": "int16"}
 
@@ -143,7 +144,7 @@ def _engine_main(conn, spec: dict) -> None:
     try:
         import torch
 
-        from ..cli import load
+        from ..loading import load
         from ..engine.batch import BatchEngine
 
         device = spec["device"]

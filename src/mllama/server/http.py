@@ -25,7 +25,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..cli import CliError
+from ..loading import CliError
 
 # After the deadline the engine still has to end its current step and send the aborts, and each stream its last
 # chunk; connections still open this long after the deadline are cut by uvicorn.

@@ -1,0 +1,231 @@
+"""Choosing tokens from logits (the sampling rules generate and the serving engine share) and turning token ids
+back into streamed text. Nothing here knows about the model or the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Temperatures below this act as greedy (vLLM's rule too): logits divided by a value near zero overflow float32 to
+# inf (2e-39 does), and softmax of inf is nan; greedy is the limit such a temperature means.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    stop_strings: tuple[str, ...] = ()
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences whose last token is banned after the rest
+    remove_invalid_values: bool = False  # nan scores -> 0, +-inf -> the float32 extremes
+    min_tokens_to_keep: int = 1  # top-k / top-p keep at least this many (beam sampling keeps 1 + number of EOS)
+
+    def __post_init__(self) -> None:
+        if self.do_sample and 0 < self.temperature < GREEDY_BELOW_TEMPERATURE:
+            self.do_sample = False
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0 or self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not words or min(words) < 0 for words in self.bad_words_ids):
+            raise ValueError(f"bad_words_ids must be non-empty lists of token ids >= 0, got {self.bad_words_ids}")
+
+
+def _as_tuple(ids: Any) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    if isinstance(ids, int):
+        return (ids,)
+    return tuple(int(i) for i in ids)
+
+
+def resolve_params(model, kwargs: dict, prompt_len: int = 0) -> SamplingParams:
+    """Explicit arguments, else the checkpoint's generation_config.json, else the text config, else defaults."""
+    defaults = dict(getattr(model, "generation_config", None) or {})
+    text = getattr(model.config, "text_config", model.config)
+
+    def pick(name, fallback):
+        value = kwargs.pop(name, None)
+        if value is None:
+            value = defaults.get(name)
+        return fallback if value is None else value
+
+    max_length = kwargs.pop("max_length", None)
+    if kwargs.get("max_new_tokens") is None and max_length is not None:
+        kwargs["max_new_tokens"] = max_length - prompt_len  # transformers' max_length counts the prompt
+    params = SamplingParams(
+        max_new_tokens=int(pick("max_new_tokens", 20)),
+        min_new_tokens=int(pick("min_new_tokens", 0)),
+        do_sample=bool(pick("do_sample", False)),
+        temperature=float(pick("temperature", 1.0)),
+        top_p=float(pick("top_p", 1.0)),
+        top_k=int(pick("top_k", 0)),
+        repetition_penalty=float(pick("repetition_penalty", 1.0)),
+        eos_token_id=_as_tuple(pick("eos_token_id", text.eos_token_id)),
+        pad_token_id=pick("pad_token_id", text.pad_token_id),
+        stop_strings=tuple([s] if isinstance(s := kwargs.pop("stop_strings", None) or (), str) else s),
+        remove_invalid_values=bool(pick("remove_invalid_values", False)),
+    )
+    params.bad_words_ids = _bad_words(pick("bad_words_ids", ()), params.eos_token_id)
+    params.validate()
+    return params
+
+
+def _bad_words(value: Any, eos: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """bad_words_ids as tuples; a single EOS token among them stays allowed (transformers' rule too)."""
+    if not isinstance(value, (list, tuple)) or any(not isinstance(w, (list, tuple)) for w in value):
+        raise ValueError(f"bad_words_ids must be a list of lists of token ids, got {value!r}")
+    words = tuple(tuple(int(t) for t in w) for w in value)
+    return tuple(w for w in words if not (len(w) == 1 and w[0] in eos))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logit processing (the order transformers uses: penalty, bad words, min-length, invalid values, then temperature,
+# top-k, top-p)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Tokens already in the sequence: positive logits divided by `penalty`, negative ones multiplied. Ids the
+    model cannot produce (the image token is past the output vocabulary) have no logit to penalise: they go to one
+    extra column, dropped after."""
+    if penalty == 1.0:
+        return logits
+    vocab = logits.shape[-1]
+    seen = seen.clamp(max=vocab)
+    padded = F.pad(logits, (0, 1))
+    scores = padded.gather(1, seen)
+    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return padded.scatter(1, seen, scores)[..., :vocab]
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                  min_keep: int = 1) -> torch.Tensor:
+    """Sampling distribution as logits: scaled by temperature, everything outside top-k and outside the
+    smallest set whose probability reaches top_p set to -inf (at least `min_keep` tokens always stay)."""
+    logits = logits / temperature
+    if top_k:
+        top_k = min(max(top_k, min_keep), logits.shape[-1])
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[..., -min_keep:] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def ban_bad_words(scores: torch.Tensor, seen: torch.Tensor, bad_words_ids: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """-inf for the last token of each bad word in the rows whose sequence ends with the word's other tokens."""
+    vocab = scores.shape[-1]
+    if any(t >= vocab for word in bad_words_ids for t in word):
+        raise ValueError(f"bad_words_ids {bad_words_ids} hold ids outside the model's {vocab} output tokens")
+    scores = scores.clone()
+    for word in bad_words_ids:
+        *prefix, last = word
+        if len(prefix) > seen.shape[1]:
+            continue
+        rows = torch.ones(scores.shape[0], dtype=torch.bool, device=scores.device)
+        if prefix:
+            rows = (seen[:, -len(prefix):] == torch.tensor(prefix, device=seen.device)).all(-1).to(scores.device)
+        scores[rows, last] = float("-inf")
+    return scores
+
+
+def remove_invalid(scores: torch.Tensor) -> torch.Tensor:
+    info = torch.finfo(scores.dtype)
+    return scores.nan_to_num(nan=0.0, posinf=info.max, neginf=info.min)
+
+
+def processed_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int,
+                     eos: torch.Tensor | None = None) -> torch.Tensor:
+    """The scores tokens are chosen from (and output_scores returns, as transformers defines them): the logits in
+    float32 after the repetition penalty and the min-length rule and, when sampling, after temperature, top-k and
+    top-p. eos: the EOS ids already on the logits' device (indexing with a host list would sync every step)."""
+    scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.bad_words_ids:
+        scores = ban_bad_words(scores, seen, params.bad_words_ids)
+    if new_count < params.min_new_tokens and params.eos_token_id:
+        if eos is None:
+            eos = torch.tensor(params.eos_token_id, device=scores.device)
+        scores = scores.index_fill(1, eos, float("-inf"))
+    if params.remove_invalid_values:
+        scores = remove_invalid(scores)
+    if params.do_sample:
+        scores = filter_logits(scores, params.temperature, params.top_k, params.top_p, params.min_tokens_to_keep)
+    return scores
+
+
+def next_tokens(logits: torch.Tensor, seen: torch.Tensor, params: SamplingParams, new_count: int,
+                generator: torch.Generator | None, eos: torch.Tensor | None = None) -> torch.Tensor:
+    return choose(processed_scores(logits, seen, params, new_count, eos), params, generator)
+
+
+def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from processed scores: the best, or a sample when do_sample."""
+    if not params.do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def pad_id(params: SamplingParams) -> int:
+    """The token finished rows get: pad_token_id, else the first EOS id, else 0."""
+    return params.pad_token_id if params.pad_token_id is not None else (params.eos_token_id or (0,))[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class TextDecoder:
+    """Turns a growing list of token ids into new text pieces, holding back text that ends in an incomplete
+    UTF-8 sequence (a multi-byte character split across tokens decodes to U+FFFD until it is complete).
+
+    Each push decodes only the ids since the last emitted piece plus the piece before it, not the whole list, so
+    a long answer costs the same per token as a short one. Byte-level BPE text is the concatenation of its
+    tokens' bytes, so the pieces add up to the decoding of the whole list."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.start = 0   # ids before `start` are decoded and emitted for good
+        self.read = 0    # ids[start:read] are the last emitted piece
+
+    def _pieces(self) -> tuple[str, str]:
+        decode = self.tokenizer.decode
+        done = decode(self.ids[self.start:self.read], skip_special_tokens=self.skip_special_tokens)
+        return done, decode(self.ids[self.start:], skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        done, text = self._pieces()
+        if text.endswith("\ufffd") or len(text) <= len(done):
+            return ""
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(done):]
+
+    def flush(self) -> str:
+        done, text = self._pieces()
+        self.start, self.read = self.read, len(self.ids)
+        return text[len(done):]
