@@ -94,8 +94,10 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     seen = input_ids
     with torch.no_grad():
+        if vision_runner is not None:  # the fast path's encoder (CUDA graphs), run before the model's forward
+            extra = _encoded(model, input_ids, extra, vision_runner)
         out = model(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, cache=cache,
-                    use_cache=True, logits_to_keep=1, vision_runner=vision_runner, **extra)
+                    use_cache=True, logits_to_keep=1, **extra)
         last_position = positions[:, -1:]
         step_cross = cross_attention_mask[:, -1:] if cross_attention_mask is not None else None
         stepper = None
@@ -125,6 +127,18 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
             # Each new token sees the images the last prompt token saw (transformers' rule as well).
             out = model(input_ids=tokens[:, None], attention_mask=mask[:, :cur], position_ids=last_position,
                         cache=cache, use_cache=True, cross_attention_mask=step_cross)
+
+
+def _encoded(model, input_ids: torch.Tensor, inputs: dict, vision_runner) -> dict:
+    """The prefill's inputs with the images replaced by their vision tokens (encoded by `vision_runner`, only the
+    tiles some row sees): the forward then takes them as cross_attention_states."""
+    inner = model.model
+    pixels, ratio_ids, ratio_mask = (inputs.pop(k) for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"))
+    mask = inputs.get("cross_attention_mask")
+    inner.check_image_inputs(input_ids, pixels, ratio_ids, ratio_mask, mask)
+    keep = inner.kept_tiles(mask, pixels)
+    states = inner.encode_images(pixels, ratio_ids, ratio_mask, keep, vision_runner)
+    return {**inputs, "cross_attention_states": states, "cross_tiles": keep, "ids_checked": True}
 
 
 class StopStrings:

@@ -12,7 +12,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..modeling.cache import MllamaCache
+from ..modeling.cache import MllamaCache, kv_bytes_per_token
 from ..modeling.outputs import ModelOutput
 from ..modeling.text import MllamaCrossAttentionDecoderLayer, prepare_cross_attention_mask
 from .decode import (FixedCrossKV, LayerCalls, SlotKV, decode_step, fuse_projections, text_model_of,
@@ -318,7 +318,7 @@ WORKSPACE_BYTES = 2 * 2**30  # activations of the prefill and the vision encoder
 def cache_bytes(config, batch: int, length: int, vision_tokens: int, dtype: torch.dtype) -> int:
     """Bytes of a decoder's static buffers: self-attention K/V over `length`, cross K/V over the vision tokens."""
     text = getattr(config, "text_config", config)
-    per_token = 2 * text.num_key_value_heads * text.head_dim * torch.finfo(dtype).bits // 8
+    per_token = kv_bytes_per_token(text, dtype)
     cross_layers = len(text.present_cross_attention_layers)
     self_layers = text.num_hidden_layers - cross_layers
     return batch * per_token * (self_layers * length + cross_layers * vision_tokens)

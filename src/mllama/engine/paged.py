@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..modeling.cache import kv_bytes_per_token
 from .paged_attention import paged_decode_attention, write_pages
 from .requests import RequestTooLong
 
@@ -332,7 +333,7 @@ class PoolPlan:
 
 def page_bytes(text_config, tile_tokens: int, dtype: torch.dtype) -> tuple[int, int]:
     """Bytes of one self-attention page (all self layers) and of one tile page (all cross layers)."""
-    per_token_layer = 2 * text_config.num_key_value_heads * text_config.head_dim * torch.finfo(dtype).bits // 8
+    per_token_layer = kv_bytes_per_token(text_config, dtype)
     cross = len(set(text_config.cross_attention_layers))
     return ((text_config.num_hidden_layers - cross) * PAGE_TOKENS * per_token_layer,
             cross * tile_tokens * per_token_layer)

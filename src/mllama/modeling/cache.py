@@ -6,6 +6,12 @@ import torch
 from .attention import attend
 
 
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes of one token's K and V in one attention layer."""
+    text = getattr(config, "text_config", config)
+    return 2 * text.num_key_value_heads * text.head_dim * torch.finfo(dtype).bits // 8
+
+
 class MllamaCache:
     """Per-layer caches, keyed by layer index.
 

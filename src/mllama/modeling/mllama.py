@@ -215,12 +215,15 @@ class MllamaModel(MllamaPreTrainedModel):
     def forward(self, input_ids=None, pixel_values=None, aspect_ratio_mask=None, aspect_ratio_ids=None,
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, use_cache=None, past_key_values=None,
-                output_hidden_states: bool | None = None, vision_runner=None, cross_tiles=None,
+                output_hidden_states: bool | None = None, cross_tiles=None,
                 ids_checked: bool = False, output_attentions: bool | None = None, return_dict: bool | None = None,
                 **unused) -> ModelOutput | tuple:
-        """cross_tiles: with cross_attention_states encoded beforehand (encode_images with kept_tiles), the
-        tiles they hold; ids_checked: the caller checked the ids already (check_image_inputs with images).
-        With output_attentions every tile is kept, so that the cross-attention weights cover all vision tokens."""
+        """Two arguments serve callers that encode the images themselves (the engines, which replay the vision
+        encoder as CUDA graphs) and cannot live outside the forward: cross_tiles, with cross_attention_states
+        from encode_images(keep_tiles=kept_tiles(...)), names the tiles those states hold (the mask's other
+        columns are dropped to match); ids_checked says the caller checked the ids (check_image_inputs), since
+        the check reads them on the host, which a captured graph cannot. With output_attentions every tile is
+        kept, so that the cross-attention weights cover all vision tokens."""
         if output_attentions is None:
             output_attentions = config_default(self.config, "output_attentions", False)
         if output_hidden_states is None:
@@ -234,8 +237,7 @@ class MllamaModel(MllamaPreTrainedModel):
                                         cross_attention_mask)
             ids_checked = True
             cross_tiles = self.kept_tiles(cross_attention_mask, pixel_values, keep_all=bool(output_attentions))
-            encoder = self.vision_model if vision_runner is None else vision_runner
-            image_outputs = encoder(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            image_outputs = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
             cross_attention_states = self.project_images(image_outputs.last_hidden_state, cross_tiles)
         out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   ids_checked=ids_checked,
@@ -280,7 +282,7 @@ class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel, Ge
                 attention_mask=None, cross_attention_mask=None, cross_attention_states=None, position_ids=None,
                 cache=None, inputs_embeds=None, labels=None, use_cache=None,
                 logits_to_keep: int | torch.Tensor = 0, past_key_values=None,
-                output_hidden_states: bool | None = None, num_items_in_batch=None, vision_runner=None,
+                output_hidden_states: bool | None = None, num_items_in_batch=None,
                 cross_tiles=None, ids_checked: bool = False, output_attentions: bool | None = None,
                 return_dict: bool | None = None, **unused) -> ModelOutput | tuple:
         out = self.model(input_ids=input_ids, pixel_values=pixel_values, aspect_ratio_mask=aspect_ratio_mask,
@@ -288,7 +290,7 @@ class MllamaForConditionalGeneration(_EmbeddingsMixin, MllamaPreTrainedModel, Ge
                          cross_attention_mask=cross_attention_mask, cross_attention_states=cross_attention_states,
                          position_ids=position_ids, cache=cache if cache is not None else past_key_values,
                          inputs_embeds=inputs_embeds, use_cache=use_cache, output_hidden_states=output_hidden_states,
-                         vision_runner=vision_runner, cross_tiles=cross_tiles, ids_checked=ids_checked,
+                         cross_tiles=cross_tiles, ids_checked=ids_checked,
                          output_attentions=output_attentions, return_dict=True)
         logits = self.lm_head(_keep_logits(out.last_hidden_state, logits_to_keep))
         loss = None
