@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx2 as httpx
@@ -31,14 +33,21 @@ ENGINE_LINE = re.compile(r"mllama serve: .*engine process (\d+)")
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return _free_ports(1)[0]
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` different ports that were free (all bound at once, so none is handed out twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 class Server:
-    def __init__(self, checkpoint, *extra: str, env: dict | None = None):
-        self.port = _free_port()
+    def __init__(self, checkpoint, *extra: str, env: dict | None = None, port: int | None = None):
+        self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "mllama.server", str(checkpoint), "--port", str(self.port), "--device", "cpu",
                "--served-model-name", MODEL, "--max-model-len", "512", *extra]
@@ -121,6 +130,26 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def start_servers(checkpoint, *flags: tuple[str, ...]) -> list[Server]:
+    """A Server for each tuple of flags, all started together (a start-up is mostly interpreters starting and a
+    model loading, one core each); they run side by side on ports of their own. If one fails to start, those that
+    did are stopped and its error is raised."""
+    ports = _free_ports(len(flags))
+    with ThreadPoolExecutor(max_workers=len(flags)) as pool:
+        starting = [pool.submit(Server, checkpoint, *extra, port=port) for extra, port in zip(flags, ports)]
+    started, failure = [], None
+    for future in starting:
+        try:
+            started.append(future.result())
+        except BaseException as error:
+            failure = failure or error
+    if failure is not None:
+        for s in started:
+            s.stop()
+        raise failure
+    return started
 
 
 @pytest.fixture(scope="module")
@@ -548,15 +577,15 @@ def test_remote_images_limits(tiny_checkpoint, reference, tmp_path):
                                                            {"type": "text", "text": "What is it?"}]}]}
         return httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)
 
-    strict = Server(tiny_checkpoint, "--allow-remote-images", "--max-image-bytes", "200000")
+    strict, open_ = start_servers(tiny_checkpoint, ("--allow-remote-images", "--max-image-bytes", "200000"),
+                                  ("--allow-remote-images", "--allow-private-image-hosts", "--max-image-bytes",
+                                   "200000"))
     try:
-        refused = ask(strict, f"{base}/img.png")
-        assert refused.status_code == 400 and "non-public address" in refused.json()["error"]["message"]
-    finally:
-        assert strict.stop() == 0
-    open_ = Server(tiny_checkpoint, "--allow-remote-images", "--allow-private-image-hosts",
-                   "--max-image-bytes", "200000")
-    try:
+        try:
+            refused = ask(strict, f"{base}/img.png")
+            assert refused.status_code == 400 and "non-public address" in refused.json()["error"]["message"]
+        finally:
+            assert strict.stop() == 0
         ok = ask(open_, f"{base}/img.png")
         assert ok.status_code == 200, ok.text
         ref = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
