@@ -25,11 +25,14 @@ def run(*args, stdin: str | None = None, env: dict | None = None, timeout: int =
                           timeout=timeout)
 
 
+# processes run side by side: one per CPU (an `mllama` start-up, importing torch, keeps one CPU busy), at most 4
+TOGETHER = max(1, min(4, os.cpu_count() or 1))
+
+
 def run_together(*calls: tuple) -> list[subprocess.CompletedProcess]:
-    """`run(*args, **kwargs)` for each (args, kwargs) in `calls`, a few at a time: each is a separate `mllama`
-    process (whose start-up, importing torch, is most of its time) and sees nothing of the others. The results
-    come back in the order of `calls`."""
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    """`run(*args, **kwargs)` for each (args, kwargs) in `calls`, TOGETHER at a time: each is a separate `mllama`
+    process and sees nothing of the others. The results come back in the order of `calls`."""
+    with ThreadPoolExecutor(max_workers=TOGETHER) as pool:
         return list(pool.map(lambda call: run(*call[0], **call[1]), calls))
 
 
@@ -198,7 +201,7 @@ def test_bad_arguments_are_refused_before_the_model_loads(tmp_path):
 def test_a_prompt_that_is_not_utf8_is_named(tmp_path):
     commands = [[MLLAMA, "generate", "--model", str(tmp_path), "--prompt", b"caf\xe9 au lait"],
                 [MLLAMA, "chat", "--model", str(tmp_path), "--system", b"\xff"]]
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two separate processes, started together
+    with ThreadPoolExecutor(max_workers=TOGETHER) as pool:  # two separate processes, side by side
         prompt, system = pool.map(lambda command: subprocess.run(
             command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}), commands)
     assert_one_line_error(prompt, "--prompt is not valid UTF-8", "0xe9", "character 4")
@@ -212,7 +215,7 @@ def test_version_and_python_dash_m():
 
     expected = f"mllama {version('mllama')}\n"
     assert mllama.__version__ == version("mllama")
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two separate processes, started together
+    with ThreadPoolExecutor(max_workers=TOGETHER) as pool:  # two separate processes, side by side
         script = pool.submit(run, "--version")
         module = pool.submit(subprocess.run, [sys.executable, "-m", "mllama", "--version"], capture_output=True,
                              text=True)
