@@ -52,6 +52,24 @@ def image_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """The Python API's model and processor on the tiny checkpoint, which the CLI's answers are checked against
+    (only read: generate and apply_chat_template)."""
+    from mllama import AutoProcessor, MllamaForConditionalGeneration
+
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    return model, AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+@contextlib.contextmanager
+def running(*args, **kwargs):
+    """`run(*args, **kwargs)` in its own process while the block computes what to expect; yields a future of its
+    result."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(run, *args, **kwargs)
+
+
 def test_create_tiny_writes_a_loadable_checkpoint(tmp_path, tokenizer_model_path):
     result = run("create-tiny", str(tmp_path / "tiny"), "--tokenizer", str(tokenizer_model_path))
     assert result.returncode == 0, result.stderr
@@ -60,72 +78,66 @@ def test_create_tiny_writes_a_loadable_checkpoint(tmp_path, tokenizer_model_path
         assert (tmp_path / "tiny" / name).is_file(), name
 
 
-def test_generate_streams_what_generate_returns(tiny_checkpoint, image_path):
-    from mllama import AutoProcessor, MllamaForConditionalGeneration
-
-    result = run("generate", "--model", str(tiny_checkpoint), "--image", str(image_path), "--prompt",
-                 "Describe the picture.", "--max-new-tokens", "12", "--greedy")
+def test_generate_streams_what_generate_returns(tiny_checkpoint, image_path, reference):
+    with running("generate", "--model", str(tiny_checkpoint), "--image", str(image_path), "--prompt",
+                 "Describe the picture.", "--max-new-tokens", "12", "--greedy") as cli:
+        model, processor = reference
+        messages = [{"role": "user", "content": [{"type": "image", "path": str(image_path)},
+                                                 {"type": "text", "text": "Describe the picture."}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+        expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    result = cli.result()
     assert result.returncode == 0, result.stderr
-    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    messages = [{"role": "user", "content": [{"type": "image", "path": str(image_path)},
-                                             {"type": "text", "text": "Describe the picture."}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    expected = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert result.stdout == expected + "\n"
 
 
 def test_generate_raw_prompt_and_sampling_flags(tiny_checkpoint, image_path):
-    a = run("generate", "--model", str(tiny_checkpoint), "--raw", "--image", str(image_path), "--prompt", "A photo of",
+    args = ("generate", "--model", str(tiny_checkpoint), "--raw", "--image", str(image_path), "--prompt", "A photo of",
             "--max-new-tokens", "8", "--temperature", "1.3", "--top-k", "50", "--seed", "7")
-    b = run("generate", "--model", str(tiny_checkpoint), "--raw", "--image", str(image_path), "--prompt", "A photo of",
-            "--max-new-tokens", "8", "--temperature", "1.3", "--top-k", "50", "--seed", "7")
+    a, b = run_together((args, {}), (args, {}))  # two processes, the same seed
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout and a.stdout.strip()
 
 
-def test_chat_through_stdin(tiny_checkpoint, image_path):
-    from mllama import AutoProcessor, MllamaForConditionalGeneration
-
+def test_chat_through_stdin(tiny_checkpoint, image_path, reference):
     script = f"/image {image_path}\nWhat is in this image?\nAnd the colours?\n/image /no/such.png\n/exit\n"
-    result = run("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "6", "--greedy", stdin=script)
+    with running("chat", "--model", str(tiny_checkpoint), "--max-new-tokens", "6", "--greedy", stdin=script) as cli:
+        # the same two turns through the Python API: the history carries the image and the first reply
+        model, processor = reference
+        messages, replies = [], []
+        for i, text in enumerate(["What is in this image?", "And the colours?"]):
+            content = ([{"type": "image", "path": str(image_path)}] if i == 0 else []) + \
+                [{"type": "text", "text": text}]
+            messages.append({"role": "user", "content": content})
+            inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True, return_tensors="pt")
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+            replies.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+            messages.append({"role": "assistant", "content": replies[-1]})
+    result = cli.result()
     assert result.returncode == 0, result.stderr
     assert "/no/such.png" in result.stderr  # a bad /image keeps the chat going
-    # the same two turns through the Python API: the history carries the image and the first reply
-    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    messages, replies = [], []
-    for i, text in enumerate(["What is in this image?", "And the colours?"]):
-        content = ([{"type": "image", "path": str(image_path)}] if i == 0 else []) + [{"type": "text", "text": text}]
-        messages.append({"role": "user", "content": content})
-        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True, return_tensors="pt")
-        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        replies.append(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-        messages.append({"role": "assistant", "content": replies[-1]})
     assert result.stdout == f"(image attached: {image_path})\n{replies[0]}\n{replies[1]}\n"
 
 
-def test_chat_system_message_with_image_is_reported_and_the_image_dropped(tiny_checkpoint, image_path):
-    from mllama import AutoProcessor, MllamaForConditionalGeneration
-
+def test_chat_system_message_with_image_is_reported_and_the_image_dropped(tiny_checkpoint, image_path, reference):
     script = f"/image {image_path}\nhello\nhello again\n"
-    result = run("chat", "--model", str(tiny_checkpoint), "--system", "Be brief.", "--max-new-tokens", "3",
-                 "--greedy", stdin=script)
+    with running("chat", "--model", str(tiny_checkpoint), "--system", "Be brief.", "--max-new-tokens", "3",
+                 "--greedy", stdin=script) as cli:
+        # the next message goes without the image, after the system message alone
+        model, processor = reference
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": [{"type": "text", "text": "hello again"}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True, return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        reply = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    result = cli.result()
     assert result.returncode == 0
     assert result.stderr.count("incompatible with system messages") == 1
     assert "1 attached image(s) dropped" in result.stderr
-    # the next message goes without the image, after the system message alone
-    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    processor = AutoProcessor.from_pretrained(tiny_checkpoint)
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "hello again"}]}]
-    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    reply = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert result.stdout == f"(image attached: {image_path})\n{reply}\n"
 
 
