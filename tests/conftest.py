@@ -80,11 +80,14 @@ def tokenizer_model_path():
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, tokenizer_model_path):
-    """A tiny random checkpoint with the real tokenizer and instruct template (what `mllama create-tiny` writes)."""
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random checkpoint with the real tokenizer and instruct template (what `mllama create-tiny` writes).
+    Its tokenizer files are copied from the session's instruct conversion of Meta's tokenizer.model, which
+    convert_tiktoken would write again byte for byte (test_cli runs create-tiny on tokenizer.model itself)."""
+    from conftest_tokenizer import converted_dir
     from mllama.cli import create_tiny
 
-    return create_tiny(tmp_path_factory.mktemp("tiny-ckpt"), tokenizer_model_path)
+    return create_tiny(tmp_path_factory.mktemp("tiny-ckpt"), converted_dir(True))
 
 
 _GPU_TESTS = Path(__file__).parent / "gpu"
