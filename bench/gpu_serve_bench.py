@@ -240,7 +240,10 @@ def metrics_delta(before: dict, after: dict, seconds: float) -> dict:
             "mean_request_decode_s": mean("mllama_request_decode_seconds"),
             "mean_server_ttft_s": mean("mllama_server_time_to_first_token_seconds"),
             "mean_engine_ttft_s": mean("mllama_time_to_first_token_seconds"),
-            "mean_engine_itl_s": mean("mllama_inter_token_latency_seconds")}
+            "mean_engine_itl_s": mean("mllama_inter_token_latency_seconds"),
+            "decoded_image_hits": d.get("mllama_decoded_image_hits_total"),
+            "decoded_image_misses": d.get("mllama_decoded_image_misses_total"),
+            "engine_image_cache_hits": d.get("mllama_image_cache_hits_total")}
 
 
 def main() -> None:
@@ -364,13 +367,17 @@ def main() -> None:
 
         summary["multiturn"] = []
         for level in args.multiturn:
+            before, t0 = scrape(port), time.perf_counter()
             result = multiturn.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", str(level),
                                      "--conversations", str(max(8, 2 * level)), "--max-tokens", "64"])
+            result["server_metrics"] = metrics_delta(before, scrape(port), time.perf_counter() - t0)
+            print(f"server metrics multiturn c{level}:", json.dumps(result["server_metrics"]), flush=True)
             summary["multiturn"].append(result)
             (Path(args.out) / "serve-summary.json").write_text(json.dumps(summary, indent=1))
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
         summary["final_metrics"] = [line for line in metrics.splitlines()
-                                    if line.startswith(("mllama_kv", "mllama_image", "mllama_cache", "mllama_batch"))]
+                                    if line.startswith(("mllama_kv", "mllama_image", "mllama_cache", "mllama_batch",
+                                                        "mllama_decoded"))]
         (Path(args.out) / "serve-summary.json").write_text(json.dumps(summary, indent=1))
         print(metrics[-3000:])
     finally:

@@ -6,7 +6,7 @@ import torch
 
 from mllama.processing.processor import AutoProcessor
 from mllama.server import app
-from mllama.server.prompts import ImageOptions
+from mllama.server.prompts import RequestError
 
 
 def test_worker_start_runs_the_warm_up(tiny_checkpoint, monkeypatch):
@@ -14,10 +14,13 @@ def test_worker_start_runs_the_warm_up(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this test process's threads
     monkeypatch.setattr(app, "_warm_up", lambda *worker: seen.append(worker))
     monkeypatch.setattr(app, "_WORKER", None)
-    context = ("served-name", ImageOptions(), "bfloat16")
-    app._init_worker(str(tiny_checkpoint), context)
+    app._init_worker(str(tiny_checkpoint), 1 << 20)
     assert app._ready()
-    assert len(seen) == 1 and seen[0] == app._WORKER and seen[0][1:] == context
+    assert len(seen) == 1 and seen[0] == (app._WORKER[0],)
+    assert app._WORKER[1].max_bytes == 1 << 20  # the worker's decoded-image memory
+    app._WORKER = None
+    app._init_worker(str(tiny_checkpoint), 0)
+    assert app._WORKER[1] is None  # --no-image-cache: none
 
 
 def test_warm_up_decodes_a_chat_request_with_an_image(tiny_checkpoint, monkeypatch):
@@ -25,10 +28,13 @@ def test_warm_up_decodes_a_chat_request_with_an_image(tiny_checkpoint, monkeypat
     results = []
     real = app.decode_request
     monkeypatch.setattr(app, "decode_request", lambda *args: results.append(real(*args)) or results[-1])
-    app._warm_up(processor, "served-name", ImageOptions(), "bfloat16")
+    app._warm_up(processor)
     (parsed, ids, packed), = results  # it went through without a RequestError
     assert ids.count(processor.image_token_id) == 1
     assert packed["pixel_values"][1] == "bfloat16"
-    # A server whose options refuse the warm-up request still starts its workers.
-    app._warm_up(processor, "served-name", ImageOptions(max_images=0), None)
-    assert len(results) == 1
+    # A processor whose template refuses the warm-up request still starts its workers.
+    def refuse(*args):
+        raise RequestError("this template takes no images", "messages")
+
+    monkeypatch.setattr(app, "decode_request", refuse)
+    app._warm_up(processor)  # (no exception)

@@ -154,7 +154,7 @@ def start_servers(checkpoint, *flags: tuple[str, ...]) -> list[Server]:
 
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint):
-    s = Server(tiny_checkpoint, "--max-batch", "8", "--max-queue", "64")
+    s = Server(tiny_checkpoint, "--max-batch", "8", "--max-queue", "64", "--input-workers", "2")
     yield s
     assert s.stop() == 0
 
@@ -234,6 +234,23 @@ def test_chat_with_image_matches_generate(server, reference):
     assert r.choices[0].finish_reason == "length"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == \
         (n_prompt, n_out, n_prompt + n_out)
+
+
+def test_a_conversation_resending_its_image_is_decoded_once(server, reference):
+    """Turn 2 re-sends turn 1's image (as chat clients do): with two input workers, it reaches the one that
+    decoded the image and finds its tiles kept there; its answer is still generate's."""
+    hits, misses = server.metric("mllama_decoded_image_hits_total"), server.metric("mllama_decoded_image_misses_total")
+    api, ref = _messages("What is in this picture?", [71])  # an image no other test sends
+    client = _client(server)
+    first = client.chat.completions.create(model=MODEL, messages=api, max_tokens=6, temperature=0)
+    api += [{"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And what else?"}]
+    ref += [{"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And what else?"}]
+    second = client.chat.completions.create(model=MODEL, messages=api, max_tokens=6, temperature=0)
+    assert second.choices[0].message.content == _generate(reference, ref, 6, do_sample=False)[0]
+    assert server.metric("mllama_decoded_image_misses_total") == misses + 1
+    assert server.metric("mllama_decoded_image_hits_total") == hits + 1
 
 
 def test_streaming_chat_with_usage(server, reference):

@@ -280,10 +280,10 @@ def test_input_workers_are_joined_before_exit(tiny_checkpoint):
     from concurrent.futures.process import _ExecutorManagerThread
     from types import SimpleNamespace
 
-    from mllama.server import ImageOptions, _close_input_workers
+    from mllama.server import _close_input_workers
     from mllama.server.app import InputWorkers
 
-    workers = InputWorkers(str(tiny_checkpoint), 1, (MODEL, ImageOptions(), None))
+    workers = InputWorkers(str(tiny_checkpoint), 1)
     _close_input_workers(SimpleNamespace(state=SimpleNamespace(input_workers=workers)))
     assert not [t for t in threading.enumerate() if isinstance(t, _ExecutorManagerThread) and t.is_alive()]
 

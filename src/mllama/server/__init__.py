@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from .app import ServerOptions, create_app, error_response, render_metrics
+from .app import ServerOptions, create_app, error_response, render_metrics, start_input_workers
 from .prompts import ImageOptions, RequestError
 
 __all__ = ["add_arguments", "run", "main", "create_app", "ServerOptions", "ImageOptions", "RequestError",
@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of the K/V pool for image tiles' cross-attention K/V (and cached images); the "
                              "rest holds text tokens' K/V (default 0.5)")
     parser.add_argument("--no-image-cache", action="store_true",
-                        help="do not keep images' K/V after their request: every image is encoded again")
+                        help="do not keep images after their request (their K/V on the GPU, their decoded tiles on "
+                             "the HTTP side): every image is decoded and encoded again")
     parser.add_argument("--max-prefill-batch", type=int, default=4,
                         help="images (or text-only requests) prefilled together, between two decode steps of the "
                              "running batch")
@@ -134,32 +135,38 @@ def build(args: argparse.Namespace):
     from ..processing.processor import AutoProcessor
     from .engine_process import EngineProcess
 
-    processor = AutoProcessor.from_pretrained(args.model)
     spec = {"model": args.model, "dtype": args.dtype, "device": args.device,
             "engine": {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_model_len": args.max_model_len,
                        "max_images": args.max_images_per_request, "max_prefill_batch": args.max_prefill_batch,
                        "overlap_prefill": True if args.overlap_prefill else None,
                        "gpu_memory_utilization": args.gpu_memory_utilization, "cross_share": args.image_kv_share,
                        "cache_images": not args.no_image_cache}}
-    engine = EngineProcess(spec)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("MLLAMA_API_KEY") or None
-    images = ImageOptions(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,
-                          allow_remote=args.allow_remote_images,
-                          allow_private_hosts=args.allow_private_image_hosts)
-    input_workers = args.input_workers
-    if input_workers is None:
-        input_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-    options = ServerOptions(model_name=served_model_name(args), api_key=api_key, images=images,
-                            processor_source=str(args.model), input_workers=input_workers,
-                            max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
-    app = None
+    engine = EngineProcess(spec, wait=False)  # it loads the model while this process starts the rest
+    workers = app = None
     try:
+        processor = AutoProcessor.from_pretrained(args.model)
+        api_key = args.api_key if args.api_key is not None else os.environ.get("MLLAMA_API_KEY") or None
+        images = ImageOptions(max_images=args.max_images_per_request, max_bytes=args.max_image_bytes,
+                              allow_remote=args.allow_remote_images,
+                              allow_private_hosts=args.allow_private_image_hosts)
+        input_workers = args.input_workers
+        if input_workers is None:
+            input_workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        options = ServerOptions(model_name=served_model_name(args), api_key=api_key, images=images,
+                                processor_source=str(args.model), input_workers=input_workers,
+                                max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                                **({"decoded_image_bytes": 0} if args.no_image_cache else {}))
         with _children_ignore_interrupts():  # the input workers
-            app = create_app(processor, engine, options)
+            workers = start_input_workers(options)
+        engine.wait_ready()
+        app = create_app(processor, engine, options, workers)
     except BaseException:
-        if app is not None:  # a signal held while the workers started is delivered on the way out
-            _close_input_workers(app)
-        engine.stop(0.0)
+        if workers is not None:  # a signal held while the workers started is delivered on the way out
+            workers.close()
+        if engine.ready:
+            engine.stop(0.0)
+        else:
+            engine.kill()
         raise
     return processor, engine, app
 

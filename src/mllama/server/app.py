@@ -12,6 +12,7 @@ import multiprocessing
 import threading
 import time
 import uuid
+import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from ..engine.scheduler import EngineStopped, QueueFull
 from ..engine.stats import Histogram
 from ..sampling import GREEDY_BELOW_TEMPERATURE
 from .engine_process import EngineProcess, LocalEngine, pack_tensors
-from .prompts import ImageOptions, RemoteImagesNeeded, RequestError, chat_inputs, completion_inputs, fetch_remote
+from .prompts import DecodedImages, ImageOptions, RemoteImagesNeeded, RequestError, chat_inputs, completion_inputs, \
+    fetch_remote
 
 
 # An answer given before the body was read whole ends the connection: the rest of the body is never read, and
@@ -50,6 +52,9 @@ class ServerOptions:
     # threads of this process instead.
     processor_source: str | None = None
     input_workers: int = 0
+    # Decoded images kept for requests that send them again (DecodedImages), in bytes of tiles, for all input
+    # workers together (split evenly) or this process; 0: none kept (`mllama serve --no-image-cache`).
+    decoded_image_bytes: int = 2 * 2**30
 
 
 # --- request decoding: JSON, fields, template, tokens, images --------------------------------------------------
@@ -118,9 +123,11 @@ def _check_text(text: str, where: str) -> None:
 
 def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
                    pixel_dtype: str | None, max_model_len: int | None = None,
-                   fetched: dict[str, bytes] | None = None) -> tuple["Parsed", list[int], dict]:
+                   fetched: dict[str, bytes] | None = None,
+                   memo: DecodedImages | None = None) -> tuple["Parsed", list[int], dict]:
     """A request body -> (its options, prompt ids, packed model inputs); RequestError names the field at fault.
-    RemoteImagesNeeded when http(s) image URLs have no bytes in `fetched` (url -> bytes) yet."""
+    RemoteImagesNeeded when http(s) image URLs have no bytes in `fetched` (url -> bytes) yet. Images are tiled in
+    `pixel_dtype` (the engine's), through `memo` when given."""
     body = parse_body(raw)
     name = body.get("model")
     if not isinstance(name, str):
@@ -130,24 +137,19 @@ def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: I
                            "model_not_found")
     parsed = parse_common(body, chat)
     if chat:
-        ids, inputs = chat_inputs(processor, body.get("messages"), images, max_model_len, fetched)
+        ids, inputs = chat_inputs(processor, body.get("messages"), images, max_model_len, fetched, pixel_dtype, memo)
     else:
         if "prompt" not in body:
             raise RequestError("prompt is required", "prompt")
         ids, inputs = completion_inputs(processor, body.get("prompt"), body.get("images"), images, max_model_len,
-                                        fetched)
-    if pixel_dtype and "pixel_values" in inputs:
-        # the same rounding the engine's .to(dtype) would do, here, so half the bytes cross the pipes
-        import torch
-
-        inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, pixel_dtype))
+                                        fetched, pixel_dtype, memo)
     return parsed, ids, pack_tensors(inputs)
 
 
-_WORKER: tuple | None = None  # (processor, model name, image options, pixel dtype) in an input worker
+_WORKER: tuple | None = None  # (processor, decoded-image memory or None) in an input worker
 
 
-def _init_worker(source: str, context: tuple) -> None:
+def _init_worker(source: str, memo_bytes: int) -> None:
     global _WORKER
     import signal
 
@@ -162,8 +164,8 @@ def _init_worker(source: str, context: tuple) -> None:
     from ..processing.processor import AutoProcessor
 
     torch.set_num_threads(1)  # several workers side by side: one thread each
-    _WORKER = (AutoProcessor.from_pretrained(source), *context)
-    _warm_up(*_WORKER)
+    _WORKER = (AutoProcessor.from_pretrained(source), DecodedImages(memo_bytes) if memo_bytes > 0 else None)
+    _warm_up(_WORKER[0])
 
 
 def _exit_with_parent() -> None:
@@ -176,7 +178,7 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
 
-def _warm_up(processor, model_name: str, *context) -> None:
+def _warm_up(processor) -> None:
     """Decode one small chat request with an image, so that the first client request a fresh worker gets does not
     pay for lazy imports and first-call set-up (PIL's PNG plugin, the chat template, the tokenizer, torch's
     kernels): ~70 ms on a 1120x1120 PNG request, measured. This costs a few milliseconds per worker at start."""
@@ -188,86 +190,134 @@ def _warm_up(processor, model_name: str, *context) -> None:
     buffer = io.BytesIO()
     PIL.Image.new("RGB", (64, 48), (120, 90, 60)).save(buffer, "PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    body = {"model": model_name, "max_tokens": 1, "messages": [{"role": "user", "content": [
+    body = {"model": "warm-up", "max_tokens": 1, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe this image."}]}]}
     try:
-        decode_request(processor, json.dumps(body).encode(), True, model_name, *context)
-    except Exception:  # e.g. a server that accepts no images: the worker still starts, cold
+        decode_request(processor, json.dumps(body).encode(), True, "warm-up", ImageOptions(), "bfloat16")
+    except Exception:  # e.g. a chat template that takes no images: the worker still starts, cold
         pass
 
 
-def _job(raw: bytes, chat: bool, fetched: dict[str, bytes] | None = None):
-    processor, *context = _WORKER
-    return decode_request(processor, raw, chat, *context, fetched=fetched)
+def _job(raw: bytes, chat: bool, context: tuple, fetched: dict[str, bytes] | None = None):
+    """-> (decode_request's answer, the worker's decoded-image (hits, misses) so far)."""
+    processor, memo = _WORKER
+    decoded = decode_request(processor, raw, chat, *context, fetched=fetched, memo=memo)
+    return decoded, (memo.hits, memo.misses) if memo is not None else (0, 0)
 
 
 def _ready() -> bool:
     return _WORKER is not None
 
 
-class InputWorkers:
-    """`workers` spawned processes that decode requests. A worker that dies (killed, out of memory) breaks a
-    ProcessPoolExecutor for good, so the pool is then replaced by a fresh one, and the requests that were on the
-    broken pool (innocent, most of them) are decoded once more on the new one; a request that breaks a second pool
-    gets a 503. While no pool works, `healthy` says so (and /health answers 503)."""
+def image_affinity(raw: bytes) -> int | None:
+    """A number that is the same for two bodies whose first image is the same, None for a body without one. It
+    reads the image's length and last 512 characters of base64 (or its URL), not the JSON: files of one encoder
+    share their first bytes (a JPEG's tables), their last ones are their own. Only a routing hint: two images
+    that share it are still told apart by the worker's memory."""
+    at = raw.find(b";base64,")
+    at = at + 8 if at >= 0 else raw.find(b"://")
+    if at < 0:
+        return None
+    end = raw.find(b'"', at)
+    end = len(raw) if end < 0 else end
+    return zlib.crc32(raw[max(at, end - 512):end], end - at)
 
-    def __init__(self, source: str, workers: int, context: tuple):
-        self.source, self.workers, self.context = source, workers, context
+
+class InputWorkers:
+    """`workers` spawned processes that decode requests, each with its own memory of decoded images
+    (DecodedImages, `memo_bytes` each). A request goes to the worker its first image points to (image_affinity),
+    so that a conversation's turns meet the worker that decoded its image before, unless that worker has more
+    than ROUTE_SLACK requests more than the least busy one, which then takes it.
+
+    A worker that dies (killed, out of memory) breaks its ProcessPoolExecutor for good, so that pool is replaced
+    by a fresh one, and the requests that were on it are decoded once more; a request that breaks a second pool
+    gets a 503. While a pool is broken, `healthy` says so (and /health answers 503)."""
+
+    ROUTE_SLACK = 2
+
+    def __init__(self, source: str, workers: int, memo_bytes: int = 0):
+        self.source, self.workers, self.memo_bytes = source, workers, memo_bytes
+        self.context: tuple = ()  # decode_request's (model name, image options, pixel dtype, context length)
         self.lock = threading.Lock()
         self.replacements = 0  # pools replaced after a worker died (/metrics)
-        self.pool = self._start()
+        self.busy = [0] * workers  # requests on each worker now
+        self.counts = [(0, 0)] * workers  # each worker's decoded-image (hits, misses), as its last job said
+        self.retired = (0, 0)  # the counts of replaced workers
+        self.pools: list[ProcessPoolExecutor | None] = self._start(workers)
 
-    def _start(self) -> ProcessPoolExecutor:
+    def _start(self, count: int) -> list[ProcessPoolExecutor]:
         mp_context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
-        pool = ProcessPoolExecutor(self.workers, mp_context=mp_context, initializer=_init_worker,
-                                   initargs=(self.source, self.context))
-        # start them all now (each imports torch and loads the tokenizer), not on the first requests
-        assert all(f.result() for f in [pool.submit(_ready) for _ in range(self.workers * 2)])
-        return pool
+        pools = [ProcessPoolExecutor(1, mp_context=mp_context, initializer=_init_worker,
+                                     initargs=(self.source, self.memo_bytes)) for _ in range(count)]
+        # start them all now, side by side (each imports torch and loads the tokenizer), not on the first requests
+        assert all(f.result() for f in [pool.submit(_ready) for pool in pools])
+        return pools
 
-    def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
-        """The working pool: `broken` replaced if no other request has replaced it already (on a thread: a start
-        takes seconds)."""
+    def _replace(self, index: int, broken: ProcessPoolExecutor | None) -> ProcessPoolExecutor:
+        """Worker `index`'s working pool: `broken` replaced if no other request has replaced it already (on a
+        thread: a start takes seconds)."""
         with self.lock:
-            if self.pool is broken:
+            if self.pools[index] is broken:
                 if broken is not None:
-                    broken.shutdown(wait=True, cancel_futures=True)  # its manager thread has ended the workers
-                self.pool = None
-                self.pool = self._start()
+                    broken.shutdown(wait=True, cancel_futures=True)  # its manager thread has ended the worker
+                    self.retired = tuple(map(sum, zip(self.retired, self.counts[index])))
+                    self.counts[index] = (0, 0)
+                self.pools[index] = None
+                self.pools[index] = self._start(1)[0]
                 self.replacements += 1
-            return self.pool
+            return self.pools[index]
+
+    def _route(self, raw: bytes) -> int:
+        least = min(range(self.workers), key=self.busy.__getitem__)
+        hint = image_affinity(raw)
+        if hint is None:
+            return least
+        preferred = hint % self.workers
+        return preferred if self.busy[preferred] <= self.busy[least] + self.ROUTE_SLACK else least
 
     async def run(self, raw: bytes, chat: bool, fetched: dict[str, bytes] | None = None):
         loop = asyncio.get_running_loop()
-        for attempt in range(2):
-            pool = self.pool or await asyncio.to_thread(self._replace, None)
-            try:
-                return await loop.run_in_executor(pool, _job, raw, chat, fetched)
-            except BrokenProcessPool:
-                await asyncio.to_thread(self._replace, pool)
+        index = self._route(raw)
+        self.busy[index] += 1  # (on the event loop: no lock needed)
+        try:
+            for attempt in range(2):
+                pool = self.pools[index] or await asyncio.to_thread(self._replace, index, None)
+                try:
+                    decoded, self.counts[index] = await loop.run_in_executor(pool, _job, raw, chat, self.context,
+                                                                             fetched)
+                    return decoded
+                except BrokenProcessPool:
+                    await asyncio.to_thread(self._replace, index, pool)
+        finally:
+            self.busy[index] -= 1
         raise RequestError("an input worker died twice while decoding this request; try again", None, 503,
                            "worker_died")
 
+    def image_counts(self) -> tuple[int, int]:
+        """Decoded images found in the workers' memories and decoded anew, since start."""
+        return tuple(map(sum, zip(self.retired, *self.counts)))
+
     def healthy(self) -> str | None:
-        """None if the pool works, else why not (a dead worker is seen here before any request meets it)."""
-        pool = self.pool
-        if pool is None:
-            return "the input workers are being restarted"
-        try:
-            pool.submit(_ready)  # raises at once on a broken pool; else a no-op job
-        except BrokenProcessPool:
-            threading.Thread(target=self._replace, args=(pool,), daemon=True).start()
-            return "an input worker died; the input workers are being restarted"
-        except RuntimeError:  # shut down
-            return "the input workers are stopped"
+        """None if every pool works, else why not (a dead worker is seen here before any request meets it)."""
+        for index, pool in enumerate(list(self.pools)):
+            if pool is None:
+                return "the input workers are being restarted"
+            try:
+                pool.submit(_ready)  # raises at once on a broken pool; else a no-op job
+            except BrokenProcessPool:
+                threading.Thread(target=self._replace, args=(index, pool), daemon=True).start()
+                return "an input worker died; the input workers are being restarted"
+            except RuntimeError:  # shut down
+                return "the input workers are stopped"
         return None
 
     def close(self) -> None:
-        """Waits for the pool's manager thread: if the interpreter exits while it still runs, Python 3.11's exit
+        """Waits for the pools' manager threads: if the interpreter exits while one still runs, Python 3.11's exit
         hook writes to the wake-up pipe that thread is closing ("OSError: Bad file descriptor" at exit)."""
         with self.lock:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True, cancel_futures=True)
+            for pool in self.pools:
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def _disconnected(request: Request, job, events: asyncio.Queue) -> None:
@@ -500,10 +550,20 @@ class Guard:
                             time.monotonic() - began)
 
 
+def start_input_workers(options: ServerOptions) -> InputWorkers | None:
+    """The input worker processes `options` asks for (None for none), started; create_app gives them their
+    context. `mllama serve` starts them while the engine process loads the model."""
+    if not options.processor_source or options.input_workers <= 0:
+        return None
+    return InputWorkers(options.processor_source, options.input_workers,
+                        options.decoded_image_bytes // options.input_workers)
+
+
 def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
-               options: ServerOptions | None = None) -> FastAPI:
+               options: ServerOptions | None = None, workers: InputWorkers | None = None) -> FastAPI:
     """The HTTP API over an engine: an EngineProcess (what `mllama serve` starts) or a started BatchEngine of this
-    process."""
+    process. `workers`: input workers started beforehand (start_input_workers); by default, those `options` asks
+    for are started here."""
     options = options or ServerOptions()
     if isinstance(engine, BatchEngine):
         engine = LocalEngine(engine)
@@ -514,8 +574,13 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     app.state.timings = timings
     tokenizer = processor.tokenizer
     context = (options.model_name, options.images, engine.dtype, engine.max_model_len)
-    workers = InputWorkers(options.processor_source, options.input_workers, context) \
-        if options.processor_source and options.input_workers > 0 else None
+    if workers is None:
+        workers = start_input_workers(options)
+    memo = None
+    if workers is not None:
+        workers.context = context
+    elif options.decoded_image_bytes > 0:
+        memo = DecodedImages(options.decoded_image_bytes)
     app.state.input_workers = workers
 
     app.add_middleware(Guard, options=options, counts=http_counts)
@@ -548,7 +613,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     async def decode_once(raw: bytes, chat: bool, fetched: dict[str, bytes] | None):
         if workers is not None:
             return await workers.run(raw, chat, fetched)
-        return await asyncio.to_thread(decode_request, processor, raw, chat, *context, fetched=fetched)
+        return await asyncio.to_thread(decode_request, processor, raw, chat, *context, fetched=fetched, memo=memo)
 
     async def decode(raw: bytes, chat: bool):
         try:
@@ -584,7 +649,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         restarts = workers.replacements if workers is not None else 0
-        return PlainTextResponse(render_metrics(await engine.stats(), http_counts, timings, restarts),
+        images = workers.image_counts() if workers is not None else (memo.hits, memo.misses) if memo else (0, 0)
+        return PlainTextResponse(render_metrics(await engine.stats(), http_counts, timings, restarts, images),
                                  media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/chat/completions")
@@ -776,9 +842,9 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
 
 
 def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram] | None = None,
-                   worker_restarts: int = 0) -> str:
+                   worker_restarts: int = 0, decoded_images: tuple[int, int] = (0, 0)) -> str:
     """Prometheus text from the engine's stats snapshot (BatchEngine.stats), the HTTP counts, this side's
-    latency histograms and how often the input workers were replaced."""
+    latency histograms, how often the input workers were replaced and their decoded-image (hits, misses)."""
     lines = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]):
@@ -836,6 +902,10 @@ def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram]
     histogram("mllama_inter_token_latency_seconds", "Engine: time between tokens", stats["itl"])
     metric("mllama_input_worker_restarts_total", "counter", "Input worker pools replaced after a worker died",
            [("", worker_restarts)])
+    metric("mllama_decoded_image_hits_total", "counter", "Request images whose decoded tiles the HTTP side had "
+           "kept (no base64, PNG or tiling work)", [("", decoded_images[0])])
+    metric("mllama_decoded_image_misses_total", "counter", "Request images the HTTP side decoded",
+           [("", decoded_images[1])])
     if timings:
         histogram("mllama_request_decode_seconds", "Server: arrival to decoded inputs (body, JSON, template, "
                   "images)", timings["decode"].snapshot())

@@ -244,20 +244,25 @@ class EngineProcess:
     submit, stats, stop_soon and the deliveries run on the server's event loop; two threads move the pipe's
     messages, and only they use the pipe until `stop` has ended them."""
 
-    def __init__(self, spec: dict, start_timeout: float | None = None):
+    def __init__(self, spec: dict, start_timeout: float | None = None, wait: bool = True):
+        """Starts the engine process; with `wait` (else call wait_ready), waits until it has loaded the model."""
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: never fork threads or CUDA
         self.conn, child = context.Pipe()
+        self.spec, self.start_timeout = spec, start_timeout
+        self.ready = False  # True once wait_ready has returned
         # not a daemon: the engine may start worker processes of its own (torch.compile's)
         self.process = context.Process(target=_engine_main, args=(child, spec), name="mllama-engine")
         self.process.start()
         child.close()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Waits for the engine's "ready" (RuntimeError if it fails first), then starts talking to it."""
         try:
-            info = self._wait_ready(spec["model"], start_timeout)
+            info = self._wait_ready(self.spec["model"], self.start_timeout)
         except BaseException:  # a failure, or Ctrl+C / SIGTERM while loading: leave no engine behind
-            if self.process.is_alive():
-                self.process.kill()
-            self.process.join()
-            self.conn.close()
+            self.kill()
             raise
         self.max_model_len, self.max_batch = info["max_model_len"], info["max_batch"]
         self.max_queue, self.defaults, self.eos = info["max_queue"], info["defaults"], info["eos"]
@@ -278,6 +283,14 @@ class EngineProcess:
         self._sender.start()
         self._reader = threading.Thread(target=self._read, name="mllama-engine-read", daemon=True)
         self._reader.start()
+        self.ready = True
+
+    def kill(self) -> None:
+        """Ends a process that has not become ready (or is not wanted any more)."""
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+        self.conn.close()
 
     def _wait_ready(self, model: str, start_timeout: float | None) -> dict:
         began = time.monotonic()

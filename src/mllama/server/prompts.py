@@ -11,7 +11,9 @@ what `processor.apply_chat_template(..., tokenize=True)` gives (a test checks th
 from __future__ import annotations
 
 import base64
+import collections
 import functools
+import hashlib
 import http.client
 import io
 import ipaddress
@@ -64,6 +66,12 @@ SERVED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # PIL's names for the formats o
 def load_image_url(url: Any, param: str, options: ImageOptions, fetched: dict[str, bytes] | None = None):
     """A data: URL (png, jpeg, webp, gif) or, with --allow-remote-images, an http(s) URL -> a PIL image. An http(s)
     URL's bytes are taken from `fetched` when there (the server fetches them beforehand), else downloaded here."""
+    return decode_served_image(*image_url_bytes(url, param, options, fetched), param, options)
+
+
+def image_url_bytes(url: Any, param: str, options: ImageOptions, fetched: dict[str, bytes] | None = None
+                    ) -> tuple[bytes, str]:
+    """The encoded file an image URL carries or names (see load_image_url), and what to call it in errors."""
     if not isinstance(url, str) or not url:
         raise RequestError(f"{param} must be a non-empty string: a 'data:image/png;base64,...' URL"
                            + (" or an http(s) URL" if options.allow_remote else ""), param)
@@ -77,30 +85,31 @@ def load_image_url(url: Any, param: str, options: ImageOptions, fetched: dict[st
         if len(payload) * 3 // 4 > options.max_bytes:
             raise RequestError(f"{param} is about {len(payload) * 3 // 4} bytes, more than the limit of "
                                f"{options.max_bytes} bytes per image", param, status=413, code="image_too_large")
-        data = data_url_payload_bytes(payload, param)
-        what = "the data URL"
-    elif head.startswith(("http://", "https://")):
+        return data_url_payload_bytes(payload, param), "the data URL"
+    if head.startswith(("http://", "https://")):
         if not options.allow_remote:
             raise RequestError(f"{param}: remote image URLs are disabled on this server (start it with "
                                f"--allow-remote-images); send the image inline as a 'data:image/png;base64,...' "
                                f"URL", param)
-        data = fetched[url] if fetched and url in fetched else fetch_remote(url, param, options)
-        what = "the downloaded file"
-    else:
-        raise RequestError(f"{param} must be a 'data:image/<type>;base64,...' URL"
-                           + (" or an http(s) URL" if options.allow_remote else "")
-                           + f", got {url[:40]!r}", param)
+        return (fetched[url] if fetched and url in fetched else fetch_remote(url, param, options)), \
+            "the downloaded file"
+    raise RequestError(f"{param} must be a 'data:image/<type>;base64,...' URL"
+                       + (" or an http(s) URL" if options.allow_remote else "")
+                       + f", got {url[:40]!r}", param)
+
+
+def decode_served_image(data: bytes, what: str, param: str, options: ImageOptions):
+    """An image file's bytes -> a PIL image, in the formats a client may declare; RequestError names `param`."""
     try:
         # Only the formats a client may declare: PIL would otherwise decode whatever it recognises (TIFF, EPS
         # through Ghostscript, ...) behind an image/png label.
-        image = decode_image_bytes(data, max_pixels=options.max_pixels, position=param, what=what,
-                                   formats=SERVED_FORMATS)
+        return decode_image_bytes(data, max_pixels=options.max_pixels, position=param, what=what,
+                                  formats=SERVED_FORMATS)
     except ValueError as e:
         message = str(e).split(". Valid images are")[0]
         if "max_pixels" in message:
             raise RequestError(message, param, status=413, code="image_too_large") from None
         raise RequestError(message, param) from None
-    return image
 
 
 def data_url_payload_bytes(payload: str, param: str) -> bytes:
@@ -462,21 +471,75 @@ def render_chat(processor, messages: list[dict]) -> str:
         raise RequestError(str(e).removeprefix("the chat template failed to render: "), "messages") from None
 
 
-def image_inputs(processor, ids: list[int], images: list) -> dict[str, torch.Tensor]:
-    """pixel_values, aspect ratios and the cross-attention mask for one prompt and its images."""
+class DecodedImages:
+    """Images decoded recently, as the model takes them, by a digest of their file's bytes (and the pixel dtype).
+
+    Chat clients re-send a conversation's images with every turn, and decoding one again (base64, PNG, tiling:
+    about 75 ms for a 1120x1120 PNG) was most of a later turn's time to first token once the engine had its K/V
+    cached. Entries are dropped least recently used beyond `max_bytes` (their tiles' bytes); an error is never
+    stored, and the same bytes always decode to the same tiles, so a hit gives what decoding would. Thread-safe.
+    `hits` and `misses` count images (/metrics)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
+        self.hits = self.misses = 0
+        self.lock = threading.Lock()
+
+    def tiles(self, processor, data: bytes, what: str, param: str, options: ImageOptions,
+              pixel_dtype: str | None) -> dict:
+        """One image's pixel_values [1, 1, T, 3, H, W] (in `pixel_dtype`), aspect_ratio_ids [1, 1],
+        aspect_ratio_mask [1, 1, T] and num_tiles, from the memory or decoded now."""
+        key = (hashlib.sha256(data).digest(), pixel_dtype)  # (sha256: the fastest strong digest here)
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is not None:
+                self.entries.move_to_end(key)
+                self.hits += 1
+                return entry
+            self.misses += 1
+        entry = decode_tiles(processor, data, what, param, options, pixel_dtype)
+        size = entry["pixel_values"].nbytes
+        with self.lock:
+            if size <= self.max_bytes and key not in self.entries:
+                self.entries[key] = entry
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    self.bytes -= self.entries.popitem(last=False)[1]["pixel_values"].nbytes
+        return entry
+
+
+def decode_tiles(processor, data: bytes, what: str, param: str, options: ImageOptions,
+                 pixel_dtype: str | None) -> dict:
+    """One image file -> its tiles and aspect ratio as the image processor makes them (see DecodedImages.tiles)."""
+    out = dict(processor.image_processor([[decode_served_image(data, what, param, options)]],
+                                         return_tensors="pt").data)
+    pixels = torch.as_tensor(out["pixel_values"])
+    if pixel_dtype:  # the same rounding the engine's .to(dtype) would do, here: half the bytes cross the pipes
+        pixels = pixels.to(getattr(torch, pixel_dtype))
+    return {"pixel_values": pixels, "aspect_ratio_ids": torch.as_tensor(out["aspect_ratio_ids"]),
+            "aspect_ratio_mask": torch.as_tensor(out["aspect_ratio_mask"]), "num_tiles": out["num_tiles"][0][0]}
+
+
+def image_inputs(processor, ids: list[int], images: list[tuple[bytes, str, str]], options: ImageOptions,
+                 pixel_dtype: str | None = None, memo: DecodedImages | None = None) -> dict[str, torch.Tensor]:
+    """pixel_values, aspect ratios and the cross-attention mask for one prompt and its images, each given as
+    (file bytes, what to call it, param). Each image is tiled on its own (what the processor does for one
+    sample's images, image by image) and joined along the image axis."""
     if not images:
         return {}
     found = ids.count(processor.image_token_id)
     if found != len(images):
         raise RequestError(f"the prompt has {found} {processor.image_token} tokens for {len(images)} images; "
                            f"each image needs exactly one", "messages")
-    out = processor.image_processor([images], return_tensors="pt")
-    data = dict(out.data)
-    num_tiles = data.pop("num_tiles")
-    pixels = torch.as_tensor(data["pixel_values"])
-    mask = cross_attention_mask([ids], num_tiles, processor.image_token_id, max_num_tiles=pixels.shape[2])
-    return {"pixel_values": pixels, "aspect_ratio_ids": torch.as_tensor(data["aspect_ratio_ids"]),
-            "aspect_ratio_mask": torch.as_tensor(data["aspect_ratio_mask"]), "cross_attention_mask": mask}
+    parts = [(memo.tiles if memo is not None else decode_tiles)(processor, data, what, param, options, pixel_dtype)
+             for data, what, param in images]
+    pixels = torch.cat([p["pixel_values"] for p in parts], dim=1)  # a copy: the memory's tensors stay its own
+    mask = cross_attention_mask([ids], [[p["num_tiles"] for p in parts]], processor.image_token_id,
+                                max_num_tiles=pixels.shape[2])
+    return {"pixel_values": pixels, "aspect_ratio_ids": torch.cat([p["aspect_ratio_ids"] for p in parts], dim=1),
+            "aspect_ratio_mask": torch.cat([p["aspect_ratio_mask"] for p in parts], dim=1),
+            "cross_attention_mask": mask}
 
 
 _longest_tokens: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -512,7 +575,8 @@ def check_text_length(tokenizer, texts: list[str], max_model_len: int | None, pa
 
 
 def chat_inputs(processor, messages: Any, options: ImageOptions, max_model_len: int | None = None,
-                fetched: dict[str, bytes] | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
+                fetched: dict[str, bytes] | None = None, pixel_dtype: str | None = None,
+                memo: DecodedImages | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
     marked, texts, urls = parse_messages(messages, options)
     check_text_length(processor.tokenizer, texts, max_model_len, "messages")
     rendered = render_chat(processor, marked)
@@ -521,12 +585,13 @@ def chat_inputs(processor, messages: Any, options: ImageOptions, max_model_len: 
     if processor.bos_token and not rendered.startswith(processor.bos_token):
         bos = processor.tokenizer.convert_tokens_to_ids(processor.bos_token)
         ids = [bos] + ids  # a template without BOS: the processor would add one
-    images = [load_image_url(url, param, options, fetched) for url, param in urls]
-    return ids, image_inputs(processor, ids, images)
+    images = [(*image_url_bytes(url, param, options, fetched), param) for url, param in urls]
+    return ids, image_inputs(processor, ids, images, options, pixel_dtype, memo)
 
 
 def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions, max_model_len: int | None = None,
-                      fetched: dict[str, bytes] | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
+                      fetched: dict[str, bytes] | None = None, pixel_dtype: str | None = None,
+                      memo: DecodedImages | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
     """/v1/completions: a raw prompt whose <|image|> tokens ARE image slots, one per entry of `images`."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -550,5 +615,6 @@ def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions
     # checkpoints were evaluated that way).
     ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
     ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
-    loaded = [load_image_url(url, f"images[{i}]", options, fetched) for i, url in enumerate(images)]
-    return ids, image_inputs(processor, ids, loaded)
+    loaded = [(*image_url_bytes(url, f"images[{i}]", options, fetched), f"images[{i}]")
+              for i, url in enumerate(images)]
+    return ids, image_inputs(processor, ids, loaded, options, pixel_dtype, memo)
