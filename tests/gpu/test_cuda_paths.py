@@ -128,6 +128,9 @@ def test_engine_image_cache_on_graphs(served):
             assert c.done.wait(300), "a request never got its final event"
             outputs.append(c)
         assert engine.stats()["image_cache"]["hits"] == 1
+        # the repeat's text part was replayed as a graph of its own (the images' K/V as inputs)
+        assert engine.prefill_graphs.failed is None
+        assert any(key[0] for key in engine.prefill_graphs.graphs.graphs), "no prefill graph took cached K/V"
     finally:
         engine.stop()
     for c, (ids, inputs) in zip(outputs, (first, again)):
@@ -162,3 +165,16 @@ def test_vision_and_prefill_graphs_equal_their_eager_forms(served):
             torch.testing.assert_close(replayed, logits, rtol=1e-4, atol=1e-4)
             for i in cache.key:
                 torch.testing.assert_close(replayed_cache.key[i], cache.key[i], rtol=1e-4, atol=1e-4)
+        # a cached image's turn: the images' K/V given (as the engine's image cache gives them), not the states
+        cross = ({i: t.clone() for i, t in cache.cross_key.items()},
+                 {i: t.clone() for i, t in cache.cross_value.items()}, keep)
+        longer = torch.cat([ids, ids[:, -3:]], dim=1), torch.cat([mask, mask[:, -3:]], dim=1)
+        positions = (longer[1].cumsum(-1) - 1).clamp(min=0)
+        cross_mask = torch.cat([inputs["cross_attention_mask"], inputs["cross_attention_mask"][:, -3:]], dim=1)
+        eager_logits, eager_cache = text_prefill(model, *longer, positions, cross_mask, cross=cross)
+        for _ in range(2):
+            replayed, replayed_cache = prefill(*longer, positions, cross_mask, cross=cross)
+            assert prefill.failed is None and len(prefill.graphs) == 2
+            torch.testing.assert_close(replayed, eager_logits, rtol=1e-4, atol=1e-4)
+            for i in eager_cache.key:
+                torch.testing.assert_close(replayed_cache.key[i], eager_cache.key[i], rtol=1e-4, atol=1e-4)

@@ -271,20 +271,29 @@ class PrefillGraphs:
                    *cache.cross_value.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def __call__(self, ids, mask, positions, cross_mask=None, states=None, keep=None):
-        """-> (logits [rows, vocab], MllamaCache of the prompt), the same as the eager forward; None if a graph
-        could not be captured (self.failed says why), and the caller runs the eager forward."""
+    def __call__(self, ids, mask, positions, cross_mask=None, states=None, keep=None, cross=None):
+        """-> (logits [rows, vocab], MllamaCache of the prompt), the same as the eager forward (text_prefill, with
+        the same arguments); None if a graph could not be captured (self.failed says why), and the caller runs the
+        eager forward. `cross` (images' K/V from the image cache) is copied into the graph's own buffers."""
         if self.failed is not None:
             return None
-        given = (ids, mask, positions, cross_mask, states, keep)
         if not self.use_graphs:
-            return text_prefill(self.model, *given)
-        key = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in given)
+            return text_prefill(self.model, ids, mask, positions, cross_mask, states, keep, cross)
+        layers, (keys, values, cross_keep) = ((), (None, None, None)) if cross is None else (tuple(cross[0]), cross)
+        given = (ids, mask, positions, cross_mask, states, keep, cross_keep,
+                 *(keys[i] for i in layers), *(values[i] for i in layers))
+        key = (layers, *(None if t is None else (tuple(t.shape), t.dtype) for t in given))
         entry = self.graphs.get(key)
         if entry is None:
             static = tuple(None if t is None else t.clone() for t in given)
-            entry = self.graphs.capture(key, lambda: text_prefill(self.model, *static), state=static,
-                                        nbytes=self._bytes)
+
+            def run():
+                kv = static[7:]
+                images = None if cross is None else (dict(zip(layers, kv[:len(layers)])),
+                                                     dict(zip(layers, kv[len(layers):])), static[6])
+                return text_prefill(self.model, *static[:6], cross=images)
+
+            entry = self.graphs.capture(key, run, state=static, nbytes=self._bytes)
             if entry is None:
                 return None
         for buffer, value in zip(entry.state, given):
