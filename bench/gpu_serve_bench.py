@@ -366,10 +366,11 @@ def main() -> None:
         import multiturn
 
         summary["multiturn"] = []
-        for level in args.multiturn:
+        for run, level in enumerate(args.multiturn):
             before, t0 = scrape(port), time.perf_counter()
             result = multiturn.main(["--url", f"http://127.0.0.1:{port}", "--concurrency", str(level),
-                                     "--conversations", str(max(8, 2 * level)), "--max-tokens", "64"])
+                                     "--conversations", str(max(8, 2 * level)), "--max-tokens", "64",
+                                     "--seed", str(run)])
             result["server_metrics"] = metrics_delta(before, scrape(port), time.perf_counter() - t0)
             print(f"server metrics multiturn c{level}:", json.dumps(result["server_metrics"]), flush=True)
             summary["multiturn"].append(result)
