@@ -14,13 +14,9 @@ def test_worker_start_runs_the_warm_up(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this test process's threads
     monkeypatch.setattr(app, "_warm_up", lambda *worker: seen.append(worker))
     monkeypatch.setattr(app, "_WORKER", None)
-    app._init_worker(str(tiny_checkpoint), 1 << 20)
+    app._init_worker(str(tiny_checkpoint))
     assert app._ready()
-    assert len(seen) == 1 and seen[0] == (app._WORKER[0],)
-    assert app._WORKER[1].max_bytes == 1 << 20  # the worker's decoded-image memory
-    app._WORKER = None
-    app._init_worker(str(tiny_checkpoint), 0)
-    assert app._WORKER[1] is None  # --no-image-cache: none
+    assert len(seen) == 1 and seen[0] == (app._WORKER,)
 
 
 def test_warm_up_decodes_a_chat_request_with_an_image(tiny_checkpoint, monkeypatch):

@@ -12,7 +12,6 @@ import multiprocessing
 import threading
 import time
 import uuid
-import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -29,8 +28,9 @@ from ..engine.scheduler import EngineStopped, QueueFull
 from ..engine.stats import Histogram
 from ..sampling import GREEDY_BELOW_TEMPERATURE
 from .engine_process import EngineProcess, LocalEngine, pack_tensors
-from .prompts import DecodedImages, ImageOptions, RemoteImagesNeeded, RequestError, chat_inputs, completion_inputs, \
-    fetch_remote
+from .image_memory import join_pixels, with_refs
+from .prompts import DecodedImages, ImageOptions, ImagePart, ImageRef, RefsMisplaced, RemoteImagesNeeded, \
+    RequestError, chat_inputs, completion_inputs, fetch_remote, image_inputs
 
 
 # An answer given before the body was read whole ends the connection: the rest of the body is never read, and
@@ -121,13 +121,13 @@ def _check_text(text: str, where: str) -> None:
                            f"{e.start}", where) from None
 
 
-def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
-                   pixel_dtype: str | None, max_model_len: int | None = None,
-                   fetched: dict[str, bytes] | None = None,
-                   memo: DecodedImages | None = None) -> tuple["Parsed", list[int], dict]:
-    """A request body -> (its options, prompt ids, packed model inputs); RequestError names the field at fault.
+def decode_parts(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
+                 pixel_dtype: str | None, max_model_len: int | None = None, fetched: dict[str, bytes] | None = None,
+                 memo: DecodedImages | None = None,
+                 refs: dict[str, ImageRef] | None = None) -> tuple["Parsed", list[int], list[ImagePart]]:
+    """A request body -> (its options, prompt ids, its images' parts); RequestError names the field at fault.
     RemoteImagesNeeded when http(s) image URLs have no bytes in `fetched` (url -> bytes) yet. Images are tiled in
-    `pixel_dtype` (the engine's), through `memo` when given."""
+    `pixel_dtype` (the engine's), through `memo` when given; `refs` (image_memory) stand for images held already."""
     body = parse_body(raw)
     name = body.get("model")
     if not isinstance(name, str):
@@ -137,19 +137,29 @@ def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: I
                            "model_not_found")
     parsed = parse_common(body, chat)
     if chat:
-        ids, inputs = chat_inputs(processor, body.get("messages"), images, max_model_len, fetched, pixel_dtype, memo)
+        ids, parts = chat_inputs(processor, body.get("messages"), images, max_model_len, fetched, pixel_dtype, memo,
+                                 refs)
     else:
         if "prompt" not in body:
             raise RequestError("prompt is required", "prompt")
-        ids, inputs = completion_inputs(processor, body.get("prompt"), body.get("images"), images, max_model_len,
-                                        fetched, pixel_dtype, memo)
-    return parsed, ids, pack_tensors(inputs)
+        ids, parts = completion_inputs(processor, body.get("prompt"), body.get("images"), images, max_model_len,
+                                       fetched, pixel_dtype, memo, refs)
+    return parsed, ids, parts
 
 
-_WORKER: tuple | None = None  # (processor, decoded-image memory or None) in an input worker
+def decode_request(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
+                   pixel_dtype: str | None, max_model_len: int | None = None, fetched: dict[str, bytes] | None = None,
+                   memo: DecodedImages | None = None) -> tuple["Parsed", list[int], dict]:
+    """decode_parts, with the model inputs joined and packed for the engine."""
+    parsed, ids, parts = decode_parts(processor, raw, chat, model_name, images, pixel_dtype, max_model_len, fetched,
+                                      memo)
+    return parsed, ids, pack_tensors(image_inputs(processor, ids, parts))
 
 
-def _init_worker(source: str, memo_bytes: int) -> None:
+_WORKER = None  # the processor, in an input worker
+
+
+def _init_worker(source: str) -> None:
     global _WORKER
     import signal
 
@@ -164,8 +174,8 @@ def _init_worker(source: str, memo_bytes: int) -> None:
     from ..processing.processor import AutoProcessor
 
     torch.set_num_threads(1)  # several workers side by side: one thread each
-    _WORKER = (AutoProcessor.from_pretrained(source), DecodedImages(memo_bytes) if memo_bytes > 0 else None)
-    _warm_up(_WORKER[0])
+    _WORKER = AutoProcessor.from_pretrained(source)
+    _warm_up(_WORKER)
 
 
 def _exit_with_parent() -> None:
@@ -198,126 +208,87 @@ def _warm_up(processor) -> None:
         pass
 
 
-def _job(raw: bytes, chat: bool, context: tuple, fetched: dict[str, bytes] | None = None):
-    """-> (decode_request's answer, the worker's decoded-image (hits, misses) so far)."""
-    processor, memo = _WORKER
-    decoded = decode_request(processor, raw, chat, *context, fetched=fetched, memo=memo)
-    return decoded, (memo.hits, memo.misses) if memo is not None else (0, 0)
+def _job(raw: bytes, chat: bool, context: tuple, fetched: dict[str, bytes] | None, refs: dict[str, ImageRef]):
+    """In a worker: decode_parts -> (options, ids, the packed inputs but pixel_values, [(image part without pixels,
+    its packed pixels or None for a ref)]) for image_memory.join_pixels."""
+    parsed, ids, parts = decode_parts(_WORKER, raw, chat, *context, fetched=fetched, refs=refs)
+    inputs = image_inputs(_WORKER, ids, parts)
+    inputs.pop("pixel_values", None)
+    pixels = [(part._replace(pixels=None), None if part.pixels is None else pack_tensors({"p": part.pixels})["p"][0])
+              for part in parts]
+    return parsed, ids, pack_tensors(inputs), pixels
 
 
 def _ready() -> bool:
     return _WORKER is not None
 
 
-def image_affinity(raw: bytes) -> int | None:
-    """A number that is the same for two bodies whose first image is the same, None for a body without one. It
-    reads the image's length and last 512 characters of base64 (or its URL), not the JSON: files of one encoder
-    share their first bytes (a JPEG's tables), their last ones are their own. Only a routing hint: two images
-    that share it are still told apart by the worker's memory."""
-    at = raw.find(b";base64,")
-    at = at + 8 if at >= 0 else raw.find(b"://")
-    if at < 0:
-        return None
-    end = raw.find(b'"', at)
-    end = len(raw) if end < 0 else end
-    return zlib.crc32(raw[max(at, end - 512):end], end - at)
-
-
 class InputWorkers:
-    """`workers` spawned processes that decode requests, each with its own memory of decoded images
-    (DecodedImages, `memo_bytes` each). A request goes to the worker its first image points to (image_affinity),
-    so that a conversation's turns meet the worker that decoded its image before, unless that worker has more
-    than ROUTE_SLACK requests more than the least busy one, which then takes it.
+    """`workers` spawned processes that decode requests. A worker that dies (killed, out of memory) breaks a
+    ProcessPoolExecutor for good, so the pool is then replaced by a fresh one, and the requests that were on the
+    broken pool (innocent, most of them) are decoded once more on the new one; a request that breaks a second pool
+    gets a 503. While no pool works, `healthy` says so (and /health answers 503)."""
 
-    A worker that dies (killed, out of memory) breaks its ProcessPoolExecutor for good, so that pool is replaced
-    by a fresh one, and the requests that were on it are decoded once more; a request that breaks a second pool
-    gets a 503. While a pool is broken, `healthy` says so (and /health answers 503)."""
-
-    ROUTE_SLACK = 2
-
-    def __init__(self, source: str, workers: int, memo_bytes: int = 0):
-        self.source, self.workers, self.memo_bytes = source, workers, memo_bytes
-        self.context: tuple = ()  # decode_request's (model name, image options, pixel dtype, context length)
+    def __init__(self, source: str, workers: int):
+        self.source, self.workers = source, workers
+        self.context: tuple = ()  # decode_parts' (model name, image options, pixel dtype, context length)
         self.lock = threading.Lock()
         self.replacements = 0  # pools replaced after a worker died (/metrics)
-        self.busy = [0] * workers  # requests on each worker now
-        self.counts = [(0, 0)] * workers  # each worker's decoded-image (hits, misses), as its last job said
-        self.retired = (0, 0)  # the counts of replaced workers
-        self.pools: list[ProcessPoolExecutor | None] = self._start(workers)
+        self.pool = self._start()
 
-    def _start(self, count: int) -> list[ProcessPoolExecutor]:
+    def _start(self) -> ProcessPoolExecutor:
         mp_context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
-        pools = [ProcessPoolExecutor(1, mp_context=mp_context, initializer=_init_worker,
-                                     initargs=(self.source, self.memo_bytes)) for _ in range(count)]
-        # start them all now, side by side (each imports torch and loads the tokenizer), not on the first requests
-        assert all(f.result() for f in [pool.submit(_ready) for pool in pools])
-        return pools
+        pool = ProcessPoolExecutor(self.workers, mp_context=mp_context, initializer=_init_worker,
+                                   initargs=(self.source,))
+        # start them all now (each imports torch and loads the tokenizer), not on the first requests
+        assert all(f.result() for f in [pool.submit(_ready) for _ in range(self.workers * 2)])
+        return pool
 
-    def _replace(self, index: int, broken: ProcessPoolExecutor | None) -> ProcessPoolExecutor:
-        """Worker `index`'s working pool: `broken` replaced if no other request has replaced it already (on a
-        thread: a start takes seconds)."""
+    def _replace(self, broken: ProcessPoolExecutor) -> ProcessPoolExecutor:
+        """The working pool: `broken` replaced if no other request has replaced it already (on a thread: a start
+        takes seconds)."""
         with self.lock:
-            if self.pools[index] is broken:
+            if self.pool is broken:
                 if broken is not None:
-                    broken.shutdown(wait=True, cancel_futures=True)  # its manager thread has ended the worker
-                    self.retired = tuple(map(sum, zip(self.retired, self.counts[index])))
-                    self.counts[index] = (0, 0)
-                self.pools[index] = None
-                self.pools[index] = self._start(1)[0]
+                    broken.shutdown(wait=True, cancel_futures=True)  # its manager thread has ended the workers
+                self.pool = None
+                self.pool = self._start()
                 self.replacements += 1
-            return self.pools[index]
+            return self.pool
 
-    def _route(self, raw: bytes) -> int:
-        least = min(range(self.workers), key=self.busy.__getitem__)
-        hint = image_affinity(raw)
-        if hint is None:
-            return least
-        preferred = hint % self.workers
-        return preferred if self.busy[preferred] <= self.busy[least] + self.ROUTE_SLACK else least
-
-    async def run(self, raw: bytes, chat: bool, fetched: dict[str, bytes] | None = None):
+    async def run(self, raw: bytes, chat: bool, fetched: dict[str, bytes] | None = None,
+                  refs: dict[str, ImageRef] | None = None):
+        """_job's answer for this body."""
         loop = asyncio.get_running_loop()
-        index = self._route(raw)
-        self.busy[index] += 1  # (on the event loop: no lock needed)
-        try:
-            for attempt in range(2):
-                pool = self.pools[index] or await asyncio.to_thread(self._replace, index, None)
-                try:
-                    decoded, self.counts[index] = await loop.run_in_executor(pool, _job, raw, chat, self.context,
-                                                                             fetched)
-                    return decoded
-                except BrokenProcessPool:
-                    await asyncio.to_thread(self._replace, index, pool)
-        finally:
-            self.busy[index] -= 1
+        for attempt in range(2):
+            pool = self.pool or await asyncio.to_thread(self._replace, None)
+            try:
+                return await loop.run_in_executor(pool, _job, raw, chat, self.context, fetched, refs or {})
+            except BrokenProcessPool:
+                await asyncio.to_thread(self._replace, pool)
         raise RequestError("an input worker died twice while decoding this request; try again", None, 503,
                            "worker_died")
 
-    def image_counts(self) -> tuple[int, int]:
-        """Decoded images found in the workers' memories and decoded anew, since start."""
-        return tuple(map(sum, zip(self.retired, *self.counts)))
-
     def healthy(self) -> str | None:
-        """None if every pool works, else why not (a dead worker is seen here before any request meets it)."""
-        for index, pool in enumerate(list(self.pools)):
-            if pool is None:
-                return "the input workers are being restarted"
-            try:
-                pool.submit(_ready)  # raises at once on a broken pool; else a no-op job
-            except BrokenProcessPool:
-                threading.Thread(target=self._replace, args=(index, pool), daemon=True).start()
-                return "an input worker died; the input workers are being restarted"
-            except RuntimeError:  # shut down
-                return "the input workers are stopped"
+        """None if the pool works, else why not (a dead worker is seen here before any request meets it)."""
+        pool = self.pool
+        if pool is None:
+            return "the input workers are being restarted"
+        try:
+            pool.submit(_ready)  # raises at once on a broken pool; else a no-op job
+        except BrokenProcessPool:
+            threading.Thread(target=self._replace, args=(pool,), daemon=True).start()
+            return "an input worker died; the input workers are being restarted"
+        except RuntimeError:  # shut down
+            return "the input workers are stopped"
         return None
 
     def close(self) -> None:
-        """Waits for the pools' manager threads: if the interpreter exits while one still runs, Python 3.11's exit
+        """Waits for the pool's manager thread: if the interpreter exits while it still runs, Python 3.11's exit
         hook writes to the wake-up pipe that thread is closing ("OSError: Bad file descriptor" at exit)."""
         with self.lock:
-            for pool in self.pools:
-                if pool is not None:
-                    pool.shutdown(wait=True, cancel_futures=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def _disconnected(request: Request, job, events: asyncio.Queue) -> None:
@@ -555,8 +526,7 @@ def start_input_workers(options: ServerOptions) -> InputWorkers | None:
     context. `mllama serve` starts them while the engine process loads the model."""
     if not options.processor_source or options.input_workers <= 0:
         return None
-    return InputWorkers(options.processor_source, options.input_workers,
-                        options.decoded_image_bytes // options.input_workers)
+    return InputWorkers(options.processor_source, options.input_workers)
 
 
 def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
@@ -576,12 +546,10 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     context = (options.model_name, options.images, engine.dtype, engine.max_model_len)
     if workers is None:
         workers = start_input_workers(options)
-    memo = None
     if workers is not None:
         workers.context = context
-    elif options.decoded_image_bytes > 0:
-        memo = DecodedImages(options.decoded_image_bytes)
-    app.state.input_workers = workers
+    memo = DecodedImages(options.decoded_image_bytes) if options.decoded_image_bytes > 0 else None
+    app.state.input_workers, app.state.decoded_images = workers, memo
 
     app.add_middleware(Guard, options=options, counts=http_counts)
 
@@ -612,7 +580,13 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
 
     async def decode_once(raw: bytes, chat: bool, fetched: dict[str, bytes] | None):
         if workers is not None:
-            return await workers.run(raw, chat, fetched)
+            sent, refs, held = with_refs(raw, memo) if memo is not None else (raw, {}, {})
+            try:
+                parsed, ids, packed, pixels = await workers.run(sent, chat, fetched, refs)
+            except RefsMisplaced:  # a span that looked like a held image was not one: the body as it came
+                parsed, ids, packed, pixels = await workers.run(raw, chat, fetched)
+                held = {}
+            return parsed, ids, join_pixels(packed, pixels, held, memo, engine.dtype or "float32")
         return await asyncio.to_thread(decode_request, processor, raw, chat, *context, fetched=fetched, memo=memo)
 
     async def decode(raw: bytes, chat: bool):
@@ -649,7 +623,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         restarts = workers.replacements if workers is not None else 0
-        images = workers.image_counts() if workers is not None else (memo.hits, memo.misses) if memo else (0, 0)
+        images = (memo.hits, memo.misses) if memo is not None else (0, 0)
         return PlainTextResponse(render_metrics(await engine.stats(), http_counts, timings, restarts, images),
                                  media_type="text/plain; version=0.0.4")
 

@@ -77,11 +77,7 @@ def image_url_bytes(url: Any, param: str, options: ImageOptions, fetched: dict[s
                            + (" or an http(s) URL" if options.allow_remote else ""), param)
     head = url[:16].lower()
     if head.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        media = header[5:].split(";")[0].strip().lower()
-        if not comma or ";base64" not in header.lower() or media not in _MEDIA_TYPES:
-            raise RequestError(f"{param} is not a supported data URL: expected 'data:<type>;base64,<data>' with "
-                               f"<type> one of {', '.join(t for t in _MEDIA_TYPES if t != 'image/jpg')}", param)
+        payload = check_data_url_header(url, param)
         if len(payload) * 3 // 4 > options.max_bytes:
             raise RequestError(f"{param} is about {len(payload) * 3 // 4} bytes, more than the limit of "
                                f"{options.max_bytes} bytes per image", param, status=413, code="image_too_large")
@@ -96,6 +92,16 @@ def image_url_bytes(url: Any, param: str, options: ImageOptions, fetched: dict[s
     raise RequestError(f"{param} must be a 'data:image/<type>;base64,...' URL"
                        + (" or an http(s) URL" if options.allow_remote else "")
                        + f", got {url[:40]!r}", param)
+
+
+def check_data_url_header(url: str, param: str) -> str:
+    """A data URL's payload; RequestError unless its header is 'data:<a served type>;base64'."""
+    header, comma, payload = url.partition(",")
+    media = header[5:].split(";")[0].strip().lower()
+    if not comma or ";base64" not in header.lower() or media not in _MEDIA_TYPES:
+        raise RequestError(f"{param} is not a supported data URL: expected 'data:<type>;base64,<data>' with "
+                           f"<type> one of {', '.join(t for t in _MEDIA_TYPES if t != 'image/jpg')}", param)
+    return payload
 
 
 def decode_served_image(data: bytes, what: str, param: str, options: ImageOptions):
@@ -471,75 +477,130 @@ def render_chat(processor, messages: list[dict]) -> str:
         raise RequestError(str(e).removeprefix("the chat template failed to render: "), "messages") from None
 
 
-class DecodedImages:
-    """Images decoded recently, as the model takes them, by a digest of their file's bytes (and the pixel dtype).
-
-    Chat clients re-send a conversation's images with every turn, and decoding one again (base64, PNG, tiling:
-    about 75 ms for a 1120x1120 PNG) was most of a later turn's time to first token once the engine had its K/V
-    cached. Entries are dropped least recently used beyond `max_bytes` (their tiles' bytes); an error is never
-    stored, and the same bytes always decode to the same tiles, so a hit gives what decoding would. Thread-safe.
-    `hits` and `misses` count images (/metrics)."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
-        self.entries: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
-        self.hits = self.misses = 0
-        self.lock = threading.Lock()
-
-    def tiles(self, processor, data: bytes, what: str, param: str, options: ImageOptions,
-              pixel_dtype: str | None) -> dict:
-        """One image's pixel_values [1, 1, T, 3, H, W] (in `pixel_dtype`), aspect_ratio_ids [1, 1],
-        aspect_ratio_mask [1, 1, T] and num_tiles, from the memory or decoded now."""
-        key = (hashlib.sha256(data).digest(), pixel_dtype)  # (sha256: the fastest strong digest here)
-        with self.lock:
-            entry = self.entries.get(key)
-            if entry is not None:
-                self.entries.move_to_end(key)
-                self.hits += 1
-                return entry
-            self.misses += 1
-        entry = decode_tiles(processor, data, what, param, options, pixel_dtype)
-        size = entry["pixel_values"].nbytes
-        with self.lock:
-            if size <= self.max_bytes and key not in self.entries:
-                self.entries[key] = entry
-                self.bytes += size
-                while self.bytes > self.max_bytes:
-                    self.bytes -= self.entries.popitem(last=False)[1]["pixel_values"].nbytes
-        return entry
+class ImagePart(NamedTuple):
+    """One image of a request as the model takes it: pixels [1, 1, T, 3, H, W] in the pixel dtype (None when the
+    server holds them already: an image_memory ref), its aspect ratio id and tile count, and `digest`, the sha256 of
+    its data URL's payload text (what the server's image memory keys it by; None for a remote image)."""
+    pixels: torch.Tensor | None
+    aspect_ratio_id: int
+    num_tiles: int
+    digest: bytes | None = None
 
 
-def decode_tiles(processor, data: bytes, what: str, param: str, options: ImageOptions,
-                 pixel_dtype: str | None) -> dict:
-    """One image file -> its tiles and aspect ratio as the image processor makes them (see DecodedImages.tiles)."""
+class ImageRef(NamedTuple):
+    """An image the server holds decoded already, standing in for its data URL's payload (server.image_memory)."""
+    aspect_ratio_id: int
+    num_tiles: int
+    digest: bytes
+
+
+class RefsMisplaced(Exception):
+    """A ref the server put in a body was not met as an image URL (the span it replaced was something else, such
+    as text that looked like a data URL): the server decodes the original body instead."""
+
+
+def payload_digest(url: str) -> bytes | None:
+    """The sha256 of a data URL's payload text, None for any other URL."""
+    if not url[:5].lower() == "data:":
+        return None
+    return hashlib.sha256(url.partition(",")[2].encode("utf-8", "surrogatepass")).digest()
+
+
+def decode_part(processor, data: bytes, what: str, param: str, options: ImageOptions, pixel_dtype: str | None,
+                digest: bytes | None = None) -> ImagePart:
+    """One image file -> its tiles and aspect ratio as the image processor makes them."""
     out = dict(processor.image_processor([[decode_served_image(data, what, param, options)]],
                                          return_tensors="pt").data)
     pixels = torch.as_tensor(out["pixel_values"])
     if pixel_dtype:  # the same rounding the engine's .to(dtype) would do, here: half the bytes cross the pipes
         pixels = pixels.to(getattr(torch, pixel_dtype))
-    return {"pixel_values": pixels, "aspect_ratio_ids": torch.as_tensor(out["aspect_ratio_ids"]),
-            "aspect_ratio_mask": torch.as_tensor(out["aspect_ratio_mask"]), "num_tiles": out["num_tiles"][0][0]}
+    return ImagePart(pixels, int(torch.as_tensor(out["aspect_ratio_ids"])[0, 0]), out["num_tiles"][0][0], digest)
 
 
-def image_inputs(processor, ids: list[int], images: list[tuple[bytes, str, str]], options: ImageOptions,
-                 pixel_dtype: str | None = None, memo: DecodedImages | None = None) -> dict[str, torch.Tensor]:
-    """pixel_values, aspect ratios and the cross-attention mask for one prompt and its images, each given as
-    (file bytes, what to call it, param). Each image is tiled on its own (what the processor does for one
-    sample's images, image by image) and joined along the image axis."""
-    if not images:
+class DecodedImages:
+    """Images decoded recently (ImagePart with pixels), by the digest of their data URL's payload.
+
+    Chat clients re-send a conversation's images with every turn, and decoding one again (base64, PNG, tiling:
+    about 75 ms for a 1120x1120 PNG) was most of a later turn's time to first token once the engine had its K/V
+    cached. Entries are dropped least recently used beyond `max_bytes` (their pixels' bytes); an error is never
+    stored, and the same payload always decodes to the same tiles, so a hit gives what decoding would.
+    Thread-safe; `hits` and `misses` count images (/metrics)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: collections.OrderedDict[bytes, ImagePart] = collections.OrderedDict()
+        self.hits = self.misses = 0
+        self.lock = threading.Lock()
+
+    def get(self, digest: bytes) -> ImagePart | None:
+        with self.lock:
+            part = self.entries.get(digest)
+            if part is None:
+                self.misses += 1
+            else:
+                self.entries.move_to_end(digest)
+                self.hits += 1
+            return part
+
+    def put(self, part: ImagePart) -> None:
+        size = part.pixels.nbytes
+        with self.lock:
+            if part.digest is None or size > self.max_bytes or part.digest in self.entries:
+                return
+            self.entries[part.digest] = part
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                self.bytes -= self.entries.popitem(last=False)[1].pixels.nbytes
+
+
+def image_parts(processor, urls: list[tuple[Any, str]], options: ImageOptions, fetched: dict[str, bytes] | None,
+                pixel_dtype: str | None, memo: DecodedImages | None = None,
+                refs: dict[str, ImageRef] | None = None) -> list[ImagePart]:
+    """Each (url, param) -> its ImagePart: a ref's (no pixels), the memory's, or decoded now (and kept)."""
+    parts, used = [], set()
+    for url, param in urls:
+        payload = url.partition(",")[2] if refs and isinstance(url, str) and url[:5].lower() == "data:" else None
+        if payload is not None and payload in refs:
+            check_data_url_header(url, param)  # (what decoding its payload checked before, the server did)
+            ref = refs[payload]
+            parts.append(ImagePart(None, ref.aspect_ratio_id, ref.num_tiles, ref.digest))
+            used.add(payload)
+            continue
+        digest = payload_digest(url) if isinstance(url, str) else None
+        part = memo.get(digest) if memo is not None and digest is not None else None
+        if part is None:
+            data, what = image_url_bytes(url, param, options, fetched)
+            part = decode_part(processor, data, what, param, options, pixel_dtype, digest)
+            if memo is not None:
+                memo.put(part)
+        parts.append(part)
+    if refs and used != set(refs):
+        raise RefsMisplaced(f"{len(set(refs) - used)} of {len(refs)} refs were not image URLs")
+    return parts
+
+
+def image_inputs(processor, ids: list[int], parts: list[ImagePart]) -> dict[str, torch.Tensor]:
+    """pixel_values (left out if a part has none: a ref's), aspect ratios and the cross-attention mask for one
+    prompt and its images. Each image is tiled on its own (the processor tiles a sample's images one by one) and
+    joined along the image axis."""
+    if not parts:
         return {}
+    tiles = processor.image_processor.max_image_tiles
+    counts = [p.num_tiles for p in parts]
+    inputs = {"aspect_ratio_ids": torch.tensor([[p.aspect_ratio_id for p in parts]]),
+              "aspect_ratio_mask": (torch.arange(tiles) < torch.tensor(counts)[:, None]).long()[None],
+              "cross_attention_mask": cross_attention_mask([ids], [counts], processor.image_token_id,
+                                                           max_num_tiles=tiles)}
+    if all(p.pixels is not None for p in parts):
+        inputs["pixel_values"] = torch.cat([p.pixels for p in parts], dim=1)  # a copy: the memory's stay its own
+    return inputs
+
+
+def check_image_count(processor, ids: list[int], count: int) -> None:
     found = ids.count(processor.image_token_id)
-    if found != len(images):
-        raise RequestError(f"the prompt has {found} {processor.image_token} tokens for {len(images)} images; "
+    if found != count:
+        raise RequestError(f"the prompt has {found} {processor.image_token} tokens for {count} images; "
                            f"each image needs exactly one", "messages")
-    parts = [(memo.tiles if memo is not None else decode_tiles)(processor, data, what, param, options, pixel_dtype)
-             for data, what, param in images]
-    pixels = torch.cat([p["pixel_values"] for p in parts], dim=1)  # a copy: the memory's tensors stay its own
-    mask = cross_attention_mask([ids], [[p["num_tiles"] for p in parts]], processor.image_token_id,
-                                max_num_tiles=pixels.shape[2])
-    return {"pixel_values": pixels, "aspect_ratio_ids": torch.cat([p["aspect_ratio_ids"] for p in parts], dim=1),
-            "aspect_ratio_mask": torch.cat([p["aspect_ratio_mask"] for p in parts], dim=1),
-            "cross_attention_mask": mask}
 
 
 _longest_tokens: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -576,7 +637,9 @@ def check_text_length(tokenizer, texts: list[str], max_model_len: int | None, pa
 
 def chat_inputs(processor, messages: Any, options: ImageOptions, max_model_len: int | None = None,
                 fetched: dict[str, bytes] | None = None, pixel_dtype: str | None = None,
-                memo: DecodedImages | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
+                memo: DecodedImages | None = None, refs: dict[str, ImageRef] | None = None
+                ) -> tuple[list[int], list[ImagePart]]:
+    """-> the prompt's ids and its images' parts (image_inputs joins them)."""
     marked, texts, urls = parse_messages(messages, options)
     check_text_length(processor.tokenizer, texts, max_model_len, "messages")
     rendered = render_chat(processor, marked)
@@ -585,13 +648,14 @@ def chat_inputs(processor, messages: Any, options: ImageOptions, max_model_len: 
     if processor.bos_token and not rendered.startswith(processor.bos_token):
         bos = processor.tokenizer.convert_tokens_to_ids(processor.bos_token)
         ids = [bos] + ids  # a template without BOS: the processor would add one
-    images = [(*image_url_bytes(url, param, options, fetched), param) for url, param in urls]
-    return ids, image_inputs(processor, ids, images, options, pixel_dtype, memo)
+    check_image_count(processor, ids, len(urls))
+    return ids, image_parts(processor, urls, options, fetched, pixel_dtype, memo, refs)
 
 
 def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions, max_model_len: int | None = None,
                       fetched: dict[str, bytes] | None = None, pixel_dtype: str | None = None,
-                      memo: DecodedImages | None = None) -> tuple[list[int], dict[str, torch.Tensor]]:
+                      memo: DecodedImages | None = None, refs: dict[str, ImageRef] | None = None
+                      ) -> tuple[list[int], list[ImagePart]]:
     """/v1/completions: a raw prompt whose <|image|> tokens ARE image slots, one per entry of `images`."""
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -615,6 +679,6 @@ def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions
     # checkpoints were evaluated that way).
     ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
     ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
-    loaded = [(*image_url_bytes(url, f"images[{i}]", options, fetched), f"images[{i}]")
-              for i, url in enumerate(images)]
-    return ids, image_inputs(processor, ids, loaded, options, pixel_dtype, memo)
+    urls = [(url, f"images[{i}]") for i, url in enumerate(images)]
+    check_image_count(processor, ids, len(urls))
+    return ids, image_parts(processor, urls, options, fetched, pixel_dtype, memo, refs)
