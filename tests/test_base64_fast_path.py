@@ -1,7 +1,8 @@
-"""The base64 fast path (strict C decoding of the payload as it is) against the lenient decoders it short-cuts.
+"""The base64 fast path (strict C decoding of the payload as it is) against the lenient rule it short-cuts.
 
-Both decoders must accept exactly the same payloads, return the same bytes and fail with the same message; the
-old code is written out here as the oracle.
+image_io.decode_base64 is the one decoder (image strings, data URLs, the server's request images); with the
+fast path it must accept exactly the payloads the lenient rule accepts, return the same bytes and fail with the
+same message, in both callers' words. The lenient rule is written out here as the oracle.
 """
 from __future__ import annotations
 
@@ -21,10 +22,13 @@ from mllama.server.prompts import ImageOptions, RequestError, data_url_payload_b
 
 
 def old_server_decode(payload: str):
-    """server/prompts.py's lenient rule: whitespace anywhere is dropped, stripped padding restored."""
+    """The server's rule, which is image_io's lenient one (whitespace anywhere dropped, stripped padding restored,
+    the URL-safe alphabet taken), with the server's words for an error."""
     compact = "".join(payload.split())
+    compact += "=" * (-len(compact) % 4)
+    altchars = b"-_" if ("-" in compact or "_" in compact) else None
     try:
-        return "ok", base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        return "ok", base64.b64decode(compact, altchars=altchars, validate=True)
     except ValueError as e:
         return "error", f"p: the data URL's payload is not valid base64 ({e})"
 

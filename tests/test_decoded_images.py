@@ -169,5 +169,6 @@ def test_text_that_only_looks_like_a_held_image_is_left_alone(processor, worker)
 def test_a_client_cannot_send_a_ref(processor, worker):
     forged = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,mllama-ref-0-0"}}]}]}).encode()
-    with pytest.raises(RequestError, match="not valid base64"):
+    with pytest.raises(RequestError, match="is not a PNG, JPEG, WEBP, GIF image") as e:  # decoded as base64
         app._job(forged, True, worker, None, {})
+    assert e.value.param == "messages[0].content[0].image_url.url"

@@ -127,12 +127,20 @@ def fetch_url(url: str, *, timeout: float = 10.0, position: str = "image 0",
     return data
 
 
-def _decode_data_url(url: str, position: str) -> bytes:
+def parse_data_url(url: str) -> tuple[str, str] | None:
+    """'data:<media type>[;...];base64,<payload>' -> (the media type, lowercased, and the payload); None for any
+    other string. The one reading of data URLs here and in the server (which accepts fewer media types)."""
     header, comma, payload = url.partition(",")
-    media_type = header[5:].split(";")[0].strip().lower()
-    if not comma or not media_type.startswith("image/") or ";base64" not in header.lower():
+    if not comma or not header[:5].lower() == "data:" or ";base64" not in header.lower():
+        return None
+    return header[5:].split(";")[0].strip().lower(), payload
+
+
+def _decode_data_url(url: str, position: str) -> bytes:
+    parsed = parse_data_url(url)
+    if parsed is None or not parsed[0].startswith("image/"):
         raise _error(position, f"malformed data URL {_short(url, 40)}; expected 'data:image/<type>;base64,<data>'")
-    return _decode_base64(payload, position)
+    return _decode_base64(parsed[1], position)
 
 
 # binascii's strict mode (Python 3.11+) is exactly what base64.b64decode(..., validate=True) runs there.
@@ -142,11 +150,11 @@ _STRICT_BASE64 = sys.version_info >= (3, 11)
 def decode_plain_base64(text: str) -> bytes | None:
     """`text` decoded as plain standard base64 (no whitespace, padding optional), or None if it is not that.
 
-    This is the fast path of the lenient decoders here and in the server: they strip whitespace (a copy of the
-    whole text, slow for a megabyte payload), restore stripped padding and run strict decoding. When strict
-    decoding of the text as it is (padding restored) succeeds, the text holds no whitespace, so the lenient path
-    would have decoded the very same string: the bytes are the same. On None, callers run their lenient path,
-    which gives the same bytes, or the same error, as before.
+    This is the fast path of decode_base64, whose lenient rule strips whitespace (a copy of the whole text, slow
+    for a megabyte payload), restores stripped padding and runs strict decoding. When strict decoding of the text
+    as it is (padding restored) succeeds, the text holds no whitespace and no URL-safe characters, so the lenient
+    path would have decoded the very same string: the bytes are the same. On None, decode_base64 runs its lenient
+    path, which gives the same bytes, or the same error, as before.
     """
     if not _STRICT_BASE64:
         return None
@@ -159,23 +167,26 @@ def decode_plain_base64(text: str) -> bytes | None:
         return None
 
 
-def _decode_base64(text: str, position: str) -> bytes:
-    data = decode_plain_base64(text)
-    if data is None:
-        data = _decode_base64_lenient(text, position)
-    if not data:
-        raise _error(position, "the base64 string decodes to no bytes")
-    return data
-
-
-def _decode_base64_lenient(text: str, position: str) -> bytes:
+def decode_base64(text: str) -> bytes:
+    """Base64 text -> its bytes, leniently: whitespace anywhere is dropped, stripped padding restored, and the
+    URL-safe alphabet ('-', '_') taken too. ValueError (binascii's reason) for anything else. The one base64 rule
+    of mllama: image strings, data URLs, and the server's request images."""
+    data = decode_plain_base64(text)  # the common case, without copying megabytes to strip whitespace
+    if data is not None:
+        return data
     compact = "".join(text.split())
     compact += "=" * (-len(compact) % 4)  # tolerate stripped padding
     altchars = b"-_" if ("-" in compact or "_" in compact) else None
+    return base64.b64decode(compact, altchars=altchars, validate=True)
+
+
+def _decode_base64(text: str, position: str) -> bytes:
     try:
-        data = base64.b64decode(compact, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as exc:
+        data = decode_base64(text)
+    except ValueError as exc:  # binascii.Error is one
         raise _error(position, f"{_short(text)} is not an existing file, a URL, or valid base64 ({exc})") from None
+    if not data:
+        raise _error(position, "the base64 string decodes to no bytes")
     return data
 
 

@@ -10,7 +10,6 @@ what `processor.apply_chat_template(..., tokenize=True)` gives (a test checks th
 """
 from __future__ import annotations
 
-import base64
 import collections
 import functools
 import hashlib
@@ -30,7 +29,7 @@ from urllib.parse import urlsplit
 import torch
 
 from ..processing.cross_attention_mask import cross_attention_mask
-from ..processing.image_io import decode_image_bytes, decode_plain_base64
+from ..processing.image_io import decode_base64, decode_image_bytes, parse_data_url
 from ..processing.processor import add_bos
 
 # Private-use code points: never produced by a template, and removed from user text before rendering.
@@ -96,12 +95,11 @@ def image_url_bytes(url: Any, param: str, options: ImageOptions, fetched: dict[s
 
 def check_data_url_header(url: str, param: str) -> str:
     """A data URL's payload; RequestError unless its header is 'data:<a served type>;base64'."""
-    header, comma, payload = url.partition(",")
-    media = header[5:].split(";")[0].strip().lower()
-    if not comma or ";base64" not in header.lower() or media not in _MEDIA_TYPES:
+    parsed = parse_data_url(url)
+    if parsed is None or parsed[0] not in _MEDIA_TYPES:
         raise RequestError(f"{param} is not a supported data URL: expected 'data:<type>;base64,<data>' with "
                            f"<type> one of {', '.join(t for t in _MEDIA_TYPES if t != 'image/jpg')}", param)
-    return payload
+    return parsed[1]
 
 
 def decode_served_image(data: bytes, what: str, param: str, options: ImageOptions):
@@ -119,13 +117,9 @@ def decode_served_image(data: bytes, what: str, param: str, options: ImageOption
 
 
 def data_url_payload_bytes(payload: str, param: str) -> bytes:
-    """The bytes of a data URL's base64 payload; whitespace and stripped padding are tolerated."""
-    data = decode_plain_base64(payload)  # the common case, without copying megabytes to strip whitespace
-    if data is not None:
-        return data
-    compact = "".join(payload.split())  # line-wrapped base64 (MIME's 76 columns) is still base64
+    """The bytes of a data URL's base64 payload (processing.image_io.decode_base64's rule)."""
     try:
-        return base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+        return decode_base64(payload)
     except ValueError as e:
         raise RequestError(f"{param}: the data URL's payload is not valid base64 ({e})", param) from None
 
