@@ -68,6 +68,22 @@ def _refuse_unhonoured(options: dict[str, Any]) -> None:
                          f"{', '.join(_HUB_OPTIONS)}")
 
 
+def _refuse_quantized(config: Any, folder: Path | None) -> None:
+    """A checkpoint stored quantized (its config.json has a quantization_config, at the top even when only its text
+    model is loaded) is refused: read as plain weights, its FP8 or int4 tensors would load without their scales,
+    and the model would compute nonsense."""
+    quantization = getattr(config, "quantization_config", None)
+    stored = None if folder is None else folder / "config.json"
+    if quantization is None and stored is not None and stored.is_file():
+        quantization = json.loads(stored.read_text()).get("quantization_config")
+    if quantization is None:
+        return
+    what = ", ".join(f"{key} {quantization[key]!r}" for key in ("quant_method", "format")
+                     if isinstance(quantization, dict) and key in quantization) or repr(quantization)[:80]
+    raise ValueError(f"this checkpoint is stored quantized ({what}): mllama does not load quantized checkpoints; "
+                     f"load the bf16 checkpoint it was made from")
+
+
 def _check_attn_implementation(requested: str | dict | None) -> None:
     """A name (or a dict of names by sub-config, "" for the model itself) that mllama implements, or None."""
     for name in requested.values() if isinstance(requested, dict) else (requested,):
@@ -345,6 +361,7 @@ class MllamaPreTrainedModel(nn.Module):
         folder = None if name_or_path is None else cls._checkpoint_folder(name_or_path, hub_kwargs)
         if config is None:
             config = cls._read_config(folder, name_or_path)
+        _refuse_quantized(config, folder)
         if compat is not None:
             config.compat = compat
         if attn_implementation is not None:
