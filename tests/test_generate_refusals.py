@@ -16,28 +16,20 @@ def test_quantized_loading_is_refused(tiny_checkpoint, keyword, value):
             cls.from_pretrained(tiny_checkpoint, **{keyword: value})
 
 
-def test_a_checkpoint_stored_quantized_is_refused(tiny_checkpoint, tmp_path):
-    """An FP8 checkpoint (compressed-tensors, as RedHatAI publishes them) read as plain weights would load its
-    float8 tensors without their scales: refused, naming the format, before any weight is read."""
+def test_a_checkpoint_stored_quantized_otherwise_than_fp8_is_refused(tiny_checkpoint, tmp_path):
+    """A bitsandbytes checkpoint read as plain weights would load its packed 4-bit tensors as numbers: refused,
+    naming the method, before any weight is read, for the text model alone too (the config is read at the top).
+    FP8 (compressed-tensors) checkpoints load: tests/test_fp8_checkpoints.py."""
     import json
     import shutil
 
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    folder = tmp_path / "fp8"
+    folder = tmp_path / "nf4"
     shutil.copytree(tiny_checkpoint, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized"}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     (folder / "config.json").write_text(json.dumps(config))
-    tensors = load_file(folder / "model.safetensors")
-    name = next(k for k in tensors if k.endswith("mlp.down_proj.weight") and "vision" not in k)
-    tensors[name + "_scale"] = torch.ones(tensors[name].shape[0], 1)
-    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
-    save_file(tensors, folder / "model.safetensors")
     for cls in (MllamaForConditionalGeneration, MllamaForCausalLM):
-        with pytest.raises(ValueError, match="stored quantized \\(quant_method 'compressed-tensors', format "
-                                             "'float-quantized'\\)"):
+        with pytest.raises(ValueError, match="stored quantized with quant_method 'bitsandbytes'.*compressed-tensors"):
             cls.from_pretrained(folder)
 
 

@@ -229,6 +229,24 @@ def open_files(files: list[Path], device: torch.device) -> Iterable[tuple[str, o
         progress.step()
 
 
+def _stored_dtype(model: nn.Module, name: str) -> bool:
+    """Whether tensor `name` keeps the dtype it is stored in (its module lists it in `stored_dtypes`)."""
+    module_name, _, attr = name.rpartition(".")
+    return attr in getattr(model.get_submodule(module_name) if module_name else model, "stored_dtypes", ())
+
+
+def _check_fp8(key: str, source_name: str, tensor: torch.Tensor, name: str) -> None:
+    if name.endswith(".weight") and tensor.dtype != torch.float8_e4m3fn:
+        raise CheckpointError(f"tensor {key} in {source_name} is {str(tensor.dtype).removeprefix('torch.')}: the "
+                              f"quantization_config makes {name} an FP8 layer, whose weight must be F8_E4M3")
+    if name.endswith(".weight_scale") and (not tensor.is_floating_point() or tensor.element_size() < 2):
+        raise CheckpointError(f"tensor {key} in {source_name} is {str(tensor.dtype).removeprefix('torch.')}: an "
+                              f"FP8 layer's weight_scale must be float32, bfloat16 or float16")
+    if name.endswith(".weight_scale") and not bool((tensor.float() > 0).all() and tensor.float().isfinite().all()):
+        raise CheckpointError(f"tensor {key} in {source_name} holds scales that are not positive and finite: an FP8 "
+                              f"layer's weight_scale multiplies its output channels")
+
+
 def load_weights(model: nn.Module, sources: Iterable[tuple[str, object]], device: torch.device,
                  dtype: torch.dtype | None, strict: bool = True, ignore_mismatched_sizes: bool = False) -> dict:
     """Streams tensors from `sources` ((name, handle) pairs: open_files' memory-mapped safetensors, or a
@@ -272,7 +290,11 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, object]], device
                 raise CheckpointError(f"tensor {key} in {source_name} has shape {list(tensor.shape)}, the model "
                                       f"expects {list(expected[name])} for {name} (config does not match "
                                       f"the weights? ignore_mismatched_sizes=True loads the rest)")
-            target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            if _stored_dtype(model, name):  # an FP8 layer's weight and scale: as stored, never cast
+                _check_fp8(key, source_name, tensor, name)
+                target_dtype = tensor.dtype
+            else:
+                target_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             _set_tensor(model, name, tensor.to(device=device, dtype=target_dtype))
             seen.add(name)
     mismatched_names = {m[0] for m in mismatched}
@@ -284,7 +306,8 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, object]], device
     placeholders = model.state_dict(keep_vars=True)
     for name in absent:
         meta = placeholders[name]
-        kept_dtype = dtype if dtype is not None and meta.is_floating_point() else meta.dtype
+        kept_dtype = dtype if dtype is not None and meta.is_floating_point() and not _stored_dtype(model, name) \
+            else meta.dtype
         _set_tensor(model, name, torch.empty(meta.shape, device=device, dtype=kept_dtype))
     if unexpected:
         warnings.warn(f"the checkpoint has {len(unexpected)} tensors that {class_name} does not have, ignored: "

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..modeling.attention import attend
 from ..modeling.text import MllamaCrossAttentionDecoderLayer, MllamaSelfAttentionDecoderLayer
+from ..quantization import Fp8Linear
 
 
 def text_model_of(model: nn.Module) -> nn.Module:
@@ -64,6 +65,9 @@ def unsupported(model: nn.Module) -> str | None:
     if any(getattr(part, "_attn_implementation", None) == "eager" for part in parts):
         return "the fast path and the serving engine compute attention with SDPA, and this model's " \
                "attn_implementation is 'eager' (set_attn_implementation('sdpa') allows them)"
+    if any(isinstance(module, Fp8Linear) for module in model.modules()):
+        return "the fast path and the serving engine run bf16/fp16 weights, and this model has FP8 linear layers " \
+               "(they run in the plain forward, dequantized: see mllama.quantization)"
     if getattr(text, "rope_parameters", {}).get("rope_type") == "dynamic":
         return "the fast path and the serving engine capture fixed RoPE frequencies, and this model's RoPE is 'dynamic'"
     return None

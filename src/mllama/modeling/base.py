@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import weights
 from ..config import ATTN_IMPLEMENTATIONS, MllamaConfig, MllamaTextConfig
+from ..quantization import fp8_scheme, use_fp8
 
 
 def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype | None:
@@ -68,20 +69,24 @@ def _refuse_unhonoured(options: dict[str, Any]) -> None:
                          f"{', '.join(_HUB_OPTIONS)}")
 
 
-def _refuse_quantized(config: Any, folder: Path | None) -> None:
-    """A checkpoint stored quantized (its config.json has a quantization_config, at the top even when only its text
-    model is loaded) is refused: read as plain weights, its FP8 or int4 tensors would load without their scales,
-    and the model would compute nonsense."""
+def _stored_quantization(config: Any, folder: Path | None) -> dict | None:
+    """The quantization_config a checkpoint was stored with (config.json's top level, also when only its text
+    model is loaded), or None."""
     quantization = getattr(config, "quantization_config", None)
     stored = None if folder is None else folder / "config.json"
     if quantization is None and stored is not None and stored.is_file():
         quantization = json.loads(stored.read_text()).get("quantization_config")
-    if quantization is None:
-        return
-    what = ", ".join(f"{key} {quantization[key]!r}" for key in ("quant_method", "format")
-                     if isinstance(quantization, dict) and key in quantization) or repr(quantization)[:80]
-    raise ValueError(f"this checkpoint is stored quantized ({what}): mllama does not load quantized checkpoints; "
-                     f"load the bf16 checkpoint it was made from")
+    return quantization
+
+
+def _module_names(class_name: str, name: str) -> tuple[str, ...]:
+    """A module's names: its own in `class_name`, and in both checkpoint layouts (what an ignore list may use)."""
+    dotted = name + "."
+    for canonical_prefix, own_prefix in weights.CLASS_PREFIXES[class_name]:
+        if dotted.startswith(own_prefix):
+            canonical = canonical_prefix + dotted[len(own_prefix):]
+            return name, canonical.rstrip("."), weights.published_key(canonical).rstrip(".")
+    return (name,)
 
 
 def _check_attn_implementation(requested: str | dict | None) -> None:
@@ -361,7 +366,8 @@ class MllamaPreTrainedModel(nn.Module):
         folder = None if name_or_path is None else cls._checkpoint_folder(name_or_path, hub_kwargs)
         if config is None:
             config = cls._read_config(folder, name_or_path)
-        _refuse_quantized(config, folder)
+        quantization = _stored_quantization(config, folder)
+        scheme = fp8_scheme(quantization) if quantization is not None else None  # (refuses any other scheme)
         if compat is not None:
             config.compat = compat
         if attn_implementation is not None:
@@ -372,6 +378,9 @@ class MllamaPreTrainedModel(nn.Module):
                    else weights.open_files(weights.weight_files(folder), target))
         with torch.device("meta"):
             model = cls(config)
+        if scheme is not None:  # the Linear layers stored in FP8 become Fp8Linear before their weights load
+            use_fp8(model, scheme, lambda name: _module_names(cls.__name__, name))
+            model.config.quantization_config = quantization  # (saved again as it came)
         loading_info = weights.load_weights(model, sources, target, target_dtype, strict=not output_loading_info,
                                             ignore_mismatched_sizes=ignore_mismatched_sizes)
         fresh = loading_info["missing_keys"] | {m[0] for m in loading_info["mismatched_keys"]}

@@ -1,0 +1,165 @@
+"""compressed-tensors FP8 checkpoints (RedHatAI's FP8-dynamic layout): built here from the tiny random checkpoint
+with plain torch (not mllama's quantizer), loaded by mllama, and checked against a dequantize-and-compute
+reference written here, in float32."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mllama import MllamaForCausalLM, MllamaForConditionalGeneration
+from mllama.quantization import Fp8Linear
+
+# the published files' ignore list, in their layout: the vision tower, the projector, lm_head
+IGNORE = ["re:vision_model.*", "re:multi_modal_projector.*", "language_model.lm_head"]
+QUANTIZATION = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "kv_cache_scheme": None, "ignore": IGNORE, "global_compression_ratio": 1.2,
+    "config_groups": {"group_0": {
+        "targets": ["Linear"], "output_activations": None,
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
+                    "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax",
+                    "observer_kwargs": {}},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                              "dynamic": True, "group_size": None, "block_structure": None, "actorder": None,
+                              "observer": None, "observer_kwargs": {}}}},
+}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _quantized_names(tensors: dict) -> list[str]:
+    return [k for k in tensors if k.startswith("language_model.model.layers.") and k.endswith(".weight")
+            and k.split(".")[-2] in PROJECTIONS]
+
+
+def _fp8_checkpoint(tiny_checkpoint, folder, quantization=QUANTIZATION, scale_dtype=torch.bfloat16):
+    shutil.copytree(tiny_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = quantization
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    for name in _quantized_names(tensors):
+        w = tensors[name].float()
+        scale = w.abs().amax(dim=1, keepdim=True) / 448.0
+        tensors[name] = (w / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+        tensors[name + "_scale"] = scale.to(scale_dtype)
+    save_file(tensors, folder / "model.safetensors")
+    return folder
+
+
+def _reference(tiny_checkpoint, fp8_folder):
+    """The bf16 tiny model in float32 with each quantized layer's weight dequantized (e4m3 x scale) and its input
+    quantized per token (max|x| / 448 each) before the product."""
+    model = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    stored = load_file(fp8_folder / "model.safetensors")
+
+    def quantize_input(module, args):
+        x = args[0]
+        scale = (x.abs().amax(dim=-1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
+        return ((x / scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * scale,)
+
+    for name in _quantized_names(stored):
+        module = model.get_submodule(name.removeprefix("language_model.").replace("model.", "model.language_model.", 1)
+                                     .removesuffix(".weight"))
+        module.weight.data = stored[name].float() * stored[name + "_scale"].float()
+        module.register_forward_pre_hook(quantize_input)
+    return model
+
+
+def _inputs(seed=0):
+    ids = torch.randint(5, 120, (2, 9), generator=torch.Generator().manual_seed(seed))
+    return ids
+
+
+def test_an_fp8_checkpoint_loads_and_equals_the_dequantized_reference(tiny_checkpoint, tmp_path):
+    folder = _fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8")
+    model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    fp8 = [name for name, m in model.named_modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8) == len(_quantized_names(load_file(folder / "model.safetensors"))) > 0
+    # the ignore list: the vision tower, the projector and lm_head stay as they are
+    assert not any(name.startswith(("model.vision_model", "model.multi_modal_projector", "lm_head")) for name in fp8)
+    assert type(model.lm_head) is torch.nn.Linear and type(model.model.multi_modal_projector) is torch.nn.Linear
+    layer = model.get_submodule(fp8[0])
+    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale.dtype == torch.bfloat16  # as stored
+    reference = _reference(tiny_checkpoint, folder)
+    with torch.no_grad():
+        ours, theirs = model(input_ids=_inputs()).logits, reference(input_ids=_inputs()).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
+    # and not the bf16 model's logits: the quantization is really applied
+    plain = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    with torch.no_grad():
+        assert not torch.allclose(ours, plain(input_ids=_inputs()).logits, rtol=1e-3, atol=1e-4)
+    # the text model alone from the same files (its config has no quantization_config of its own)
+    text = MllamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    assert sum(isinstance(m, Fp8Linear) for m in text.modules()) == len(fp8)
+
+
+def test_saving_and_reloading_an_fp8_model_is_bit_identical(tiny_checkpoint, tmp_path):
+    model = MllamaForConditionalGeneration.from_pretrained(_fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8"))
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["quantization_config"] == QUANTIZATION
+    again = MllamaForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    first, second = model.state_dict(), again.state_dict()
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert second[name].dtype == tensor.dtype and torch.equal(second[name].view(torch.uint8),
+                                                                  tensor.view(torch.uint8)), name
+
+
+def test_a_missing_or_wrong_scale_or_weight_is_an_error_naming_the_tensor(tiny_checkpoint, tmp_path):
+    folder = _fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8")
+    tensors = load_file(folder / "model.safetensors")
+    name = _quantized_names(tensors)[0]
+    cases = {"missing": lambda t: t.pop(name + "_scale"),
+             "zero": lambda t: t[name + "_scale"].zero_(),
+             "shape": lambda t: t.__setitem__(name + "_scale", t[name + "_scale"][:1]),
+             "weight": lambda t: t.__setitem__(name, t[name].to(torch.bfloat16))}
+    expected = {"missing": "lacks 1 tensors", "zero": "not positive and finite", "shape": "has shape",
+                "weight": "must be F8_E4M3"}
+    for case, edit in cases.items():
+        broken = dict(tensors)
+        broken[name + "_scale"] = broken[name + "_scale"].clone()
+        edit(broken)
+        save_file(broken, folder / "model.safetensors")
+        with pytest.raises(Exception, match=expected[case]) as e:
+            MllamaForConditionalGeneration.from_pretrained(folder)
+        short = name.split("language_model.model.")[-1].removesuffix(".weight")
+        assert short in str(e.value), (case, str(e.value))
+
+
+@pytest.mark.parametrize("path, value, field", [
+    (("format",), "pack-quantized", "format 'pack-quantized'"),
+    (("quant_method",), "bitsandbytes", "quant_method 'bitsandbytes'"),
+    (("config_groups", "group_0", "weights", "strategy"), "tensor", "weights.strategy is 'tensor'"),
+    (("config_groups", "group_0", "input_activations", "dynamic"), False, "input_activations.dynamic is False"),
+    (("config_groups", "group_0", "weights", "num_bits"), 4, "weights.num_bits is 4"),
+    (("kv_cache_scheme",), {"num_bits": 8}, "kv_cache_scheme"),
+])
+def test_other_quantization_schemes_are_refused_by_field(tiny_checkpoint, tmp_path, path, value, field):
+    quantization = json.loads(json.dumps(QUANTIZATION))
+    place = quantization
+    for key in path[:-1]:
+        place = place[key]
+    place[path[-1]] = value
+    folder = _fp8_checkpoint(tiny_checkpoint, tmp_path / "q", quantization)
+    with pytest.raises(ValueError, match=field):
+        MllamaForConditionalGeneration.from_pretrained(folder)
+
+
+def test_generate_runs_an_fp8_model_and_the_engine_refuses_it_by_name(tiny_checkpoint, tmp_path):
+    from mllama.engine.batch import BatchEngine
+    from mllama.processing.processor import AutoProcessor
+
+    folder = _fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8")
+    model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    reference = _reference(tiny_checkpoint, folder)
+    with torch.no_grad():
+        ours = model.generate(input_ids=_inputs(1), max_new_tokens=6, do_sample=False)
+        theirs = reference.generate(input_ids=_inputs(1), max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="FP8 linear layers"):
+        BatchEngine(model, AutoProcessor.from_pretrained(str(folder)).tokenizer)
