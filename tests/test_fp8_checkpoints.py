@@ -163,3 +163,37 @@ def test_generate_runs_an_fp8_model_and_the_engine_refuses_it_by_name(tiny_check
     assert torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="FP8 linear layers"):
         BatchEngine(model, AutoProcessor.from_pretrained(str(folder)).tokenizer)
+
+
+def test_quantize_on_load_equals_a_checkpoint_quantized_beforehand(tiny_checkpoint, tmp_path):
+    """from_pretrained(quantize="fp8") of the bf16 checkpoint: the same e4m3 weights and scales as the checkpoint
+    this file quantizes itself (float32 scales there), the same logits, and it saves as an FP8 checkpoint."""
+    folder = _fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8", scale_dtype=torch.float32)
+    stored = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    quantized = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32, quantize="fp8")
+    ours, theirs = quantized.state_dict(), stored.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name].view(torch.uint8),
+                                                                tensor.view(torch.uint8)), name
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(input_ids=_inputs()).logits, stored(input_ids=_inputs()).logits,
+                                   rtol=0, atol=0)
+    quantized.save_pretrained(tmp_path / "saved")
+    again = MllamaForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert sum(isinstance(m, Fp8Linear) for m in again.modules()) == sum(isinstance(m, Fp8Linear)
+                                                                         for m in stored.modules())
+    with pytest.raises(ValueError, match="quantize='int4' is not supported: use quantize='fp8'"):
+        MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, quantize="int4")
+
+
+def test_info_gives_the_fp8_size_and_whether_it_fits(capsys):
+    from mllama.cli import main
+
+    assert main(["info", "90b", "--quantize", "fp8", "--gpu-memory", "139", "--json"]) in (0, None)
+    info = json.loads(capsys.readouterr().out)
+    # 86.6 B text parameters, nearly all in linear layers, at one byte; the rest (2 B) in bf16
+    assert 84 < info["fp8_weights_gib"] < 87 and info["weights_gib"]["bfloat16"] > 160
+    assert info["fits"]["fits"] and info["fits"]["left_gib"] > 50
+    main(["info", "90b", "--gpu-memory", "139", "--json"])
+    assert not json.loads(capsys.readouterr().out)["fits"]["fits"]  # bf16: 165 GiB

@@ -176,7 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _check_args(args)
     images = _load_images(args.image)
     _use_threads(args)
-    model, processor = load(args.model, args.dtype, args.device)
+    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize)
     if _has_chat_template(processor) and not args.raw:
         inputs = processor.apply_chat_template([_message(args.prompt, images)], add_generation_prompt=True,
                                                tokenize=True, return_dict=True, return_tensors="pt")
@@ -194,7 +194,7 @@ CHAT_HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
 def cmd_chat(args: argparse.Namespace) -> None:
     _check_args(args)
     _use_threads(args)
-    model, processor = load(args.model, args.dtype, args.device)
+    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize)
     if not _has_chat_template(processor):
         raise CliError(f"{args.model} has no chat template: use `mllama generate` with a base model")
     chat = Chat(model, processor, args)
@@ -311,6 +311,22 @@ def _count_parameters(config) -> dict[str, int]:
     return counts
 
 
+def _fp8_bytes(config) -> int:
+    """Bytes of the weights with quantize="fp8": e4m3 linear layers of the text model (float32 scales), the rest
+    in bf16."""
+    import torch
+
+    from .modeling.base import module_names
+    from .modeling.mllama import MllamaForConditionalGeneration
+    from .quantization import DEFAULT_SCHEME, FP8, use_fp8
+
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    use_fp8(model, DEFAULT_SCHEME, lambda name: module_names("MllamaForConditionalGeneration", name))
+    return sum(p.numel() * (1 if p.dtype == FP8 else 4 if name.endswith("weight_scale") else 2)
+               for name, p in model.named_parameters())
+
+
 def cmd_info(args: argparse.Namespace) -> None:
     from .config import PRESETS, MllamaConfig
     from .weights import resolve_file
@@ -339,10 +355,17 @@ def cmd_info(args: argparse.Namespace) -> None:
         "parameters": counts,
         "weights_gib": {"bfloat16": counts["total"] * 2 / gib, "float16": counts["total"] * 2 / gib,
                         "float32": counts["total"] * 4 / gib},
+        **({"fp8_weights_gib": _fp8_bytes(config) / gib} if args.quantize == "fp8" else {}),
         "cache_bf16": {"self_attention_kib_per_token": kv_per_token / 1024,
                        "cross_attention_mib_per_image": cross_per_image / 2**20},
         "compat": config.compat,
     }
+    if args.quantize not in (None, "fp8"):
+        raise CliError(f"--quantize {args.quantize!r} is not supported: use fp8")
+    if args.gpu_memory is not None:
+        weights_gib = info.get("fp8_weights_gib", info["weights_gib"]["bfloat16"])
+        info["fits"] = {"gpu_gib": args.gpu_memory, "weights_gib": weights_gib,
+                        "left_gib": args.gpu_memory - weights_gib, "fits": weights_gib < args.gpu_memory}
     if args.json:
         print(json.dumps(info, indent=2))
         return
@@ -356,6 +379,14 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("  parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     print("  weights: " + ", ".join(f"{k} {v:.1f} GiB" for k, v in info["weights_gib"].items()))
     print(f"  cache (bf16): {kv_per_token / 1024:.0f} KiB per text token, {cross_per_image / 2**20:.1f} MiB per image")
+    if "fp8_weights_gib" in info:
+        print(f"  weights with --quantize fp8: {info['fp8_weights_gib']:.1f} GiB (text linear layers in e4m3; the "
+              f"vision tower, projector and lm_head in bf16)")
+    if "fits" in info:
+        fits = info["fits"]
+        print(f"  on a GPU of {fits['gpu_gib']:g} GiB: " + (
+            f"fits, {fits['left_gib']:.1f} GiB left for the cache and activations" if fits["fits"] else
+            f"does not fit: the weights alone need {-fits['left_gib']:.1f} GiB more"))
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -448,6 +479,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quantize", help="fp8: the text model's linear layers in FP8 (e4m3), quantized as they load "
+                   "(an FP8 checkpoint loads as FP8 without it); they run in the plain forward for now")
     p.add_argument("--threads", type=int, help="CPU threads (default: MLLAMA_NUM_THREADS, OMP_NUM_THREADS, else "
                    "the idle physical cores)")
 
@@ -487,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help="Hub id, folder, or a preset: 11b, 11b-instruct, "
                    "90b, 90b-instruct")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quantize", help="fp8: also the weights' size with --quantize fp8")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+                   help="say whether the weights (FP8 ones with --quantize fp8) fit a GPU of this many GiB")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("download", help="download a checkpoint from the Hub (HF_TOKEN for gated repos)")

@@ -16,11 +16,14 @@ def as_dtype(name: str):
     return name if name == "auto" else getattr(torch, name)
 
 
-def load(model_id: str, dtype: str, device: str, text_only: bool = False):
+def load(model_id: str, dtype: str, device: str, text_only: bool = False, quantize: str | None = None):
     from .modeling.mllama import MllamaForCausalLM, MllamaForConditionalGeneration
     from .processing.processor import AutoProcessor
+    from .quantization import QUANTIZE_CHOICES
 
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise CliError(f"--quantize {quantize!r} is not supported: use {', '.join(QUANTIZE_CHOICES)}")
     cls = MllamaForCausalLM if text_only else MllamaForConditionalGeneration
-    model = cls.from_pretrained(model_id, dtype=as_dtype(dtype), device_map=device)
+    model = cls.from_pretrained(model_id, dtype=as_dtype(dtype), device_map=device, quantize=quantize)
     processor = AutoProcessor.from_pretrained(model_id)
     return model, processor

@@ -108,6 +108,17 @@ class Fp8Scheme:
                 "ignore": list(self.ignore), "kv_cache_scheme": None}
 
 
+# quantize="fp8" on load: what RedHatAI's FP8-dynamic recipe quantizes (the text model's Linear layers)
+DEFAULT_SCHEME = Fp8Scheme(["re:vision_model.*", "re:multi_modal_projector.*", "re:.*lm_head"])
+QUANTIZE_CHOICES = ("fp8",)
+
+
+def check_quantize(quantize: str | None) -> None:
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize={quantize!r} is not supported: use quantize='fp8' (the text model's linear "
+                         f"layers in e4m3, per-channel weight scales, activations quantized per token) or None")
+
+
 def _check_fields(given: Any, expected: dict, where: str) -> None:
     if not isinstance(given, dict):
         raise ValueError(f"quantization_config.{where} must be an object, got {given!r}")

@@ -18,6 +18,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .quantization import FP8, quantize_rows
+
 CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model")
 _TEXT_ROOTS = ("embed_tokens.", "layers.", "norm.", "rotary_emb.")
 _VISION_ROOTS = ("patch_embedding.", "class_embedding", "gated_positional_embedding.",
@@ -248,7 +250,8 @@ def _check_fp8(key: str, source_name: str, tensor: torch.Tensor, name: str) -> N
 
 
 def load_weights(model: nn.Module, sources: Iterable[tuple[str, object]], device: torch.device,
-                 dtype: torch.dtype | None, strict: bool = True, ignore_mismatched_sizes: bool = False) -> dict:
+                 dtype: torch.dtype | None, strict: bool = True, ignore_mismatched_sizes: bool = False,
+                 quantize: bool = False) -> dict:
     """Streams tensors from `sources` ((name, handle) pairs: open_files' memory-mapped safetensors, or a
     StateDictSource) into `model` (built on the meta device), one at a time, straight to `device` and `dtype`:
     host memory never holds more than one tensor beyond the result.
@@ -259,7 +262,8 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, object]], device
     `device`) or `ignore_mismatched_sizes` (such tensors are reported as (name, stored shape, model shape) and
     left like missing ones). A tensor the model has no place for is only reported, with a warning unless it
     belongs to another part of a Mllama checkpoint (the vision tower when loading MllamaForCausalLM), as
-    transformers loads such checkpoints.
+    transformers loads such checkpoints. With `quantize`, an FP8 layer's weight stored in another dtype is
+    quantized on `device` as it is read (its weight_scale then comes from there, not from the checkpoint).
     """
     class_name = type(model).__name__
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -290,6 +294,12 @@ def load_weights(model: nn.Module, sources: Iterable[tuple[str, object]], device
                 raise CheckpointError(f"tensor {key} in {source_name} has shape {list(tensor.shape)}, the model "
                                       f"expects {list(expected[name])} for {name} (config does not match "
                                       f"the weights? ignore_mismatched_sizes=True loads the rest)")
+            if quantize and _stored_dtype(model, name) and name.endswith(".weight") and tensor.dtype != FP8:
+                weight, scale = quantize_rows(tensor.to(device))
+                _set_tensor(model, name, weight)
+                _set_tensor(model, name + "_scale", scale)
+                seen.update((name, name + "_scale"))
+                continue
             if _stored_dtype(model, name):  # an FP8 layer's weight and scale: as stored, never cast
                 _check_fp8(key, source_name, tensor, name)
                 target_dtype = tensor.dtype

@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import weights
 from ..config import ATTN_IMPLEMENTATIONS, MllamaConfig, MllamaTextConfig
-from ..quantization import fp8_scheme, use_fp8
+from ..quantization import DEFAULT_SCHEME, check_quantize, fp8_scheme, use_fp8
 
 
 def _resolve_dtype(dtype: Any, config: Any) -> torch.dtype | None:
@@ -79,7 +79,7 @@ def _stored_quantization(config: Any, folder: Path | None) -> dict | None:
     return quantization
 
 
-def _module_names(class_name: str, name: str) -> tuple[str, ...]:
+def module_names(class_name: str, name: str) -> tuple[str, ...]:
     """A module's names: its own in `class_name`, and in both checkpoint layouts (what an ignore list may use)."""
     dotted = name + "."
     for canonical_prefix, own_prefix in weights.CLASS_PREFIXES[class_name]:
@@ -345,7 +345,8 @@ class MllamaPreTrainedModel(nn.Module):
                         dtype: Any = "auto", torch_dtype: Any = None, device_map: Any = None, device: Any = None,
                         compat: str | None = None, attn_implementation: str | dict | None = None,
                         output_loading_info: bool = False, state_dict: dict[str, torch.Tensor] | None = None,
-                        ignore_mismatched_sizes: bool = False, **hub_kwargs: Any) -> "MllamaPreTrainedModel":
+                        ignore_mismatched_sizes: bool = False, quantize: str | None = None,
+                        **hub_kwargs: Any) -> "MllamaPreTrainedModel":
         """Loads a Hugging Face checkpoint (folder or Hub id, optionally a `subfolder` of it) in either key layout,
         streaming each tensor from the memory-mapped safetensors to `device` (or `device_map`: "auto", "cpu",
         "cuda", "cuda:N") in `dtype`. `state_dict` (names as this class's or a checkpoint's) replaces the stored
@@ -353,7 +354,10 @@ class MllamaPreTrainedModel(nn.Module):
         With `output_loading_info=True` returns (model, info) like transformers: info holds "missing_keys",
         "unexpected_keys", "mismatched_keys" and "error_msgs"; tensors the checkpoint lacks are then initialised
         afresh (as init_weights does) and listed, where without it they are an error. `ignore_mismatched_sizes`:
-        tensors whose stored shape differs from the model's are initialised afresh and listed, not an error."""
+        tensors whose stored shape differs from the model's are initialised afresh and listed, not an error.
+        A compressed-tensors FP8 checkpoint loads as it is stored (mllama.quantization); `quantize="fp8"` makes
+        the text model's linear layers FP8 from a bf16 checkpoint, each weight quantized on `device` as it is
+        read (the whole model never exists in bf16 there)."""
         name_or_path = pretrained_model_name_or_path
         if torch.empty(0).device.type == "meta":
             raise RuntimeError("You are using `from_pretrained` with a meta device context manager (or "
@@ -366,8 +370,11 @@ class MllamaPreTrainedModel(nn.Module):
         folder = None if name_or_path is None else cls._checkpoint_folder(name_or_path, hub_kwargs)
         if config is None:
             config = cls._read_config(folder, name_or_path)
+        check_quantize(quantize)
         quantization = _stored_quantization(config, folder)
         scheme = fp8_scheme(quantization) if quantization is not None else None  # (refuses any other scheme)
+        if scheme is None and quantize == "fp8":
+            scheme, quantization = DEFAULT_SCHEME, DEFAULT_SCHEME.config()
         if compat is not None:
             config.compat = compat
         if attn_implementation is not None:
@@ -379,10 +386,11 @@ class MllamaPreTrainedModel(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         if scheme is not None:  # the Linear layers stored in FP8 become Fp8Linear before their weights load
-            use_fp8(model, scheme, lambda name: _module_names(cls.__name__, name))
+            use_fp8(model, scheme, lambda name: module_names(cls.__name__, name))
             model.config.quantization_config = quantization  # (saved again as it came)
         loading_info = weights.load_weights(model, sources, target, target_dtype, strict=not output_loading_info,
-                                            ignore_mismatched_sizes=ignore_mismatched_sizes)
+                                            ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                            quantize=quantize == "fp8")
         fresh = loading_info["missing_keys"] | {m[0] for m in loading_info["mismatched_keys"]}
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name not in fresh:
