@@ -197,3 +197,33 @@ def test_info_gives_the_fp8_size_and_whether_it_fits(capsys):
     assert info["fits"]["fits"] and info["fits"]["left_gib"] > 50
     main(["info", "90b", "--gpu-memory", "139", "--json"])
     assert not json.loads(capsys.readouterr().out)["fits"]["fits"]  # bf16: 165 GiB
+
+
+def test_transformers_with_compressed_tensors_loads_what_mllama_saves(tiny_checkpoint, tmp_path):
+    """The oracle's reading of the format: transformers with the compressed-tensors package (test-only) loads the
+    FP8 checkpoint mllama writes (on the CPU it decompresses the weights and quantizes activations as the scheme
+    says), and its logits, image included, agree with mllama's far inside FP8's own error."""
+    pytest.importorskip("compressed_tensors")
+    import numpy as np
+    import PIL.Image
+    import transformers
+
+    from mllama.processing.processor import AutoProcessor
+
+    # (compat="transformers": its rule for the rows before the image, which Meta's semantics zero)
+    ours = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32, quantize="fp8",
+                                                          compat="transformers")
+    ours.save_pretrained(tmp_path / "saved")
+    theirs = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    assert theirs.model.language_model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn  # as stored
+    processor = AutoProcessor.from_pretrained(str(tiny_checkpoint))
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    inputs = processor(images=[[image]], text=["<|image|>Describe the picture"], return_tensors="pt")
+    plain = MllamaForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32,
+                                                           compat="transformers")
+    with torch.no_grad():
+        a, b, c = (m(**inputs).logits for m in (ours, theirs, plain))
+    between = ((a - b).abs().max() / b.abs().max()).item()
+    fp8_error = ((a - c).abs().max() / c.abs().max()).item()
+    print(f"mllama vs transformers {between:.1e}; FP8 vs bf16 {fp8_error:.1e}")
+    assert between < 1e-5 and fp8_error > 1e-3

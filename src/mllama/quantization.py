@@ -109,7 +109,7 @@ class Fp8Scheme:
 
 
 # quantize="fp8" on load: what RedHatAI's FP8-dynamic recipe quantizes (the text model's Linear layers)
-DEFAULT_SCHEME = Fp8Scheme(["re:vision_model.*", "re:multi_modal_projector.*", "re:.*lm_head"])
+DEFAULT_SCHEME = Fp8Scheme(["re:.*vision_model.*", "re:.*multi_modal_projector.*", "re:.*lm_head"])  # (any layout)
 QUANTIZE_CHOICES = ("fp8",)
 
 
