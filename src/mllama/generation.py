@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from .modeling.cache import MllamaCache
 from .modeling.outputs import ModelOutput
+from .processing.cross_attention_mask import extend_cross_attention_mask, generated_row
 from .sampling import (GREEDY_BELOW_TEMPERATURE, SamplingParams, TextDecoder, apply_repetition_penalty,  # noqa: F401
                        ban_bad_words, choose, filter_logits, next_tokens, pad_id, processed_scores, remove_invalid,
                        resolve_params)
@@ -99,7 +100,7 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
         out = model(input_ids=input_ids, attention_mask=mask[:, :prompt_len], position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1, **extra)
         last_position = positions[:, -1:]
-        step_cross = cross_attention_mask[:, -1:] if cross_attention_mask is not None else None
+        step_cross = generated_row(cross_attention_mask) if cross_attention_mask is not None else None
         stepper = None
         if decoder is not None:
             decoder.bind(mask, step_cross)
@@ -124,7 +125,6 @@ def decode_steps(model, input_ids: torch.Tensor, params: SamplingParams, *, atte
             if stepper is not None:
                 out = ModelOutput(logits=stepper(tokens, last_position, cur - 1)[:, None])
                 continue
-            # Each new token sees the images the last prompt token saw (transformers' rule as well).
             out = model(input_ids=tokens[:, None], attention_mask=mask[:, :cur], position_ids=last_position,
                         cache=cache, use_cache=True, cross_attention_mask=step_cross)
 
@@ -406,7 +406,7 @@ class _Steps:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         self.positions = torch.cat([self.positions, self.positions[:, -1:] + 1], dim=1)
         if self.cross is not None:
-            self.cross = torch.cat([self.cross, self.cross[:, -1:]], dim=1)
+            self.cross = extend_cross_attention_mask(self.cross)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keeps the rows in `index`, in that order (the beams that continue), the cache's included."""

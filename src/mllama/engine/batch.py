@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..processing.cross_attention_mask import generated_row
 from ..sampling import SamplingParams, TextDecoder, next_tokens
 from .decode import text_model_of, unsupported
 from .fast import PrefillGraphs, vision_graphs
@@ -438,12 +439,13 @@ class BatchEngine:
         """The text part of a prefill, then the requests into their slots and their first tokens."""
         logits, cache = self.prefiller.text_part(p)
         cross_mask = p.inputs.get("cross_attention_mask")
-        last_seen = cross_mask[:, -1].cpu() if cross_mask is not None else None  # [rows, N, T]: what decode sees
+        # [rows, N, T]: what every generated token sees
+        last_seen = generated_row(cross_mask)[:, 0].cpu() if cross_mask is not None else None
         for row, (r, slot) in enumerate(p.group):
             self.prefiller.bind(r, slot, cache, row, p.width - p.lengths[row],
                                 None if last_seen is None else last_seen[row], fill=not p.cached)
             r.slot, r.length = slot, p.lengths[row]
-            r.decoder = TextDecoder(self.tokenizer, skip_special_tokens=True)
+            r.decoder = TextDecoder(self.tokenizer, skip_special_tokens=r.skip_special_tokens)
             if r.seed is not None:
                 r.generator = torch.Generator(device=self.device).manual_seed(int(r.seed))
             self.slots[slot] = r
@@ -602,7 +604,7 @@ class BatchEngine:
             pass
 
     def _advance_text(self, r: GenerationRequest, token: int) -> None:
-        finish = advance_text(r, token, self.eos)
+        finish = advance_text(r, token, () if r.ignore_eos else self.eos)
         if finish is not None:
             self._finish(r, finish)
 
@@ -612,10 +614,13 @@ class BatchEngine:
         r.emit(final_event(r, reason))
 
 
-def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | None, top_p: float | None
-                    ) -> SamplingParams:
+def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | None, top_p: float | None,
+                    top_k: int = 0, repetition_penalty: float = 1.0, min_tokens: int = 0,
+                    ignore_eos: bool = False) -> SamplingParams:
     """OpenAI's knobs over the checkpoint's generation_config: temperature 0 means greedy; a temperature not
-    given takes the checkpoint's do_sample/temperature/top_p (so an instruct checkpoint keeps its defaults)."""
+    given takes the checkpoint's do_sample/temperature/top_p (so an instruct checkpoint keeps its defaults).
+    vLLM's extras: top_k (0 = off), repetition_penalty (1 = off), min_tokens (no end token before them),
+    ignore_eos (only max_tokens and stop strings end the answer)."""
     d = engine.defaults
     if temperature is None:
         do_sample = bool(d.get("do_sample", False))
@@ -624,8 +629,8 @@ def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | N
         do_sample = temperature > 0
         temperature = temperature if temperature > 0 else 1.0
     top_p = float(d.get("top_p") or 1.0) if top_p is None else float(top_p)
-    params = SamplingParams(max_new_tokens=max_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                            top_k=0, eos_token_id=engine.eos)
+    params = SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=do_sample,
+                            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                            eos_token_id=() if ignore_eos else engine.eos)
     params.validate()
     return params
-

@@ -81,10 +81,16 @@ def cross_attention_mask(
     return dense_cross_attention_mask(spans, num_tiles, max_num_tiles, length)
 
 
-def extend_cross_attention_mask(mask: torch.Tensor, num_new_tokens: int = 1) -> torch.Tensor:
-    """Mask rows for tokens appended after the prompt (generation): each new token sees what the last prompt token
-    saw, since text after the last image keeps attending to the images before it. [B, S, I, T] -> [B, S+n, I, T]."""
+def generated_row(mask: torch.Tensor) -> torch.Tensor:
+    """The mask row of every token generated after the prompt: each new token sees what the last prompt token
+    saw, since text after the last image keeps attending to the images before it. [B, S, I, T] -> [B, 1, I, T].
+    generate, its fast path and the server's engine all take the rows of generated tokens from here."""
     if mask.shape[1] == 0:
         raise ValueError("cannot extend an empty cross-attention mask: it has no last row to repeat")
-    last = mask[:, -1:].expand(-1, num_new_tokens, -1, -1)
-    return torch.cat([mask, last], dim=1)
+    return mask[:, -1:]
+
+
+def extend_cross_attention_mask(mask: torch.Tensor, num_new_tokens: int = 1) -> torch.Tensor:
+    """Mask rows for `num_new_tokens` tokens appended after the prompt (generated_row's).
+    [B, S, I, T] -> [B, S+n, I, T]."""
+    return torch.cat([mask, generated_row(mask).expand(-1, num_new_tokens, -1, -1)], dim=1)

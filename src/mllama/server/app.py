@@ -385,9 +385,53 @@ class Parsed:
     stream: bool
     include_usage: bool
     logprobs: int | None
+    top_k: int = 0  # vLLM's extras, from here down
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+
+
+# The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
+# server and are accepted (the README lists them); NOT_YET change the answer and are not built, so they are refused
+# unless they hold the value that changes nothing (clients send presence_penalty 0 or logit_bias {} routinely).
+_FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "seed", "temperature", "top_p",
+           "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens"}
+_CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+_COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of"}
+IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
+NOT_YET = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+           "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
+           "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "echo": (False,),
+           "suffix": ("",), "min_p": (0, 0.0), "stop_token_ids": ([],)}
+
+
+def check_fields(body: dict, chat: bool) -> None:
+    """Refuses, naming it, a field this server would otherwise not honour (OpenAI's words for one it does not
+    know at all)."""
+    known = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
+    for name, value in body.items():
+        if name in known or name in IGNORED_FIELDS:
+            continue
+        if name in NOT_YET:
+            if value is None or any(value == neutral and type(value) is type(neutral) for neutral in NOT_YET[name]):
+                continue
+            raise RequestError(f"{name} is not supported by this server yet: send it without {name} (or with "
+                               f"{NOT_YET[name][0]!r}, which changes nothing)", name)
+        raise RequestError(f"Unrecognized request argument supplied: {name}", name)
+
+
+def _flag(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false, got {value!r}", name)
+    return value
 
 
 def parse_common(body: dict, chat: bool) -> Parsed:
+    check_fields(body, chat)
     n = _int(body, "n", 1, None, 1)
     if n != 1:
         raise RequestError(f"n must be 1 (this server returns one choice per request), got {n}", "n")
@@ -420,8 +464,17 @@ def parse_common(body: dict, chat: bool) -> Parsed:
     top_p = _float(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p <= 0:
         raise RequestError(f"top_p must be greater than 0 and at most 1, got {top_p}", "top_p")
-    return Parsed(max_tokens=max_tokens, temperature=_temperature(body), top_p=top_p, seed=seed, stop=_stop(body), stream=stream,
-                  include_usage=include_usage, logprobs=logprobs)
+    repetition_penalty = _float(body, "repetition_penalty", 0.0, 2.0 ** 64)
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise RequestError(f"repetition_penalty must be greater than 0 (1 = off), got {repetition_penalty}",
+                           "repetition_penalty")
+    top_k = _int(body, "top_k", -1, None, 0)
+    return Parsed(max_tokens=max_tokens, temperature=_temperature(body), top_p=top_p, seed=seed, stop=_stop(body),
+                  stream=stream, include_usage=include_usage, logprobs=logprobs,
+                  top_k=0 if top_k == -1 else top_k,  # (vLLM's -1 means off, as 0 does)
+                  repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+                  min_tokens=_int(body, "min_tokens", 0, None, 0), ignore_eos=_flag(body, "ignore_eos", False),
+                  skip_special_tokens=_flag(body, "skip_special_tokens", True))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -645,7 +698,11 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             if max_tokens is None:
                 max_tokens = options.default_max_tokens or max(1, engine.max_model_len - len(ids))
             engine.check_length(len(ids), max_tokens)
-            params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p)
+            if parsed.min_tokens > max_tokens:
+                raise RequestError(f"min_tokens ({parsed.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                                   "min_tokens")
+            params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p, parsed.top_k,
+                                     parsed.repetition_penalty, parsed.min_tokens, parsed.ignore_eos)
         except RequestError as e:
             return error_response(e.message, e.status, e.param, e.code,
                                   headers=CLOSE if e.status in (408, 413) else None)
@@ -667,7 +724,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
 
         try:
             job = engine.submit(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
-                                seed=parsed.seed, logprobs=parsed.logprobs, emit=emit)
+                                seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
+                                skip_special_tokens=parsed.skip_special_tokens, ignore_eos=parsed.ignore_eos)
         except QueueFull as e:
             return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
                                   "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})

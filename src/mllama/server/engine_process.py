@@ -201,7 +201,9 @@ def _engine_main(conn, spec: dict) -> None:
             rid, fields = message[1], message[2]
             request = GenerationRequest(prompt_ids=fields["prompt_ids"], params=fields["params"],
                                         model_inputs=unpack_tensors(fields["model_inputs"]), stop=fields["stop"],
-                                        seed=fields["seed"], logprobs=fields["logprobs"], emit=emitter(rid))
+                                        seed=fields["seed"], logprobs=fields["logprobs"], emit=emitter(rid),
+                                        skip_special_tokens=fields["skip_special_tokens"],
+                                        ignore_eos=fields["ignore_eos"])
             requests[rid] = request
             try:
                 if stopper is not None:  # the server sends none after "stop"; were one to come, it would not wait
@@ -312,7 +314,8 @@ class EngineProcess:
         check_length(prompt_len, max_tokens, self.max_model_len)
 
     def submit(self, *, prompt_ids: list[int], params, model_inputs: dict, stop: tuple[str, ...], seed: int | None,
-               logprobs: int | None, emit: Callable[[Event], None]) -> _Handle:
+               logprobs: int | None, emit: Callable[[Event], None], skip_special_tokens: bool = True,
+               ignore_eos: bool = False) -> _Handle:
         """On the event loop. Raises EngineStopped, RequestTooLong or QueueFull at once; `emit` is then called on
         the loop for every event of the request."""
         if self.failed is not None:
@@ -328,7 +331,8 @@ class EngineProcess:
         self.requests[rid] = emit
         self.inflight += 1
         self.outgoing.put(("submit", rid, {"prompt_ids": prompt_ids, "params": params, "model_inputs": model_inputs,
-                                           "stop": stop, "seed": seed, "logprobs": logprobs}))
+                                           "stop": stop, "seed": seed, "logprobs": logprobs,
+                                           "skip_special_tokens": skip_special_tokens, "ignore_eos": ignore_eos}))
         return _Handle(self, rid, logprobs)
 
     async def stats(self) -> dict:
@@ -502,11 +506,13 @@ class LocalEngine:
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         self.engine.check_length(prompt_len, max_tokens)
 
-    def submit(self, *, prompt_ids, params, model_inputs, stop, seed, logprobs, emit) -> GenerationRequest:
+    def submit(self, *, prompt_ids, params, model_inputs, stop, seed, logprobs, emit,
+               skip_special_tokens: bool = True, ignore_eos: bool = False) -> GenerationRequest:
         loop = asyncio.get_running_loop()
         dispatcher = self._dispatchers.setdefault(id(loop), _Dispatcher(loop))
         request = GenerationRequest(prompt_ids=prompt_ids, params=params, model_inputs=unpack_tensors(model_inputs),
-                                    stop=stop, seed=seed, logprobs=logprobs,
+                                    stop=stop, seed=seed, logprobs=logprobs, skip_special_tokens=skip_special_tokens,
+                                    ignore_eos=ignore_eos,
                                     emit=lambda event: dispatcher.post(emit, event))
         self.engine.submit(request)
         return request

@@ -1,0 +1,141 @@
+"""The request fields the server honours beyond OpenAI's basic ones (vLLM's top_k, repetition_penalty, min_tokens,
+ignore_eos, skip_special_tokens), the ones it accepts and ignores, and the refusal of everything else by name.
+
+The tiny model is altered so that its first greedy token is a special token, which this app's engine takes as its
+end token: a plain request ends at once, so min_tokens, ignore_eos and skip_special_tokens each show."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+MODEL = "tiny"
+SPECIAL = "<|reserved_special_token_10|>"
+MESSAGES = [{"role": "user", "content": "Say something."}]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_checkpoint):
+    from fastapi.testclient import TestClient
+
+    from mllama.engine.batch import BatchEngine
+    from mllama.modeling.mllama import MllamaForConditionalGeneration
+    from mllama.processing.processor import AutoProcessor
+    from mllama.server import ServerOptions, create_app
+
+    model = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32,
+                                                           device_map="cpu").eval()
+    processor = AutoProcessor.from_pretrained(str(tiny_checkpoint))
+    ids = processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    special = processor.tokenizer.convert_tokens_to_ids(SPECIAL)
+    with torch.no_grad():
+        first = int(model(input_ids=ids).logits[0, -1].argmax())
+        model.lm_head.weight[special] = model.lm_head.weight[first] * 4
+        assert int(model(input_ids=ids).logits[0, -1].argmax()) == special
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256)
+    engine.eos = (special,)
+    engine.start()
+    app = create_app(processor, engine, ServerOptions(model_name=MODEL))
+    with TestClient(app) as client:
+        yield client, model, ids, special
+    engine.stop(0)
+
+
+def _chat(client, **fields):
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 6, "temperature": 0, **fields}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def _answer(client, **fields) -> tuple[str, str, int]:
+    r = _chat(client, **fields)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    return body["choices"][0]["message"]["content"], body["choices"][0]["finish_reason"], \
+        body["usage"]["completion_tokens"]
+
+
+def _reference(model, ids, special, **kwargs) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, eos_token_id=special, **kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_the_end_token_ends_a_plain_request_at_once(served):
+    client = served[0]
+    assert _answer(client)[1:] == ("stop", 1)
+
+
+def test_ignore_eos_runs_to_max_tokens_and_skip_special_tokens_chooses_the_text(served):
+    client, model, ids, special = served
+    text, finish, count = _answer(client, ignore_eos=True)
+    assert (finish, count) == ("length", 6) and SPECIAL not in text
+    raw, _, _ = _answer(client, ignore_eos=True, skip_special_tokens=False)
+    assert raw.startswith(SPECIAL) and raw.replace(SPECIAL, "") == text
+
+
+def test_min_tokens_holds_the_end_token_back(served):
+    client, model, ids, special = served
+    text, finish, count = _answer(client, min_tokens=3)
+    expected = _reference(model, ids, special, min_new_tokens=3)  # three other tokens, then the end token
+    assert count == len(expected) >= 4 and special not in expected[:3] and expected[-1] == special
+    tokenizer = client.app.state.engine.engine.tokenizer
+    assert (text, finish) == (tokenizer.decode(expected[:-1], skip_special_tokens=True), "stop")
+
+
+def test_repetition_penalty_equals_generates(served):
+    client, model, ids, special = served
+    penalised = _answer(client, ignore_eos=True, repetition_penalty=3.0, skip_special_tokens=False)[0]
+    plain = _answer(client, ignore_eos=True, skip_special_tokens=False)[0]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, repetition_penalty=3.0,
+                             eos_token_id=None)
+    tokenizer = client.app.state.engine.engine.tokenizer
+    assert penalised == tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=False) != plain
+
+
+def test_top_k_1_samples_the_greedy_answer(served):
+    client = served[0]
+    greedy = _answer(client, ignore_eos=True)[0]
+    sampled = {_answer(client, ignore_eos=True, temperature=1.5, seed=seed, top_k=1)[0] for seed in range(3)}
+    assert sampled == {greedy}
+    free = {_answer(client, ignore_eos=True, temperature=1.5, seed=seed)[0] for seed in range(3)}
+    assert free != {greedy}  # without top_k these seeds sample other answers
+
+
+def test_fields_without_meaning_here_are_accepted_and_change_nothing(served):
+    client = served[0]
+    plain = _answer(client, ignore_eos=True)
+    assert _answer(client, ignore_eos=True, user="u-1", metadata={"a": "b"}, store=False,
+                   service_tier="auto") == plain
+    # the fields not built yet, holding the value that changes nothing (what clients send by default)
+    assert _answer(client, ignore_eos=True, presence_penalty=0, frequency_penalty=0.0, logit_bias={}, tools=[],
+                   response_format={"type": "text"}, parallel_tool_calls=True) == plain
+
+
+@pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}),
+                                          ("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                          ("logit_bias", {"5": -100}), ("presence_penalty", 0.5),
+                                          ("frequency_penalty", 1.0), ("min_p", 0.1), ("tool_choice", "required")])
+def test_fields_not_built_yet_are_refused_by_name(served, field, value):
+    r = _chat(served[0], **{field: value})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    assert r.json()["error"]["message"].startswith(f"{field} is not supported by this server yet")
+
+
+def test_unknown_fields_are_refused_as_openai_does(served):
+    client = served[0]
+    r = _chat(client, temprature=0.5)
+    assert r.status_code == 400 and r.json()["error"]["message"] == "Unrecognized request argument supplied: temprature"
+    assert r.json()["error"]["param"] == "temprature"
+    # each endpoint its own fields: max_completion_tokens is chat's, echo and best_of completions'
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_completion_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_completion_tokens"
+    r = _chat(client, best_of=1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+
+
+@pytest.mark.parametrize("fields, param", [({"top_k": -2}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                                           ({"min_tokens": 7}, "min_tokens"), ({"ignore_eos": "yes"}, "ignore_eos"),
+                                           ({"skip_special_tokens": 1}, "skip_special_tokens")])
+def test_bad_values_of_the_extras_are_400s_naming_them(served, fields, param):
+    r = _chat(served[0], **fields)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
