@@ -101,6 +101,50 @@ def test_top_k_1_samples_the_greedy_answer(served):
     assert free != {greedy}  # without top_k these seeds sample other answers
 
 
+def _greedy(model, ids, adjust, steps: int = 6) -> list[int]:
+    """Greedy decoding written out, with `adjust(logits, generated ids)` applied at every step."""
+    generated: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.cat([ids, torch.tensor([generated], dtype=ids.dtype)], dim=1)
+                           ).logits[0, -1].float()
+            generated.append(int(adjust(logits, generated).argmax()))
+    return generated
+
+
+def test_logit_bias_moves_the_logits_it_names(served):
+    client, model, ids, special = served
+    tokenizer = client.app.state.engine.engine.tokenizer
+    text, finish, count = _answer(client, logit_bias={str(special): -100})  # the end token pushed away
+
+    def away(logits, generated):
+        logits[special] -= 100
+        return logits
+
+    expected = _greedy(model, ids, away)
+    assert (finish, count) == ("length", 6) and text == tokenizer.decode(expected, skip_special_tokens=True)
+    assert _answer(client, ignore_eos=True, logit_bias={"1000": 100})[0] == tokenizer.decode([1000] * 6)
+    r = _chat(client, logit_bias={str(len(tokenizer)): 5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"
+
+
+def test_presence_and_frequency_penalties_count_the_generated_tokens(served):
+    client, model, ids, special = served
+    tokenizer = client.app.state.engine.engine.tokenizer
+
+    def penalised(logits, generated):
+        for token in set(generated):
+            logits[token] -= 1.5 + 2.0 * generated.count(token)
+        return logits
+
+    got = _answer(client, ignore_eos=True, skip_special_tokens=False, presence_penalty=1.5, frequency_penalty=2.0)[0]
+    expected = _greedy(model, ids, penalised)
+    assert got == tokenizer.decode(expected, skip_special_tokens=False)
+    assert expected != _greedy(model, ids, lambda logits, generated: logits)  # the penalties changed the answer
+    r = _chat(client, presence_penalty=2.5)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "presence_penalty"
+
+
 def test_fields_without_meaning_here_are_accepted_and_change_nothing(served):
     client = served[0]
     plain = _answer(client, ignore_eos=True)
@@ -113,8 +157,7 @@ def test_fields_without_meaning_here_are_accepted_and_change_nothing(served):
 
 @pytest.mark.parametrize("field, value", [("response_format", {"type": "json_object"}),
                                           ("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("logit_bias", {"5": -100}), ("presence_penalty", 0.5),
-                                          ("frequency_penalty", 1.0), ("min_p", 0.1), ("tool_choice", "required")])
+                                          ("min_p", 0.1), ("tool_choice", "required"), ("echo", True)])
 def test_fields_not_built_yet_are_refused_by_name(served, field, value):
     r = _chat(served[0], **{field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field

@@ -28,6 +28,11 @@ class SamplingParams:
     bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences whose last token is banned after the rest
     remove_invalid_values: bool = False  # nan scores -> 0, +-inf -> the float32 extremes
     min_tokens_to_keep: int = 1  # top-k / top-p keep at least this many (beam sampling keeps 1 + number of EOS)
+    # OpenAI's: added to the logits, per token id; minus presence (once a token was generated) and frequency
+    # (times it was generated) penalties, counted over the generated tokens only, not the prompt
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.do_sample and 0 < self.temperature < GREEDY_BELOW_TEMPERATURE:
@@ -46,6 +51,11 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not (-2 <= self.presence_penalty <= 2 and -2 <= self.frequency_penalty <= 2):
+            raise ValueError(f"presence_penalty and frequency_penalty must be in [-2, 2], got "
+                             f"{self.presence_penalty} and {self.frequency_penalty}")
+        if any(token < 0 or not -100 <= value <= 100 for token, value in self.logit_bias):
+            raise ValueError(f"logit_bias takes token ids >= 0 and biases in [-100, 100], got {self.logit_bias}")
         if any(not words or min(words) < 0 for words in self.bad_words_ids):
             raise ValueError(f"bad_words_ids must be non-empty lists of token ids >= 0, got {self.bad_words_ids}")
 
@@ -117,6 +127,24 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return padded.scatter(1, seen, scores)[..., :vocab]
 
 
+def apply_openai_biases(scores: torch.Tensor, generated: torch.Tensor | None, params: SamplingParams
+                        ) -> torch.Tensor:
+    """OpenAI's logit_bias (added per token id), then presence and frequency penalties over the `generated` ids
+    [rows, n]: each token's logit minus presence_penalty if it was generated and frequency_penalty times the
+    times it was (ids past the output vocabulary, such as the image token, count for nothing)."""
+    if params.logit_bias:
+        ids = torch.tensor([token for token, _ in params.logit_bias], device=scores.device)
+        bias = torch.tensor([value for _, value in params.logit_bias], device=scores.device, dtype=scores.dtype)
+        scores = scores.index_add(1, ids, bias.expand(scores.shape[0], -1))
+    if (params.presence_penalty or params.frequency_penalty) and generated is not None and generated.shape[1]:
+        vocab = scores.shape[-1]
+        counts = torch.zeros(scores.shape[0], vocab + 1, dtype=scores.dtype, device=scores.device)
+        counts = counts.scatter_add(1, generated.clamp(max=vocab).to(scores.device),
+                                    torch.ones(generated.shape, dtype=scores.dtype, device=scores.device))[:, :vocab]
+        scores = scores - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).to(scores.dtype)
+    return scores
+
+
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                   min_keep: int = 1) -> torch.Tensor:
     """Sampling distribution as logits: scaled by temperature, everything outside top-k and outside the
@@ -163,6 +191,7 @@ def processed_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingP
     float32 after the repetition penalty and the min-length rule and, when sampling, after temperature, top-k and
     top-p. eos: the EOS ids already on the logits' device (indexing with a host list would sync every step)."""
     scores = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    scores = apply_openai_biases(scores, seen[:, seen.shape[1] - new_count:] if seen is not None else None, params)
     if params.bad_words_ids:
         scores = ban_bad_words(scores, seen, params.bad_words_ids)
     if new_count < params.min_new_tokens and params.eos_token_id:

@@ -485,7 +485,8 @@ class BatchEngine:
         allowed yet."""
         p = r.params
         return (p.do_sample or p.repetition_penalty != 1.0 or bool(p.bad_words_ids) or p.remove_invalid_values
-                or bool(count < p.min_new_tokens and p.eos_token_id))
+                or bool(count < p.min_new_tokens and p.eos_token_id) or bool(p.logit_bias)
+                or bool(p.presence_penalty or p.frequency_penalty))
 
     def _launch(self) -> _Step | None:
         """Queues a decode step for every running request that has a token left to make; returns it, or None."""
@@ -558,8 +559,10 @@ class BatchEngine:
         for row in special:
             r = requests[row]
             try:
+                p = r.params
                 seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
-                    if r.params.repetition_penalty != 1.0 or r.params.bad_words_ids else None
+                    if p.repetition_penalty != 1.0 or p.bad_words_ids or p.presence_penalty or p.frequency_penalty \
+                    else None
                 chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
             except Exception as e:  # noqa: BLE001 - this request's sampling failed: it ends, the batch goes on
                 self._fail(r, "sampling", e)
@@ -616,11 +619,13 @@ class BatchEngine:
 
 def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | None, top_p: float | None,
                     top_k: int = 0, repetition_penalty: float = 1.0, min_tokens: int = 0,
-                    ignore_eos: bool = False) -> SamplingParams:
+                    ignore_eos: bool = False, logit_bias: tuple[tuple[int, float], ...] = (),
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> SamplingParams:
     """OpenAI's knobs over the checkpoint's generation_config: temperature 0 means greedy; a temperature not
     given takes the checkpoint's do_sample/temperature/top_p (so an instruct checkpoint keeps its defaults).
     vLLM's extras: top_k (0 = off), repetition_penalty (1 = off), min_tokens (no end token before them),
-    ignore_eos (only max_tokens and stop strings end the answer)."""
+    ignore_eos (only max_tokens and stop strings end the answer). OpenAI's logit_bias and presence/frequency
+    penalties as SamplingParams defines them."""
     d = engine.defaults
     if temperature is None:
         do_sample = bool(d.get("do_sample", False))
@@ -631,6 +636,7 @@ def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | N
     top_p = float(d.get("top_p") or 1.0) if top_p is None else float(top_p)
     params = SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=do_sample,
                             temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            eos_token_id=() if ignore_eos else engine.eos)
+                            eos_token_id=() if ignore_eos else engine.eos, logit_bias=logit_bias,
+                            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     params.validate()
     return params

@@ -390,19 +390,23 @@ class Parsed:
     min_tokens: int = 0
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's, from here down
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 # The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
 # server and are accepted (the README lists them); NOT_YET change the answer and are not built, so they are refused
 # unless they hold the value that changes nothing (clients send presence_penalty 0 or logit_bias {} routinely).
 _FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "seed", "temperature", "top_p",
-           "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens"}
+           "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
+           "presence_penalty", "frequency_penalty"}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 _COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of"}
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 NOT_YET = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
-           "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "echo": (False,),
+           "echo": (False,),
            "suffix": ("",), "min_p": (0, 0.0), "stop_token_ids": ([],)}
 
 
@@ -428,6 +432,24 @@ def _flag(body: dict, name: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise RequestError(f"{name} must be true or false, got {value!r}", name)
     return value
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RequestError("logit_bias must be an object mapping token ids to biases, like {\"1234\": -100}",
+                           "logit_bias")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit()) or isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise RequestError(f"logit_bias maps token ids (strings of digits) to numbers, got {key!r}: {bias!r}",
+                               "logit_bias")
+        if not -100 <= bias <= 100:
+            raise RequestError(f"logit_bias[{key!r}] must be between -100 and 100, got {bias}", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
 
 
 def parse_common(body: dict, chat: bool) -> Parsed:
@@ -474,7 +496,9 @@ def parse_common(body: dict, chat: bool) -> Parsed:
                   top_k=0 if top_k == -1 else top_k,  # (vLLM's -1 means off, as 0 does)
                   repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
                   min_tokens=_int(body, "min_tokens", 0, None, 0), ignore_eos=_flag(body, "ignore_eos", False),
-                  skip_special_tokens=_flag(body, "skip_special_tokens", True))
+                  skip_special_tokens=_flag(body, "skip_special_tokens", True), logit_bias=_logit_bias(body),
+                  presence_penalty=_float(body, "presence_penalty", -2.0, 2.0) or 0.0,
+                  frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0) or 0.0)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -701,8 +725,13 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             if parsed.min_tokens > max_tokens:
                 raise RequestError(f"min_tokens ({parsed.min_tokens}) must not exceed max_tokens ({max_tokens})",
                                    "min_tokens")
+            beyond = [token for token, _ in parsed.logit_bias if token >= len(tokenizer)]
+            if beyond:
+                raise RequestError(f"logit_bias names token {beyond[0]}, past the vocabulary of {len(tokenizer)} "
+                                   f"tokens", "logit_bias")
             params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p, parsed.top_k,
-                                     parsed.repetition_penalty, parsed.min_tokens, parsed.ignore_eos)
+                                     parsed.repetition_penalty, parsed.min_tokens, parsed.ignore_eos,
+                                     parsed.logit_bias, parsed.presence_penalty, parsed.frequency_penalty)
         except RequestError as e:
             return error_response(e.message, e.status, e.param, e.code,
                                   headers=CLOSE if e.status in (408, 413) else None)
