@@ -182,3 +182,41 @@ def test_unknown_fields_are_refused_as_openai_does(served):
 def test_bad_values_of_the_extras_are_400s_naming_them(served, fields, param):
     r = _chat(served[0], **fields)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_stop_token_ids_end_the_answer_as_an_end_token(served):
+    client, model, ids, special = served
+    tokenizer = client.app.state.engine.engine.tokenizer
+    free = _greedy(model, ids, lambda logits, generated: logits)  # what ignore_eos gives
+    at = next(i for i in range(1, 6) if free[i] not in free[:i])
+    text, finish, count = _answer(client, ignore_eos=True, stop_token_ids=[free[at]], skip_special_tokens=False)
+    assert (finish, count) == ("stop", at + 1) and text == tokenizer.decode(free[:at], skip_special_tokens=False)
+    r = _chat(client, stop_token_ids=[len(tokenizer)])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop_token_ids"
+
+
+def test_tokenize_and_detokenize(served, tiny_checkpoint):
+    from mllama.processing.processor import AutoProcessor
+
+    client = served[0]
+    processor = AutoProcessor.from_pretrained(str(tiny_checkpoint))
+    r = client.post("/tokenize", json={"model": MODEL, "prompt": "Hello there"})
+    assert r.status_code == 200, r.text
+    expected = processor(text="Hello there")["input_ids"][0]
+    assert r.json()["tokens"] == list(expected) and r.json()["count"] == len(expected)
+    assert r.json()["max_model_len"] == 256
+    plain = client.post("/tokenize", json={"prompt": "Hello there", "add_special_tokens": False}).json()["tokens"]
+    assert plain == list(processor.tokenizer("Hello there", add_special_tokens=False)["input_ids"])  # no BOS
+    assert plain != list(expected)
+    chat = client.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert chat == processor.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                 return_tensors="pt")[0].tolist()
+    back = client.post("/detokenize", json={"model": MODEL, "tokens": chat}).json()["prompt"]
+    assert back.startswith("<|begin_of_text|>") and "Say something." in back
+    for path, body, param in [("/tokenize", {"prompt": "x", "truncate": 3}, "truncate"),
+                              ("/tokenize", {"prompt": "x", "messages": MESSAGES}, "prompt"),
+                              ("/detokenize", {"tokens": [10 ** 9]}, "tokens"),
+                              ("/detokenize", {"tokens": "abc"}, "tokens"),
+                              ("/tokenize", {"model": "other", "prompt": "x"}, "model")]:
+        r = client.post(path, json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)

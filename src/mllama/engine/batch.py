@@ -607,7 +607,7 @@ class BatchEngine:
             pass
 
     def _advance_text(self, r: GenerationRequest, token: int) -> None:
-        finish = advance_text(r, token, () if r.ignore_eos else self.eos)
+        finish = advance_text(r, token, (() if r.ignore_eos else self.eos) + r.stop_token_ids)
         if finish is not None:
             self._finish(r, finish)
 
@@ -620,12 +620,13 @@ class BatchEngine:
 def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | None, top_p: float | None,
                     top_k: int = 0, repetition_penalty: float = 1.0, min_tokens: int = 0,
                     ignore_eos: bool = False, logit_bias: tuple[tuple[int, float], ...] = (),
-                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0) -> SamplingParams:
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
     """OpenAI's knobs over the checkpoint's generation_config: temperature 0 means greedy; a temperature not
     given takes the checkpoint's do_sample/temperature/top_p (so an instruct checkpoint keeps its defaults).
     vLLM's extras: top_k (0 = off), repetition_penalty (1 = off), min_tokens (no end token before them),
-    ignore_eos (only max_tokens and stop strings end the answer). OpenAI's logit_bias and presence/frequency
-    penalties as SamplingParams defines them."""
+    ignore_eos (only max_tokens and stop strings end the answer), stop_token_ids (more end tokens: min_tokens
+    holds them back too). OpenAI's logit_bias and presence/frequency penalties as SamplingParams defines them."""
     d = engine.defaults
     if temperature is None:
         do_sample = bool(d.get("do_sample", False))
@@ -636,7 +637,8 @@ def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | N
     top_p = float(d.get("top_p") or 1.0) if top_p is None else float(top_p)
     params = SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=do_sample,
                             temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-                            eos_token_id=() if ignore_eos else engine.eos, logit_bias=logit_bias,
+                            eos_token_id=(() if ignore_eos else engine.eos) + tuple(stop_token_ids),
+                            logit_bias=logit_bias,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     params.validate()
     return params

@@ -30,7 +30,7 @@ from ..sampling import GREEDY_BELOW_TEMPERATURE
 from .engine_process import EngineProcess, LocalEngine, pack_tensors
 from .image_memory import join_pixels, with_refs
 from .prompts import DecodedImages, ImageOptions, ImagePart, ImageRef, RefsMisplaced, RemoteImagesNeeded, \
-    RequestError, chat_inputs, completion_inputs, fetch_remote, image_inputs
+    RequestError, chat_ids, chat_inputs, completion_inputs, fetch_remote, image_inputs, prompt_ids
 
 
 # An answer given before the body was read whole ends the connection: the rest of the body is never read, and
@@ -393,6 +393,7 @@ class Parsed:
     logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's, from here down
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: they end the answer as the end token does
 
 
 # The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
@@ -400,14 +401,14 @@ class Parsed:
 # unless they hold the value that changes nothing (clients send presence_penalty 0 or logit_bias {} routinely).
 _FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "seed", "temperature", "top_p",
            "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
-           "presence_penalty", "frequency_penalty"}
+           "presence_penalty", "frequency_penalty", "stop_token_ids"}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 _COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of"}
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 NOT_YET = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
            "echo": (False,),
-           "suffix": ("",), "min_p": (0, 0.0), "stop_token_ids": ([],)}
+           "suffix": ("",), "min_p": (0, 0.0)}
 
 
 def check_fields(body: dict, chat: bool) -> None:
@@ -432,6 +433,15 @@ def _flag(body: dict, name: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise RequestError(f"{name} must be true or false, got {value!r}", name)
     return value
+
+
+def _token_ids(body: dict, name: str) -> tuple[int, ...]:
+    value = body.get(name)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in value):
+        raise RequestError(f"{name} must be a list of token ids (integers >= 0), got {value!r}"[:300], name)
+    return tuple(value)
 
 
 def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
@@ -498,7 +508,8 @@ def parse_common(body: dict, chat: bool) -> Parsed:
                   min_tokens=_int(body, "min_tokens", 0, None, 0), ignore_eos=_flag(body, "ignore_eos", False),
                   skip_special_tokens=_flag(body, "skip_special_tokens", True), logit_bias=_logit_bias(body),
                   presence_penalty=_float(body, "presence_penalty", -2.0, 2.0) or 0.0,
-                  frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0) or 0.0)
+                  frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0) or 0.0,
+                  stop_token_ids=_token_ids(body, "stop_token_ids"))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -596,6 +607,48 @@ class Guard:
             client = scope.get("client") or ("-", 0)
             ACCESS_LOG.info("%s %s %s %d%s %.3fs", client[0], scope.get("method", "-"), path, code, tokens,
                             time.monotonic() - began)
+
+
+def _model_field(body: dict, model_name: str) -> None:
+    name = body.get("model", model_name)  # (vLLM's /tokenize takes the model as optional)
+    if name != model_name:
+        raise RequestError(f"the model {name!r} does not exist: this server serves {model_name!r}", "model", 404,
+                           "model_not_found")
+
+
+def tokenize_request(processor, raw: bytes, model_name: str, images: ImageOptions, max_model_len: int) -> dict:
+    """vLLM's /tokenize: {"prompt": text, "add_special_tokens": true} or {"messages": [...]} -> the ids the model
+    would be given (a chat's through the instruct template; images are not loaded)."""
+    body = parse_body(raw)
+    unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens"})
+    if unknown:
+        raise RequestError(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    _model_field(body, model_name)
+    if ("prompt" in body) == ("messages" in body):
+        raise RequestError("send either prompt (a string) or messages (a chat), not both or neither", "prompt")
+    if "messages" in body:
+        ids, _ = chat_ids(processor, body["messages"], images, max_model_len)
+    else:
+        if not isinstance(body["prompt"], str):
+            raise RequestError("prompt must be a string", "prompt")
+        ids = prompt_ids(processor, body["prompt"], _flag(body, "add_special_tokens", True))
+    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
+
+
+def detokenize_request(processor, raw: bytes, model_name: str) -> dict:
+    """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": their text}, special tokens included."""
+    body = parse_body(raw)
+    unknown = sorted(set(body) - {"model", "tokens"})
+    if unknown:
+        raise RequestError(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
+    _model_field(body, model_name)
+    tokens = _token_ids(body, "tokens")
+    if "tokens" not in body:
+        raise RequestError("tokens is required: a list of token ids", "tokens")
+    vocabulary = len(processor.tokenizer)
+    if any(token >= vocabulary for token in tokens):
+        raise RequestError(f"tokens holds {max(tokens)}, past the vocabulary of {vocabulary} tokens", "tokens")
+    return {"prompt": processor.tokenizer.decode(list(tokens), skip_special_tokens=False)}
 
 
 def start_input_workers(options: ServerOptions) -> InputWorkers | None:
@@ -712,6 +765,21 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     async def completions(request: Request):
         return await handle(request, chat=False)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        try:
+            return await asyncio.to_thread(tokenize_request, processor, await request.body(), options.model_name,
+                                           options.images, engine.max_model_len)
+        except RequestError as e:
+            return error_response(e.message, e.status, e.param, e.code)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        try:
+            return await asyncio.to_thread(detokenize_request, processor, await request.body(), options.model_name)
+        except RequestError as e:
+            return error_response(e.message, e.status, e.param, e.code)
+
     async def handle(request: Request, chat: bool):
         arrival = time.monotonic()
         parsed, ids = None, []
@@ -725,13 +793,15 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             if parsed.min_tokens > max_tokens:
                 raise RequestError(f"min_tokens ({parsed.min_tokens}) must not exceed max_tokens ({max_tokens})",
                                    "min_tokens")
-            beyond = [token for token, _ in parsed.logit_bias if token >= len(tokenizer)]
-            if beyond:
-                raise RequestError(f"logit_bias names token {beyond[0]}, past the vocabulary of {len(tokenizer)} "
-                                   f"tokens", "logit_bias")
+            for name, tokens in (("logit_bias", [t for t, _ in parsed.logit_bias]),
+                                 ("stop_token_ids", parsed.stop_token_ids)):
+                if any(token >= len(tokenizer) for token in tokens):
+                    raise RequestError(f"{name} names token {max(tokens)}, past the vocabulary of {len(tokenizer)} "
+                                       f"tokens", name)
             params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p, parsed.top_k,
                                      parsed.repetition_penalty, parsed.min_tokens, parsed.ignore_eos,
-                                     parsed.logit_bias, parsed.presence_penalty, parsed.frequency_penalty)
+                                     parsed.logit_bias, parsed.presence_penalty, parsed.frequency_penalty,
+                                     parsed.stop_token_ids)
         except RequestError as e:
             return error_response(e.message, e.status, e.param, e.code,
                                   headers=CLOSE if e.status in (408, 413) else None)
@@ -754,7 +824,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         try:
             job = engine.submit(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
                                 seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
-                                skip_special_tokens=parsed.skip_special_tokens, ignore_eos=parsed.ignore_eos)
+                                skip_special_tokens=parsed.skip_special_tokens, ignore_eos=parsed.ignore_eos,
+                                stop_token_ids=parsed.stop_token_ids)
         except QueueFull as e:
             return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
                                   "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})

@@ -634,16 +634,32 @@ def chat_inputs(processor, messages: Any, options: ImageOptions, max_model_len: 
                 memo: DecodedImages | None = None, refs: dict[str, ImageRef] | None = None
                 ) -> tuple[list[int], list[ImagePart]]:
     """-> the prompt's ids and its images' parts (image_inputs joins them)."""
+    ids, urls = chat_ids(processor, messages, options, max_model_len)
+    require_fetched(urls, options, fetched)
+    check_image_count(processor, ids, len(urls))
+    return ids, image_parts(processor, urls, options, fetched, pixel_dtype, memo, refs)
+
+
+def chat_ids(processor, messages: Any, options: ImageOptions, max_model_len: int | None = None
+             ) -> tuple[list[int], list[tuple[Any, str]]]:
+    """Chat messages -> the prompt's ids (the instruct template's, user text kept as text) and the image URLs,
+    not loaded."""
     marked, texts, urls = parse_messages(messages, options)
     check_text_length(processor.tokenizer, texts, max_model_len, "messages")
     rendered = render_chat(processor, marked)
-    require_fetched(urls, options, fetched)  # after the cheap checks, before the tokenizer's work
     ids = encode_marked(processor.tokenizer, rendered, texts)
     if processor.bos_token and not rendered.startswith(processor.bos_token):
         bos = processor.tokenizer.convert_tokens_to_ids(processor.bos_token)
         ids = [bos] + ids  # a template without BOS: the processor would add one
-    check_image_count(processor, ids, len(urls))
-    return ids, image_parts(processor, urls, options, fetched, pixel_dtype, memo, refs)
+    return ids, urls
+
+
+def prompt_ids(processor, prompt: str, add_special_tokens: bool = True) -> list[int]:
+    """A raw prompt's ids: with special tokens, the same as processor(text=prompt) (BOS placed by add_bos, plus
+    the tokenizer's own; the published checkpoints were evaluated that way); without, the text's alone."""
+    text = add_bos(prompt, processor.bos_token, processor.image_token) if add_special_tokens else prompt
+    ids = processor.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
 
 def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions, max_model_len: int | None = None,
@@ -668,11 +684,7 @@ def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions
         raise RequestError(f"the prompt has {count} {processor.image_token} tokens but {len(images)} images were "
                            f"sent in 'images'; send one image per {processor.image_token}", "images")
     require_fetched([(url, f"images[{i}]") for i, url in enumerate(images)], options, fetched)
-    text = add_bos(prompt, processor.bos_token, processor.image_token)
-    # The same ids as processor(text=prompt): BOS placed by add_bos, plus the tokenizer's own (the published
-    # checkpoints were evaluated that way).
-    ids = processor.tokenizer(text, add_special_tokens=True)["input_ids"]
-    ids = list(ids[0] if ids and isinstance(ids[0], list) else ids)
+    ids = prompt_ids(processor, prompt)
     urls = [(url, f"images[{i}]") for i, url in enumerate(images)]
     check_image_count(processor, ids, len(urls))
     return ids, image_parts(processor, urls, options, fetched, pixel_dtype, memo, refs)
