@@ -136,7 +136,7 @@ def test_a_worker_gets_refs_for_held_images_and_the_inputs_are_the_same(processo
     raw = _chat("Compare them.", image, other)
     sent, refs, held = with_refs(raw, memo)
     assert (sent, refs) == (raw, {}) and (memo.hits, memo.misses) == (0, 2)
-    join_pixels(*app._job(sent, True, worker, None, refs)[2:], held, memo, "bfloat16")  # turn 1 keeps both
+    join_pixels(*app._job(sent, True, worker, None, refs)[2:], held, memo)  # turn 1 keeps both
     # turn 2 re-sends the first image only, with a new one
     calls = _counting_decoder(monkeypatch)
     raw = _chat("And this one?", image, _png(22, (90, 90)))
@@ -145,7 +145,7 @@ def test_a_worker_gets_refs_for_held_images_and_the_inputs_are_the_same(processo
     parsed, ids, packed, pixels = app._job(sent, True, worker, None, refs)
     assert len(calls) == 1  # the new image only
     assert [p is None for _, p in pixels] == [True, False]
-    joined = join_pixels(packed, pixels, held, memo, "bfloat16")
+    joined = join_pixels(packed, pixels, held, memo)
     _, plain_ids, plain = decode_request(processor, raw, True, MODEL, ImageOptions(), "bfloat16", 4096)
     assert ids == plain_ids
     _same_packed(joined, plain)
@@ -158,7 +158,7 @@ def test_text_that_only_looks_like_a_held_image_is_left_alone(processor, worker)
     memo = DecodedImages(1 << 30)
     image = _png(23, (300, 300))
     sent, refs, held = with_refs(_chat("What is it?", image), memo)
-    join_pixels(*app._job(sent, True, worker, None, refs)[2:], held, memo, "bfloat16")
+    join_pixels(*app._job(sent, True, worker, None, refs)[2:], held, memo)
     pasted = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Is this base64? " + _url(image)}]})
     sent, refs, held = with_refs(pasted.encode(), memo)
     assert len(refs) == 1

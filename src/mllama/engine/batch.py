@@ -607,7 +607,7 @@ class BatchEngine:
             pass
 
     def _advance_text(self, r: GenerationRequest, token: int) -> None:
-        finish = advance_text(r, token, (() if r.ignore_eos else self.eos) + r.stop_token_ids)
+        finish = advance_text(r, token, self.eos if r.end_tokens is None else r.end_tokens)
         if finish is not None:
             self._finish(r, finish)
 

@@ -47,8 +47,7 @@ class GenerationRequest:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     skip_special_tokens: bool = True  # in the text sent (the token ids are sent whole)
-    ignore_eos: bool = False  # the engine's end tokens do not end this request (max_tokens and stop strings do)
-    stop_token_ids: tuple[int, ...] = ()  # more tokens that end it, as an end token does
+    end_tokens: tuple[int, ...] | None = None  # the tokens that end it (None: the engine's end tokens)
     # --- engine state (engine thread only, except `cancelled`)
     cancelled: bool = False
     slot: int = -1

@@ -52,8 +52,8 @@ class ServerOptions:
     # threads of this process instead.
     processor_source: str | None = None
     input_workers: int = 0
-    # Decoded images kept for requests that send them again (DecodedImages), in bytes of tiles, for all input
-    # workers together (split evenly) or this process; 0: none kept (`mllama serve --no-image-cache`).
+    # Decoded images this process keeps for requests that send them again (DecodedImages, and image_memory's
+    # refs to input workers), in bytes of tiles; 0: none kept (`mllama serve --no-image-cache`).
     decoded_image_bytes: int = 2 * 2**30
 
 
@@ -121,6 +121,16 @@ def _check_text(text: str, where: str) -> None:
                            f"{e.start}", where) from None
 
 
+def check_model(body: dict, model_name: str, required: bool = True) -> None:
+    """The body's `model` must name the served model (vLLM's /tokenize lets it out: `required=False`)."""
+    name = body.get("model", None if required else model_name)
+    if not isinstance(name, str):
+        raise RequestError(f"model must be a string: the served model is {model_name!r}", "model")
+    if name != model_name:
+        raise RequestError(f"the model {name!r} does not exist: this server serves {model_name!r}", "model", 404,
+                           "model_not_found")
+
+
 def decode_parts(processor, raw: bytes, chat: bool, model_name: str, images: ImageOptions,
                  pixel_dtype: str | None, max_model_len: int | None = None, fetched: dict[str, bytes] | None = None,
                  memo: DecodedImages | None = None,
@@ -129,12 +139,7 @@ def decode_parts(processor, raw: bytes, chat: bool, model_name: str, images: Ima
     RemoteImagesNeeded when http(s) image URLs have no bytes in `fetched` (url -> bytes) yet. Images are tiled in
     `pixel_dtype` (the engine's), through `memo` when given; `refs` (image_memory) stand for images held already."""
     body = parse_body(raw)
-    name = body.get("model")
-    if not isinstance(name, str):
-        raise RequestError(f"model must be a string: the served model is {model_name!r}", "model")
-    if name != model_name:
-        raise RequestError(f"the model {name!r} does not exist: this server serves {model_name!r}", "model", 404,
-                           "model_not_found")
+    check_model(body, model_name)
     parsed = parse_common(body, chat)
     if chat:
         ids, parts = chat_inputs(processor, body.get("messages"), images, max_model_len, fetched, pixel_dtype, memo,
@@ -214,7 +219,7 @@ def _job(raw: bytes, chat: bool, context: tuple, fetched: dict[str, bytes] | Non
     parsed, ids, parts = decode_parts(_WORKER, raw, chat, *context, fetched=fetched, refs=refs)
     inputs = image_inputs(_WORKER, ids, parts)
     inputs.pop("pixel_values", None)
-    pixels = [(part._replace(pixels=None), None if part.pixels is None else pack_tensors({"p": part.pixels})["p"][0])
+    pixels = [(part._replace(pixels=None), None if part.pixels is None else pack_tensors({"p": part.pixels})["p"])
               for part in parts]
     return parsed, ids, pack_tensors(inputs), pixels
 
@@ -398,7 +403,7 @@ class Parsed:
 
 # The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
 # server and are accepted (the README lists them); NOT_YET change the answer and are not built, so they are refused
-# unless they hold the value that changes nothing (clients send presence_penalty 0 or logit_bias {} routinely).
+# unless they hold the value that changes nothing (clients send tools [] or response_format text routinely).
 _FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "seed", "temperature", "top_p",
            "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
            "presence_penalty", "frequency_penalty", "stop_token_ids"}
@@ -609,13 +614,6 @@ class Guard:
                             time.monotonic() - began)
 
 
-def _model_field(body: dict, model_name: str) -> None:
-    name = body.get("model", model_name)  # (vLLM's /tokenize takes the model as optional)
-    if name != model_name:
-        raise RequestError(f"the model {name!r} does not exist: this server serves {model_name!r}", "model", 404,
-                           "model_not_found")
-
-
 def tokenize_request(processor, raw: bytes, model_name: str, images: ImageOptions, max_model_len: int) -> dict:
     """vLLM's /tokenize: {"prompt": text, "add_special_tokens": true} or {"messages": [...]} -> the ids the model
     would be given (a chat's through the instruct template; images are not loaded)."""
@@ -623,7 +621,7 @@ def tokenize_request(processor, raw: bytes, model_name: str, images: ImageOption
     unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens"})
     if unknown:
         raise RequestError(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-    _model_field(body, model_name)
+    check_model(body, model_name, required=False)
     if ("prompt" in body) == ("messages" in body):
         raise RequestError("send either prompt (a string) or messages (a chat), not both or neither", "prompt")
     if "messages" in body:
@@ -641,7 +639,7 @@ def detokenize_request(processor, raw: bytes, model_name: str) -> dict:
     unknown = sorted(set(body) - {"model", "tokens"})
     if unknown:
         raise RequestError(f"Unrecognized request argument supplied: {unknown[0]}", unknown[0])
-    _model_field(body, model_name)
+    check_model(body, model_name, required=False)
     tokens = _token_ids(body, "tokens")
     if "tokens" not in body:
         raise RequestError("tokens is required: a list of token ids", "tokens")
@@ -716,7 +714,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             except RefsMisplaced:  # a span that looked like a held image was not one: the body as it came
                 parsed, ids, packed, pixels = await workers.run(raw, chat, fetched)
                 held = {}
-            return parsed, ids, join_pixels(packed, pixels, held, memo, engine.dtype or "float32")
+            return parsed, ids, join_pixels(packed, pixels, held, memo)
         return await asyncio.to_thread(decode_request, processor, raw, chat, *context, fetched=fetched, memo=memo)
 
     async def decode(raw: bytes, chat: bool):
@@ -824,8 +822,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         try:
             job = engine.submit(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
                                 seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
-                                skip_special_tokens=parsed.skip_special_tokens, ignore_eos=parsed.ignore_eos,
-                                stop_token_ids=parsed.stop_token_ids)
+                                skip_special_tokens=parsed.skip_special_tokens, end_tokens=params.eos_token_id)
         except QueueFull as e:
             return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
                                   "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})

@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-import numpy as np
 import torch
 
+from .engine_process import pack_tensors, unpack_tensors
 from .prompts import DecodedImages, ImagePart, ImageRef
 
 MIN_PAYLOAD = 4096  # characters: smaller images are decoded each time (a few milliseconds)
@@ -62,19 +62,18 @@ def with_refs(raw: bytes, memory: DecodedImages) -> tuple[bytes, dict[str, Image
     return b"".join(pieces + [view[last:]]), refs, held
 
 
-def join_pixels(packed: dict, pixel_parts: list, held: dict[bytes, ImagePart], memory: DecodedImages | None,
-                dtype: str) -> dict:
-    """A worker's packed inputs (all but pixel_values) and its images' (part without pixels, packed pixels or
+def join_pixels(packed: dict, pixel_parts: list, held: dict[bytes, ImagePart], memory: DecodedImages | None) -> dict:
+    """A worker's packed inputs (all but pixel_values) and its images' (part without pixels, its pixels packed, or
     None for a ref) -> the packed inputs with pixel_values, each held image's pixels put back; the images decoded
     now are kept in `memory` (if any)."""
     if not pixel_parts:
         return packed
-    arrays = []
+    tensors = []
     for part, pixels in pixel_parts:
         if pixels is None:
-            arrays.append(held[part.digest].pixels.numpy())
+            tensors.append(held[part.digest].pixels)
             continue
-        arrays.append(pixels)
+        tensors.append(unpack_tensors({"pixels": pixels})["pixels"])
         if memory is not None and part.digest is not None:
-            memory.put(part._replace(pixels=torch.from_numpy(pixels)))
-    return {**packed, "pixel_values": (np.concatenate(arrays, axis=1), dtype)}
+            memory.put(part._replace(pixels=tensors[-1]))
+    return {**packed, **pack_tensors({"pixel_values": torch.cat(tensors, dim=1)})}
