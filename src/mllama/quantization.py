@@ -44,6 +44,23 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return out.to(x.dtype)
 
 
+def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp8_linear_reference's product on the GPU's FP8 tensor cores (torch._scaled_mm, row-wise scales): the same
+    quantized operands and scales, accumulated in float32 there too; it differs from the reference by the
+    accumulation order and the output's one rounding to x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    q, scale = quantize_rows(rows)
+    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float().t().contiguous(),
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _scaled_mm_shapes(module) -> bool:
+    """torch._scaled_mm takes inner and output sizes that are multiples of 16 (every real Mllama layer)."""
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
 class Fp8Linear(nn.Module):
     """A Linear layer with an e4m3 weight [out, in] and a float scale per output channel, `weight_scale`
     [out, 1] (both stored as the checkpoint stores them); see fp8_linear_reference for what it computes."""
@@ -71,6 +88,8 @@ class Fp8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _scaled_mm_shapes(self):
+            return fp8_linear_cuda(x, self.weight, self.weight_scale, self.bias)
         return fp8_linear_reference(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
