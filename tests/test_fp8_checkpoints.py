@@ -150,10 +150,7 @@ def test_other_quantization_schemes_are_refused_by_field(tiny_checkpoint, tmp_pa
         MllamaForConditionalGeneration.from_pretrained(folder)
 
 
-def test_generate_runs_an_fp8_model_and_the_engine_refuses_it_by_name(tiny_checkpoint, tmp_path):
-    from mllama.engine.batch import BatchEngine
-    from mllama.processing.processor import AutoProcessor
-
+def test_generate_runs_an_fp8_model_as_the_reference_does(tiny_checkpoint, tmp_path):
     folder = _fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8")
     model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     reference = _reference(tiny_checkpoint, folder)
@@ -161,8 +158,48 @@ def test_generate_runs_an_fp8_model_and_the_engine_refuses_it_by_name(tiny_check
         ours = model.generate(input_ids=_inputs(1), max_new_tokens=6, do_sample=False)
         theirs = reference.generate(input_ids=_inputs(1), max_new_tokens=6, do_sample=False)
     assert torch.equal(ours, theirs)
-    with pytest.raises(ValueError, match="FP8 linear layers"):
-        BatchEngine(model, AutoProcessor.from_pretrained(str(folder)).tokenizer)
+
+
+def test_the_fast_path_and_the_engine_run_fp8_layers_fused_as_the_plain_forward_does(tiny_checkpoint, tmp_path):
+    """Fused q|k|v and gate|up of FP8 layers carry their per-channel scales: the fast path's and the serving
+    engine's logits and greedy tokens are the plain FP8 forward's (on CPU both use the reference product)."""
+    import PIL.Image
+
+    from collecting import Collector
+    from mllama.engine.batch import BatchEngine
+    from mllama.engine.decode import fuse_projections
+    from mllama.engine.requests import GenerationRequest
+    from mllama.generation import SamplingParams
+    from mllama.processing.processor import AutoProcessor
+
+    folder = _fp8_checkpoint(tiny_checkpoint, tmp_path / "fp8")
+    model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(str(folder))
+    image = PIL.Image.fromarray((torch.rand(50, 40, 3, generator=torch.Generator().manual_seed(3)) * 255)
+                                .to(torch.uint8).numpy())
+    inputs = dict(processor(images=[[image]], text=["<|image|>What is it?"], return_tensors="pt"))
+    ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
+    with torch.no_grad():
+        before = model(input_ids=ids, **inputs).logits
+        plain = model.generate(input_ids=ids, **inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                               fast=False)
+        fuse_projections(model)
+        attn = model.model.language_model.layers[0].self_attn
+        assert attn.wqkv.dtype == torch.float8_e4m3fn and attn.wqkv_scale.shape == (attn.wqkv.shape[0], 1)
+        torch.testing.assert_close(model(input_ids=ids, **inputs).logits, before, rtol=1e-6, atol=1e-6)
+        fast = model.generate(input_ids=ids, **inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                              fast=True)
+    assert torch.equal(plain, fast)
+    engine = BatchEngine(model, processor.tokenizer, max_batch=2, max_model_len=128).start()
+    try:
+        collector = Collector()
+        engine.submit(GenerationRequest(prompt_ids=ids[0].tolist(), model_inputs=inputs, emit=collector,
+                                        params=SamplingParams(max_new_tokens=10, min_new_tokens=10, do_sample=False)))
+        assert collector.done.wait(120) and collector.events[-1].error is None
+    finally:
+        engine.stop()
+    assert collector.ids == plain[0, ids.shape[1]:].tolist()
 
 
 def test_quantize_on_load_equals_a_checkpoint_quantized_beforehand(tiny_checkpoint, tmp_path):
@@ -227,3 +264,31 @@ def test_transformers_with_compressed_tensors_loads_what_mllama_saves(tiny_check
     fp8_error = ((a - c).abs().max() / c.abs().max()).item()
     print(f"mllama vs transformers {between:.1e}; FP8 vs bf16 {fp8_error:.1e}")
     assert between < 1e-5 and fp8_error > 1e-3
+
+
+def test_dummy_weights_need_only_the_config_and_quantize_as_they_are_made(tiny_checkpoint, tmp_path, capsys):
+    """load_format="dummy" (what bench/ builds the 90B with): no weight files read, random values of the kinds
+    the loader expects (norms 1, gates non-zero, the rest spread), FP8 layers quantized on the way in, the
+    ignore list honoured; the command line takes it with --quantize fp8."""
+    from mllama import cli
+
+    folder = tmp_path / "config-only"
+    shutil.copytree(tiny_checkpoint, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    with pytest.raises(Exception, match="safetensors|weights"):
+        MllamaForConditionalGeneration.from_pretrained(folder)
+    model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32, load_format="dummy",
+                                                           quantize="fp8")
+    text = model.model.language_model
+    assert isinstance(text.layers[0].mlp.gate_proj, Fp8Linear) and model.lm_head.weight.dtype == torch.float32
+    assert not any(isinstance(m, Fp8Linear) for m in model.model.vision_model.modules())
+    assert torch.equal(text.norm.weight, torch.ones_like(text.norm.weight))
+    gate = text.layers[text.config.cross_attention_layers[0]].cross_attn_attn_gate
+    assert torch.equal(gate, torch.full_like(gate, 0.7))
+    weight = text.embed_tokens.weight
+    assert 0.015 < weight.std().item() < 0.025 and weight.unique().numel() > weight.numel() // 2
+    scale = text.layers[0].mlp.gate_proj.weight_scale
+    assert (scale > 0).all() and scale.unique().numel() > 1  # made by quantizing each weight, row by row
+    with pytest.raises(ValueError, match="load_format='pt' is not supported"):
+        MllamaForConditionalGeneration.from_pretrained(folder, load_format="pt")
+    assert cli.main(["generate", "--model", str(folder), "--load-format", "dummy", "--quantize", "fp8", "--prompt",
+                     "hi", "--max-new-tokens", "3", "--greedy", "--raw"]) == 0

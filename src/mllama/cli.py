@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from . import __version__
-from .loading import CliError, as_dtype, load
+from .loading import CliError, add_load_args, as_dtype, load
 
 DEFAULT_MODEL = "meta-llama/Llama-3.2-11B-Vision-Instruct"
 
@@ -176,7 +176,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _check_args(args)
     images = _load_images(args.image)
     _use_threads(args)
-    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize)
+    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize,
+                            load_format=args.load_format)
     if _has_chat_template(processor) and not args.raw:
         inputs = processor.apply_chat_template([_message(args.prompt, images)], add_generation_prompt=True,
                                                tokenize=True, return_dict=True, return_tensors="pt")
@@ -194,7 +195,8 @@ CHAT_HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
 def cmd_chat(args: argparse.Namespace) -> None:
     _check_args(args)
     _use_threads(args)
-    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize)
+    model, processor = load(args.model, args.dtype, args.device, quantize=args.quantize,
+                            load_format=args.load_format)
     if not _has_chat_template(processor):
         raise CliError(f"{args.model} has no chat template: use `mllama generate` with a base model")
     chat = Chat(model, processor, args)
@@ -479,8 +481,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default {DEFAULT_MODEL})")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quantize", help="fp8: the text model's linear layers in FP8 (e4m3), quantized as they load "
-                   "(an FP8 checkpoint loads as FP8 without it); they run in the plain forward for now")
+    add_load_args(p)
     p.add_argument("--threads", type=int, help="CPU threads (default: MLLAMA_NUM_THREADS, OMP_NUM_THREADS, else "
                    "the idle physical cores)")
 

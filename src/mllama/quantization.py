@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -51,14 +52,25 @@ def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.T
     accumulation order and the output's one rounding to x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
     q, scale = quantize_rows(rows)
-    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float().t().contiguous(),
+    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float().t(),
                            bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _scaled_mm_shapes(module) -> bool:
-    """torch._scaled_mm takes inner and output sizes that are multiples of 16 (every real Mllama layer)."""
-    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The FP8 product where x is: on the GPU's FP8 tensor cores for bf16/fp16 inputs on CUDA (torch._scaled_mm
+    takes inner and output sizes that are multiples of 16, as every real Mllama layer has), else the reference."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and weight.shape[0] % 16 == 0 \
+            and weight.shape[1] % 16 == 0:
+        return fp8_linear_cuda(x, weight, weight_scale, bias)
+    return fp8_linear_reference(x, weight, weight_scale, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x times a weight [out, in] that is either in x's dtype (scale None) or e4m3 with one scale per output
+    channel (scale [out, 1]): the fused q|k|v and gate|up matrices of engine.decode.fuse_projections."""
+    return F.linear(x, weight) if scale is None else fp8_linear(x, weight, scale)
 
 
 class Fp8Linear(nn.Module):
@@ -88,9 +100,7 @@ class Fp8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _scaled_mm_shapes(self):
-            return fp8_linear_cuda(x, self.weight, self.weight_scale, self.bias)
-        return fp8_linear_reference(x, self.weight, self.weight_scale, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8"

@@ -215,6 +215,38 @@ class StateDictSource:
         return self.state[key]
 
 
+class RandomSource:
+    """Random weights at a model's shapes, read the way a safetensors file is (load_format="dummy": speed and
+    memory measured without a checkpoint; the answers are noise). Each tensor is made on `device` when it is
+    read, so loading with quantize quantizes it there at once and the unquantized model never exists. Values:
+    normal(0, 0.02), norms' weights 1 and biases 0, the tanh gates 0.7 (non-zero: cross-attention counts).
+    An FP8 layer gets a weight to quantize and no stored scale (see load_weights' quantize)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, seed: int = 0):
+        self.shapes = {}
+        for name, tensor in model.state_dict().items():
+            if _stored_dtype(model, name) and not name.endswith(".weight"):
+                continue  # an FP8 layer's scale: made by quantizing its weight
+            self.shapes[name] = (tensor.shape, tensor.is_floating_point())
+        self.device, self.dtype = device, dtype or torch.bfloat16
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def keys(self) -> Iterable[str]:
+        return self.shapes.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        shape, floating = self.shapes[key]
+        dtype = self.dtype
+        if not floating:
+            return torch.zeros(shape, dtype=torch.long, device=self.device)
+        leaf = key.rsplit(".", 1)[-1]
+        if "gate" in leaf:
+            return torch.full(shape, 0.7, dtype=dtype, device=self.device)
+        if "norm" in key:
+            return torch.full(shape, 1.0 if leaf == "weight" else 0.0, dtype=dtype, device=self.device)
+        return torch.empty(shape, dtype=dtype, device=self.device).normal_(0, 0.02, generator=self.generator)
+
+
 def open_files(files: list[Path], device: torch.device) -> Iterable[tuple[str, object]]:
     """(file name, open safetensors handle) for each file in turn, memory-mapped, with a progress bar."""
     from safetensors import safe_open

@@ -1,10 +1,13 @@
 """On CUDA: the FP8 linear layer on the tensor cores (torch._scaled_mm) against its definition, the
-dequantize-and-compute reference in float32, at the 11B model's decode and prefill shapes."""
+dequantize-and-compute reference in float32, at the 11B model's decode and prefill shapes; the FP8 model's fast
+path and serving engine against its plain forward with the reference products; FP8 against bf16."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from mllama import MllamaForConditionalGeneration, quantization
+from mllama.processing.cross_attention_mask import extend_cross_attention_mask
 from mllama.quantization import Fp8Linear, fp8_linear_cuda, fp8_linear_reference
 
 DEVICE = "cuda"
@@ -37,3 +40,105 @@ def test_a_3d_input_and_bias():
     assert out.shape == (2, 5, 512) and out.dtype == torch.bfloat16
     exact = fp8_linear_reference(x.float(), layer.weight, layer.weight_scale, layer.bias)
     assert ((out.float() - exact).abs().max() / exact.abs().max()).item() < 8e-3
+
+
+# --- the FP8 model: fast path and engine against the reference path, and against bf16 --------------------------
+
+STEPS = 64
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8(tiny_checkpoint):
+    from mllama.processing.processor import AutoProcessor
+
+    load = dict(dtype=torch.bfloat16, device_map=DEVICE)
+    fp8 = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), quantize="fp8", **load)
+    bf16 = MllamaForConditionalGeneration.from_pretrained(str(tiny_checkpoint), **load)
+    return fp8, bf16, AutoProcessor.from_pretrained(str(tiny_checkpoint))
+
+
+def _image_prompt(processor):
+    import PIL.Image
+
+    pixels = (torch.rand(70, 50, 3, generator=torch.Generator().manual_seed(5)) * 255).to(torch.uint8).numpy()
+    inputs = processor(images=[[PIL.Image.fromarray(pixels)]], text=["<|image|>Describe the picture."],
+                       return_tensors="pt")
+    return {k: v.to(DEVICE) for k, v in inputs.items()}
+
+
+def _teacher_forced(model, inputs, sequence):
+    """Logits [steps, vocab] that `model`'s plain forward gives at each generated position of `sequence`."""
+    prompt = inputs["input_ids"].shape[1]
+    steps = sequence.shape[1] - prompt
+    given = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    given["cross_attention_mask"] = extend_cross_attention_mask(inputs["cross_attention_mask"], steps - 1)
+    with torch.no_grad():
+        logits = model(input_ids=sequence[:, :-1], **given).logits
+    return logits[0, prompt - 1:].float()
+
+
+def _reference_products(monkeypatch):
+    """The plain forward with every FP8 product computed by the definition (float32 dequantized operands)."""
+    monkeypatch.setattr(quantization, "fp8_linear_cuda", quantization.fp8_linear_reference)
+
+
+def _gaps(reference: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """How far below the reference's best logit each chosen token's logit is (0 where they agree)."""
+    return reference.max(dim=-1).values - reference.gather(-1, chosen[:, None])[:, 0]
+
+
+def test_fp8_fast_path_and_engine_against_the_fp8_reference(tiny_fp8, monkeypatch):
+    from collecting import Collector
+    from mllama.engine.batch import BatchEngine
+    from mllama.engine.requests import GenerationRequest
+    from mllama.generation import SamplingParams
+
+    model, _, processor = tiny_fp8
+    inputs = _image_prompt(processor)
+    prompt = inputs["input_ids"].shape[1]
+    out = model.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, eos_token_id=None,
+                         fast=True, return_dict_in_generate=True, output_logits=True)
+    fast_logits = torch.stack(out.logits)[:, 0].float()
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True, pages=(64, 64))
+    engine.eos = ()
+    engine.start()
+    try:
+        collector = Collector()
+        given = {k: v.cpu() for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+        engine.submit(GenerationRequest(prompt_ids=inputs["input_ids"][0].tolist(), model_inputs=given,
+                                        emit=collector, params=SamplingParams(max_new_tokens=STEPS,
+                                                                              min_new_tokens=STEPS, do_sample=False)))
+        assert collector.done.wait(300) and collector.events[-1].error is None
+    finally:
+        engine.stop()
+    engine_tokens = torch.tensor([collector.ids], device=DEVICE)
+    _reference_products(monkeypatch)
+    reference = _teacher_forced(model, inputs, out.sequences)
+    error = (fast_logits - reference).norm(dim=-1) / reference.norm(dim=-1)
+    worst = (fast_logits - reference).abs().amax(dim=-1)  # per step
+    fast_gaps = _gaps(reference, out.sequences[0, prompt:])
+    engine_reference = _teacher_forced(model, inputs, torch.cat([inputs["input_ids"], engine_tokens], 1))
+    engine_gaps = _gaps(engine_reference, engine_tokens[0])
+    print(f"FP8 fast path vs FP8 reference over {STEPS} steps: relative logit error max {error.max():.2e}, "
+          f"agreement {(fast_gaps == 0).float().mean():.3f}; engine agreement {(engine_gaps == 0).float().mean():.3f}")
+    assert error.max() < 2e-2  # bf16 activations between the products: their rounding, nothing more
+    # a token chosen where the reference prefers another only where the two logits lie within the numerical error
+    assert bool((fast_gaps <= 2 * worst).all()), (fast_gaps, worst)
+    assert bool((engine_gaps <= 2 * worst.max()).all()), engine_gaps
+
+
+def test_fp8_against_bf16_over_teacher_forced_steps(tiny_fp8):
+    """The quantization's own error, printed: the FP8 model teacher-forced on the bf16 model's greedy answer."""
+    fp8, bf16, processor = tiny_fp8
+    inputs = _image_prompt(processor)
+    prompt = inputs["input_ids"].shape[1]
+    out = bf16.generate(**inputs, max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, eos_token_id=None,
+                        fast=True)
+    ours, theirs = _teacher_forced(fp8, inputs, out), _teacher_forced(bf16, inputs, out)
+    error = ((ours - theirs).norm(dim=-1) / theirs.norm(dim=-1))
+    agreement = (ours.argmax(-1) == out[0, prompt:]).float().mean().item()
+    print(f"FP8 vs bf16 over {STEPS} teacher-forced steps: relative logit error mean {error.mean():.3e} max "
+          f"{error.max():.3e}; greedy agreement {agreement:.3f}")
+    assert error.max() < 0.2  # e4m3 keeps 3 mantissa bits: a few percent per product
+    assert agreement >= 0.75
+    assert error.mean() > 1e-3  # the layers really are FP8 (an unquantized model would agree to bf16 rounding)

@@ -89,7 +89,7 @@ class BatchEngine:
         self.eos = tuple([eos] if isinstance(eos, int) else (eos or ()))
         self.defaults = gen
         device = next(model.parameters()).device
-        self.device, self.dtype = device, next(model.parameters()).dtype
+        self.device, self.dtype = device, model.dtype
         use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         # the vision encoder of prefills as CUDA graphs (fast.VisionGraphs); its output buffer first, as part of
         # the workspace the pools leave room for

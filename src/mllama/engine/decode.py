@@ -4,7 +4,8 @@ Nothing here computes a layer: `decode_step` calls the text model's decoder laye
 attention goes through the cache each layer is given (`attend` / `cross_attend`). The engines act from outside:
 
 - `fuse_projections` gives the layers one q|k|v and one gate|up matrix (the Linear weights become views into
-  them: no memory is added, the state dict is unchanged), which the layers use when present;
+  them: no memory is added, the state dict is unchanged), which the layers use when present; FP8 layers
+  (mllama.quantization) fuse their per-channel scales alongside, so the fused product is the same FP8 product;
 - the caches decide the layout: static buffers written at one slot (generate, below) or pages (engine.paged);
 - `LayerCalls` compiles the layer calls: one compiled function serves every layer of a kind, since the layers'
   parameters and caches are its inputs (the cache views never key on a layer's index);
@@ -25,15 +26,25 @@ def text_model_of(model: nn.Module) -> nn.Module:
     return getattr(inner, "language_model", inner)
 
 
-def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
-    """Concatenates the weights of `linears` along the output dim and makes each weight a view of the result."""
-    fused = torch.cat([l.weight.detach() for l in linears], dim=0)
+def _fuse(linears: list[nn.Module], name: str = "weight") -> torch.Tensor:
+    """Concatenates tensor `name` of `linears` along the output dim and makes each one a view of the result."""
+    fused = torch.cat([getattr(l, name).detach() for l in linears], dim=0)
     start = 0
     for linear in linears:
-        rows = linear.weight.shape[0]
-        linear.weight = nn.Parameter(fused[start:start + rows], requires_grad=linear.weight.requires_grad)
-        start += rows
+        old = getattr(linear, name)
+        setattr(linear, name, nn.Parameter(fused[start:start + old.shape[0]], requires_grad=old.requires_grad))
+        start += old.shape[0]
     return fused
+
+
+def _fused(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, per-channel scales or None) of `linears` as one matrix: FP8 layers' scales are per output
+    channel, so concatenated with the weights they give the same products."""
+    if all(isinstance(l, Fp8Linear) for l in linears):
+        return _fuse(linears), _fuse(linears, "weight_scale")
+    if any(isinstance(l, Fp8Linear) for l in linears):
+        raise ValueError("cannot fuse FP8 and unquantized projections of one layer into one matrix")
+    return _fuse(linears), None
 
 
 def _is_view_of(fused: torch.Tensor | None, first: nn.Linear) -> bool:
@@ -48,11 +59,11 @@ def fuse_projections(model: nn.Module) -> None:
         if isinstance(module, MllamaSelfAttentionDecoderLayer):
             attn = module.self_attn
             if not _is_view_of(attn.wqkv, attn.q_proj):
-                attn.wqkv = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+                attn.wqkv, attn.wqkv_scale = _fused([attn.q_proj, attn.k_proj, attn.v_proj])
         if isinstance(module, (MllamaSelfAttentionDecoderLayer, MllamaCrossAttentionDecoderLayer)):
             mlp = module.mlp
             if not _is_view_of(mlp.w13, mlp.gate_proj):
-                mlp.w13 = _fuse([mlp.gate_proj, mlp.up_proj])
+                mlp.w13, mlp.w13_scale = _fused([mlp.gate_proj, mlp.up_proj])
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -65,9 +76,6 @@ def unsupported(model: nn.Module) -> str | None:
     if any(getattr(part, "_attn_implementation", None) == "eager" for part in parts):
         return "the fast path and the serving engine compute attention with SDPA, and this model's " \
                "attn_implementation is 'eager' (set_attn_implementation('sdpa') allows them)"
-    if any(isinstance(module, Fp8Linear) for module in model.modules()):
-        return "the fast path and the serving engine run bf16/fp16 weights, and this model has FP8 linear layers " \
-               "(they run in the plain forward, dequantized: see mllama.quantization)"
     if getattr(text, "rope_parameters", {}).get("rope_type") == "dynamic":
         return "the fast path and the serving engine capture fixed RoPE frequencies, and this model's RoPE is 'dynamic'"
     return None

@@ -232,7 +232,7 @@ def text_prefill(model: nn.Module, ids, mask, positions, cross_mask=None, states
     finds them. The ids must have been checked (MllamaModel.check_image_inputs, or the text model's
     _check_ids): this forward does not read them on the host."""
     param = next(model.parameters())
-    cache = MllamaCache.allocate(model.config, ids.shape[0], ids.shape[1], param.device, param.dtype)
+    cache = MllamaCache.allocate(model.config, ids.shape[0], ids.shape[1], param.device, model.dtype)
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, ids_checked=True)
     if states is not None:
         inputs.update(cross_attention_mask=cross_mask, cross_attention_states=states, cross_tiles=keep)

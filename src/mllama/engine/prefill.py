@@ -48,7 +48,7 @@ class Prefiller:
         self.vision_runner, self.prefill_graphs, self.side_stream = vision_runner, prefill_graphs, side_stream
         self.can_overlap, self.max_tiles = can_overlap, max_tiles
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        self.device, self.dtype = param.device, model.dtype
         self.width = self.WIDTH
 
     def prepare(self, group: list[tuple[GenerationRequest, int]], cached: bool = False) -> Prefill:

@@ -51,6 +51,7 @@ def _resolve_device(device: Any, device_map: Any) -> torch.device:
 
 # What from_pretrained passes on to the Hub download; low_cpu_mem_usage is what loading always does (one tensor at
 # a time, straight to its device), so either value is honoured.
+LOAD_FORMATS = ("safetensors", "dummy")
 _HUB_OPTIONS = ("token", "use_auth_token", "revision", "cache_dir", "local_files_only", "subfolder")
 _QUANTIZATION = ("load_in_4bit", "load_in_8bit", "quantization_config")
 
@@ -224,6 +225,12 @@ class MllamaPreTrainedModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the model computes in: its first parameter's, FP8 layers' stored tensors aside."""
+        for module in self.modules():
+            kept = getattr(module, "stored_dtypes", ())
+            for name, p in module.named_parameters(recurse=False):
+                if name not in kept:
+                    return p.dtype
         return next(self.parameters()).dtype
 
     def num_parameters(self) -> int:
@@ -346,7 +353,7 @@ class MllamaPreTrainedModel(nn.Module):
                         compat: str | None = None, attn_implementation: str | dict | None = None,
                         output_loading_info: bool = False, state_dict: dict[str, torch.Tensor] | None = None,
                         ignore_mismatched_sizes: bool = False, quantize: str | None = None,
-                        **hub_kwargs: Any) -> "MllamaPreTrainedModel":
+                        load_format: str = "safetensors", **hub_kwargs: Any) -> "MllamaPreTrainedModel":
         """Loads a Hugging Face checkpoint (folder or Hub id, optionally a `subfolder` of it) in either key layout,
         streaming each tensor from the memory-mapped safetensors to `device` (or `device_map`: "auto", "cpu",
         "cuda", "cuda:N") in `dtype`. `state_dict` (names as this class's or a checkpoint's) replaces the stored
@@ -357,7 +364,8 @@ class MllamaPreTrainedModel(nn.Module):
         tensors whose stored shape differs from the model's are initialised afresh and listed, not an error.
         A compressed-tensors FP8 checkpoint loads as it is stored (mllama.quantization); `quantize="fp8"` makes
         the text model's linear layers FP8 from a bf16 checkpoint, each weight quantized on `device` as it is
-        read (the whole model never exists in bf16 there)."""
+        read (the whole model never exists in bf16 there). `load_format="dummy"` reads only the config and gives
+        random weights at its shapes (weights.RandomSource: for measuring speed and memory; quantized likewise)."""
         name_or_path = pretrained_model_name_or_path
         if torch.empty(0).device.type == "meta":
             raise RuntimeError("You are using `from_pretrained` with a meta device context manager (or "
@@ -371,6 +379,11 @@ class MllamaPreTrainedModel(nn.Module):
         if config is None:
             config = cls._read_config(folder, name_or_path)
         check_quantize(quantize)
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format={load_format!r} is not supported: use 'safetensors' (the checkpoint's "
+                             f"weights) or 'dummy' (random weights at the config's shapes, for benchmarks)")
+        if load_format == "dummy" and state_dict is not None:
+            raise ValueError("load_format='dummy' makes random weights: it takes no state_dict")
         quantization = _stored_quantization(config, folder)
         scheme = fp8_scheme(quantization) if quantization is not None else None  # (refuses any other scheme)
         if scheme is None and quantize == "fp8":
@@ -381,16 +394,20 @@ class MllamaPreTrainedModel(nn.Module):
             config._attn_implementation = attn_implementation
         target_dtype = _resolve_dtype(torch_dtype if torch_dtype is not None else dtype, config)
         target = _resolve_device(device, device_map)
-        sources = ([("state_dict", weights.StateDictSource(state_dict))] if state_dict is not None
-                   else weights.open_files(weights.weight_files(folder), target))
         with torch.device("meta"):
             model = cls(config)
         if scheme is not None:  # the Linear layers stored in FP8 become Fp8Linear before their weights load
             use_fp8(model, scheme, lambda name: module_names(cls.__name__, name))
             model.config.quantization_config = quantization  # (saved again as it came)
+        if load_format == "dummy":
+            sources = [("random weights", weights.RandomSource(model, target, target_dtype))]
+        elif state_dict is not None:
+            sources = [("state_dict", weights.StateDictSource(state_dict))]
+        else:
+            sources = weights.open_files(weights.weight_files(folder), target)
         loading_info = weights.load_weights(model, sources, target, target_dtype, strict=not output_loading_info,
                                             ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                            quantize=quantize == "fp8")
+                                            quantize=quantize == "fp8" or load_format == "dummy")
         fresh = loading_info["missing_keys"] | {m[0] for m in loading_info["mismatched_keys"]}
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name not in fresh:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from ..config import ROPE_TYPES, MllamaTextConfig
+from ..quantization import linear
 from .activations import activation
 from .attention import attend
 from .base import MllamaPreTrainedModel, copy_resized, resized_rows
@@ -157,10 +157,11 @@ class MllamaTextMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = activation(config.hidden_act, "text")
         self.w13: torch.Tensor | None = None  # gate|up in one matrix, set by engine.decode.fuse_projections
+        self.w13_scale: torch.Tensor | None = None  # its per-channel scales when the layers are FP8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
-            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+            gate, up = linear(x, self.w13, self.w13_scale).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(self.act_fn(gate) * up)
@@ -180,12 +181,13 @@ class MllamaTextSelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
         self.wqkv: torch.Tensor | None = None  # q|k|v in one matrix, set by engine.decode.fuse_projections
+        self.wqkv_scale: torch.Tensor | None = None  # its per-channel scales when the layers are FP8
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.wqkv is None:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         kv = self.num_kv_heads * self.head_dim
-        return F.linear(x, self.wqkv).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
+        return linear(x, self.wqkv, self.wqkv_scale).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: MllamaCache | None, weights: list | None = None) -> torch.Tensor:

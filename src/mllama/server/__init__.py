@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from ..loading import add_load_args, check_load_args
 from .app import ServerOptions, create_app, error_response, render_metrics, start_input_workers
 from .prompts import ImageOptions, RequestError
 
@@ -60,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or MLLAMA_API_KEY)")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, float16 or float32")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_load_args(parser)
     parser.add_argument("--shutdown-timeout", type=_seconds(zero_ok=True), default=10.0,
                         help="seconds running requests get to finish after SIGTERM before they are aborted (their "
                              "streams end with finish_reason 'abort'); default 10")
@@ -135,7 +137,9 @@ def build(args: argparse.Namespace):
     from ..processing.processor import AutoProcessor
     from .engine_process import EngineProcess
 
-    spec = {"model": args.model, "dtype": args.dtype, "device": args.device,
+    check_load_args(args.quantize, args.load_format)
+    spec = {"model": args.model, "dtype": args.dtype, "device": args.device, "quantize": args.quantize,
+            "load_format": args.load_format,
             "engine": {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_model_len": args.max_model_len,
                        "max_images": args.max_images_per_request, "max_prefill_batch": args.max_prefill_batch,
                        "overlap_prefill": True if args.overlap_prefill else None,

@@ -150,7 +150,8 @@ def _engine_main(conn, spec: dict) -> None:
         device = spec["device"]
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, processor = load(spec["model"], spec["dtype"], device)
+        model, processor = load(spec["model"], spec["dtype"], device, quantize=spec["quantize"],
+                                load_format=spec["load_format"])
         model.eval()
         engine = BatchEngine(model, processor.tokenizer, **spec["engine"])
         engine.on_failure = lambda reason: _exit_after(outbox, reason)
