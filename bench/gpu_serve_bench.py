@@ -250,7 +250,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--ckpt", default="/tmp/mllama-11b-random")
+    ap.add_argument("--ckpt", default=None, help="where the checkpoint goes (default /tmp/mllama-SIZE-random)")
+    ap.add_argument("--size", choices=["11b", "90b"], default="11b")
+    ap.add_argument("--dummy", action="store_true", help="write no weights: config and processor files only, "
+                    "served with --load-format dummy (random weights made on the GPU as they load)")
+    ap.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
+                    help="passed to mllama serve as it is (repeat: --server-flag=--quantize --server-flag=fp8)")
     ap.add_argument("--levels", nargs="*", type=int, default=[1, 8, 32, 64, 128])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--long-level", type=int, default=64, help="also run this level with --long-tokens")
@@ -285,11 +290,22 @@ def main() -> None:
     from gpu_bench import build_ours
     from mllama import MllamaConfig
 
-    ckpt = Path(args.ckpt)
+    ckpt = Path(args.ckpt or f"/tmp/mllama-{args.size}-random")
     t0 = time.perf_counter()
-    model = build_ours(MllamaConfig.llama_3_2_11b())
-    model.generation_config.update(do_sample=False, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
-    model.save_pretrained(ckpt)
+    config = MllamaConfig.llama_3_2_11b() if args.size == "11b" else MllamaConfig.llama_3_2_90b()
+    generation = dict(do_sample=False, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
+    if args.dummy:
+        from fp8_bench import config_folder
+
+        config_folder(config, ckpt)
+        (ckpt / "generation_config.json").write_text(json.dumps(generation))
+        model = None
+        if args.profile_prefill or args.profile_decode:
+            raise SystemExit("--dummy writes no weights: the in-process profiles need --size 11b without it")
+    else:
+        model = build_ours(config)
+        model.generation_config.update(**generation)
+        model.save_pretrained(ckpt)
     for name in os.listdir(args.assets):
         shutil.copy(Path(args.assets) / name, ckpt / name)
     (ckpt / "preprocessor_config.json").write_text(json.dumps({
@@ -309,7 +325,9 @@ def main() -> None:
     del model
     torch.cuda.empty_cache()
     port = 8011
-    flags = ["--port", str(port), "--served-model-name", "m"]
+    flags = ["--port", str(port), "--served-model-name", "m"] + args.server_flag
+    if args.dummy:
+        flags += ["--load-format", "dummy"]
     if not args.defaults:
         flags += ["--device", "cuda", "--dtype", "bfloat16", "--max-batch", str(args.max_batch), "--max-queue",
                   "1024", "--max-model-len", "1024", "--max-images-per-request", "1"]
@@ -319,7 +337,7 @@ def main() -> None:
                                  ["--max-prefill-batch", str(args.max_prefill_batch)]),
                               stdout=sys.stdout, stderr=sys.stderr)
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < 240:
+    while time.perf_counter() - t0 < 400:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
             break

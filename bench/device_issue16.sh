@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The H200 checks of issue 16 (FP8): `bash bench/device_issue16.sh WHAT OUT [more fp8_bench parts]`.
+#   tests:   tests/gpu (the FP8 kernel, fast path and engine against the reference; FP8 against bf16; the
+#            graph, compiled and paged paths against the plain model)
+#   bench:   bench/fp8_bench.py with the parts given (kernels 11b cut90b 90b)
+#   serve11: `mllama serve CKPT --quantize fp8` (the bf16 11B written to disk, quantized as it loads), concurrency
+#            64 with 512-token answers and 1 with 128, one 4-tile image per request
+#   serve90: `mllama serve CONFIG --load-format dummy --quantize fp8` (the 90B made on the GPU), concurrency 32
+#            with 512-token answers and 1 with 128
+set -uo pipefail
+what=$1; out=$2; shift 2
+mkdir -p "$out" /tmp/site
+pip install -q --no-deps --target /tmp/site .whl/llama_models-0.3.0-py3-none-any.whl .whl/srv/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD/src
+nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader
+assets() {
+  python3 - <<'PY'
+import os, shutil
+from mllama.cli import create_tiny
+p = create_tiny('/tmp/tiny', '/tmp/site/llama_models/llama3/tokenizer.model')
+os.makedirs('/tmp/assets', exist_ok=True)
+for f in os.listdir(p):
+    if f.startswith(('tokenizer', 'special_tokens', 'chat_template')):
+        shutil.copy(p / f, '/tmp/assets/' + f)
+PY
+}
+case $what in
+tests)
+  python3 -m pytest -q -rA -p no:logging -s tests/gpu 2>&1 | grep -v "^PASSED" | tail -40 | tee "$out/gpu-tests.txt" ;;
+bench)
+  python3 bench/fp8_bench.py --out "$out" --parts "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -60 ;;
+serve11)
+  assets
+  python3 bench/gpu_serve_bench.py --assets /tmp/assets --out "$out" --skip-checks --defaults --size 11b \
+    --server-flag=--quantize --server-flag=fp8 --runs 64:512:128 1:128:8 2>&1 | grep -v "^INFO" | tail -40 ;;
+serve90)
+  assets
+  python3 bench/gpu_serve_bench.py --assets /tmp/assets --out "$out" --skip-checks --defaults --size 90b --dummy \
+    --server-flag=--quantize --server-flag=fp8 --runs 32:512:64 1:128:8 2>&1 | grep -v "^INFO" | tail -40 ;;
+esac
