@@ -26,7 +26,7 @@ PY
 }
 case $what in
 tests)
-  python3 -m pytest -q -rA -p no:logging -s tests/gpu 2>&1 | grep -v "^PASSED" | tail -40 | tee "$out/gpu-tests.txt" ;;
+  python3 -m pytest -q -p no:logging -s tests/gpu > "$out/gpu-tests.txt" 2>&1; echo "pytest rc $?" | tee -a "$out/gpu-tests.txt"; grep -v "^PASSED\|Warning\|warn" "$out/gpu-tests.txt" | tail -25 ;;
 bench)
   python3 bench/fp8_bench.py --out "$out" --parts "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -60 ;;
 serve11)

@@ -66,17 +66,34 @@ def graph_time(fn, repeat: int = 50) -> float:
 
 
 def kernels() -> dict:
+    """Each product compiled as the fast path compiles its layers, replayed in a CUDA graph: bf16; W8A8 as
+    mllama runs it (quantization.fp8_linear_cuda: unscaled product then both scales up to UNSCALED_ROWS rows,
+    row-wise-scaled kernel above); W8A8 always through the row-wise-scaled kernel; at one row also FP8 weights
+    with bf16 activations (dequantized, then a bf16 product)."""
+    import torch._dynamo
+
+    from mllama.quantization import UNSCALED_ROWS
+
+    torch._dynamo.config.cache_size_limit = 256  # one compiled variant per shape, none falling back to eager
+
+    def rowwise(x, q, s):
+        qx, sx = quantize_rows(x)
+        return torch._scaled_mm(qx, q.t(), scale_a=sx, scale_b=s.t(), out_dtype=x.dtype)
+
     shapes = {"q|k|v": (4096, 6144), "o": (4096, 4096), "gate|up": (4096, 28672), "down": (14336, 4096)}
+    ours, row_scaled = torch.compile(fp8_linear_cuda), torch.compile(rowwise)
     dequantized = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s.t().to(x.dtype))
-    out = {}
-    for rows in (1, 32):
+    out = {"unscaled_rows": UNSCALED_ROWS}
+    for rows in (1, 32, 64, 128):
         for name, (inner, outer) in shapes.items():
             x = torch.randn(rows, inner, device=DEV, dtype=torch.bfloat16)
             w = torch.randn(outer, inner, device=DEV, dtype=torch.bfloat16) * 0.02
             q, s = quantize_rows(w)
             row = {"bf16_us": graph_time(lambda: F.linear(x, w)) * 1e6,
-                   "w8a8_us": graph_time(lambda: fp8_linear_cuda(x, q, s)) * 1e6,
-                   "fp8_weights_bf16_activations_us": graph_time(lambda: dequantized(x, q, s)) * 1e6}
+                   "w8a8_mllama_us": graph_time(lambda: ours(x, q, s)) * 1e6,
+                   "w8a8_rowwise_kernel_us": graph_time(lambda: row_scaled(x, q, s)) * 1e6}
+            if rows == 1:
+                row["fp8_weights_bf16_activations_us"] = graph_time(lambda: dequantized(x, q, s)) * 1e6
             row["weight_read_limit_us_fp8"] = outer * inner / HW["copy_bytes_per_s"] * 1e6
             out[f"b{rows} {name}"] = row
             print("kernel", rows, name, {k: round(v, 1) for k, v in row.items()}, flush=True)

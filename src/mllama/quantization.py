@@ -45,15 +45,28 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     return out.to(x.dtype)
 
 
+# At most this many rows (decode batches), the product runs without scales and both are applied after it: cuBLAS's
+# row-wise-scaled FP8 kernels take a 128x128 tile for a handful of rows (H200, q|k|v of the 11B at one row: 19 us,
+# against 7.6 us unscaled; bench/results/2026-12-02-h200-fp8-probe-s3.json).
+UNSCALED_ROWS = 64
+
+
 def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp8_linear_reference's product on the GPU's FP8 tensor cores (torch._scaled_mm, row-wise scales): the same
-    quantized operands and scales, accumulated in float32 there too; it differs from the reference by the
-    accumulation order and the output's one rounding to x's dtype."""
+    """fp8_linear_reference's product on the GPU's FP8 tensor cores (torch._scaled_mm): the same quantized operands
+    and scales, accumulated in float32 and scaled in float32 there too (row-wise scales in the kernel for many rows;
+    for up to UNSCALED_ROWS, a float32 product then both scales, one pointwise pass); it differs from the
+    reference by the accumulation order only, and is rounded once to x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
     q, scale = quantize_rows(rows)
-    out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float().t(),
-                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    if rows.shape[0] <= UNSCALED_ROWS:
+        one = torch.ones((), dtype=torch.float32, device=x.device)  # (made per call: safe in a graph capture)
+        out = torch._scaled_mm(q, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        out = out * scale * weight_scale.float().t()
+        out = (out if bias is None else out + bias.float()).to(x.dtype)
+    else:
+        out = torch._scaled_mm(q, weight.t(), scale_a=scale, scale_b=weight_scale.float().t(),
+                               bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -13,7 +13,7 @@ from mllama.quantization import Fp8Linear, fp8_linear_cuda, fp8_linear_reference
 DEVICE = "cuda"
 
 
-@pytest.mark.parametrize("rows", [1, 8, 64, 301])
+@pytest.mark.parametrize("rows", [1, 8, 64, 65, 301])
 @pytest.mark.parametrize("inner, outer", [(4096, 6144), (4096, 28672), (14336, 4096)])
 def test_scaled_mm_equals_the_reference(rows, inner, outer):
     g = torch.Generator(device=DEVICE).manual_seed(rows + inner + outer)
