@@ -60,8 +60,8 @@ def _refuse_unhonoured(options: dict[str, Any]) -> None:
     """A keyword that loading would ignore is an error: a model asked for in 4 bits must not come back in 16."""
     quantized = [k for k in _QUANTIZATION if options.get(k) not in (None, False)]
     if quantized:
-        raise ValueError(f"from_pretrained({quantized[0]}=...) is not supported: mllama does not quantize; load in "
-                         f"dtype=torch.bfloat16 or torch.float16 (half the memory of float32)")
+        raise ValueError(f"from_pretrained({quantized[0]}=...) is not supported: mllama quantizes to FP8 only, "
+                         f"with quantize='fp8' (or load in dtype=torch.bfloat16 or torch.float16)")
     unknown = sorted(set(options) - set(_HUB_OPTIONS) - set(_QUANTIZATION) - {"low_cpu_mem_usage"})
     if unknown:
         raise ValueError(f"from_pretrained got unsupported arguments {unknown}: it takes config, dtype (or "
