@@ -23,15 +23,7 @@ bench)
   fi ;;
 serve)
   python3 -m pytest -q -x tests/gpu/test_cuda_paths.py -k "engine_on_graphs or image_cache" 2>&1 | tail -3
-  python3 - <<'PY'
-import os, shutil
-from mllama.cli import create_tiny
-p = create_tiny('/tmp/tiny', '/tmp/site/llama_models/llama3/tokenizer.model')
-os.makedirs('/tmp/assets', exist_ok=True)
-for f in os.listdir(p):
-    if f.startswith(('tokenizer', 'special_tokens', 'chat_template')):
-        shutil.copy(p / f, '/tmp/assets/' + f)
-PY
+  python3 bench/tiny_assets.py /tmp/site/llama_models/llama3/tokenizer.model
   python3 bench/gpu_serve_bench.py --assets /tmp/assets --out "$out" --skip-checks --defaults \
     --runs 128:512:256 64:512:128 64:128:192 --multiturn 1 32 2>&1 | grep -v "^INFO" | tail -80 ;;
 esac

@@ -14,15 +14,7 @@ pip install -q --no-deps --target /tmp/site .whl/llama_models-0.3.0-py3-none-any
 export PYTHONPATH=/tmp/site:$PWD/src
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv,noheader
 assets() {
-  python3 - <<'PY'
-import os, shutil
-from mllama.cli import create_tiny
-p = create_tiny('/tmp/tiny', '/tmp/site/llama_models/llama3/tokenizer.model')
-os.makedirs('/tmp/assets', exist_ok=True)
-for f in os.listdir(p):
-    if f.startswith(('tokenizer', 'special_tokens', 'chat_template')):
-        shutil.copy(p / f, '/tmp/assets/' + f)
-PY
+  python3 bench/tiny_assets.py /tmp/site/llama_models/llama3/tokenizer.model
 }
 case $what in
 tests)

@@ -359,9 +359,6 @@ def plan_pools(text_config, tile_tokens: int, max_tiles: int, *, device: torch.d
         tile_pages = slots * max_images * max_tiles + 1
         return PoolPlan(slots, self_pages, tile_pages, (self_pages - 1) * self_page + (tile_pages - 1) * tile_page)
     total = torch.cuda.get_device_properties(device).total_memory
-    # blocks torch's allocator caches but nothing uses (the loader's temporaries: quantizing the 90B as it loads
-    # left 21 GiB so) go back to the driver first: they are not in `free`, and the pools could not take them
-    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     held = torch.cuda.memory_allocated(device)
     budget = min(int(gpu_memory_utilization * total) - held, free) - workspace_bytes
