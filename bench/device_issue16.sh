@@ -7,6 +7,9 @@
 #            64 with 512-token answers and 1 with 128, one 4-tile image per request
 #   serve90: `mllama serve CONFIG --load-format dummy --quantize fp8` (the 90B made on the GPU), concurrency 32
 #            with 512-token answers and 1 with 128
+#   probe:   bench/fp8_probe.py with the parts given (products sweep step)
+#   memory:  bench/engine_memory.py with the flags given (the engine's memory, stage by stage)
+#   fp8test: tests/gpu/test_fp8_gpu.py alone
 set -uo pipefail
 what=$1; out=$2; shift 2
 mkdir -p "$out" /tmp/site
@@ -19,6 +22,13 @@ assets() {
 case $what in
 tests)
   python3 -m pytest -q -p no:logging -s tests/gpu > "$out/gpu-tests.txt" 2>&1; echo "pytest rc $?" | tee -a "$out/gpu-tests.txt"; grep -v "^PASSED\|Warning\|warn" "$out/gpu-tests.txt" | tail -25 ;;
+fp8test)
+  python3 -m pytest -q -p no:logging -s tests/gpu/test_fp8_gpu.py > "$out/fp8-tests.txt" 2>&1; echo "pytest rc $?" | tee -a "$out/fp8-tests.txt"; grep -v "^PASSED\|Warning\|warn" "$out/fp8-tests.txt" | tail -25 ;;
+probe)
+  python3 bench/fp8_probe.py --out "$out" --parts "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -60 ;;
+memory)
+  assets
+  python3 bench/engine_memory.py --out "$out" "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -60 ;;
 bench)
   python3 bench/fp8_bench.py --out "$out" --parts "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -60 ;;
 serve11)

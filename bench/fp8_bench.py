@@ -12,6 +12,8 @@
   load-and-quantize path at the 90B's shapes: seconds per layer, peak memory).
 - 90b: the 90B in FP8 made on the GPU (load_format="dummy": each layer quantized as it is made), then time to
   first token with one 4-tile image and decode at batch 1 and 8.
+- kv: the serving engine's FP8 K/V pages against bf16 pages (11B): logit error and greedy agreement over 64
+  teacher-forced steps.
 Writes DIR/fp8-bench.json.
 """
 from __future__ import annotations
@@ -208,6 +210,47 @@ def part_90b() -> dict:
     return res
 
 
+def part_kv(steps: int = 64) -> dict:
+    """kv_cache_dtype="fp8" against the model's dtype in the serving engine (11B, FP8 weights made on the GPU):
+    one request with a 4-tile image prefilled into each engine, then `steps` decode steps teacher-forced by the
+    bf16 pages' greedy tokens: relative logit error (norm) and greedy agreement; the pages' bytes of each."""
+    from mllama.engine.batch import BatchEngine
+    from mllama.engine.requests import GenerationRequest
+    from mllama.generation import SamplingParams
+
+    config = MllamaConfig.llama_3_2_11b()
+    folder = config_folder(config, Path("/tmp/mllama-11b-config"))
+    model = MllamaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16, device_map=DEV,
+                                                           quantize="fp8", load_format="dummy")
+    inputs = make_inputs(config, 1, True)
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask")
+    engines, first = [], []
+    for dtype in ("auto", "fp8"):
+        engine = BatchEngine(model, None, max_batch=2, max_model_len=1024, pages=(20, 5), kv_cache_dtype=dtype)
+        request = GenerationRequest(prompt_ids=ids, params=SamplingParams(max_new_tokens=steps, do_sample=False),
+                                    model_inputs=dict(inputs), emit=lambda event: None)
+        request.images = engine.describe_images(request.model_inputs)
+        assert engine._reserve(request)
+        seen = []
+        engine._sample_and_emit = lambda requests, logits, start=None: seen.append(logits[0].float().clone())
+        engine._prefill([(request, 0)])
+        engines.append(engine)
+        first.append(seen[0])
+    token, errors, agree = int(first[0].argmax()), [], 0
+    for step in range(steps):
+        a, b = (engine.runner([token], [len(ids) + step], True)[0].float() for engine in engines)
+        errors.append(((b - a).norm() / a.norm()).item())
+        agree += int(a.argmax() == b.argmax())
+        token = int(a.argmax())
+    res = {"steps": steps, "relative_logit_error_mean": sum(errors) / steps, "relative_logit_error_max": max(errors),
+           "greedy_agreement": agree / steps,
+           "bytes_per_self_page": [e.caches.bytes_per_self_page for e in engines],
+           "bytes_per_tile_page": [e.caches.bytes_per_tile_page for e in engines]}
+    print("K/V pages fp8 vs bf16", res, flush=True)
+    return res
+
+
 HW: dict = {}
 
 
@@ -224,7 +267,7 @@ def main() -> None:
     HW.update(hardware())
     results["hardware"] = dict(HW)
     print("hardware", HW, flush=True)
-    parts = {"kernels": kernels, "11b": part_11b, "cut90b": part_cut90b, "90b": part_90b}
+    parts = {"kernels": kernels, "11b": part_11b, "cut90b": part_cut90b, "90b": part_90b, "kv": part_kv}
     for name in args.parts:
         try:
             results[name] = parts[name]()

@@ -86,3 +86,19 @@ def test_kernel_reads_no_table_entry_past_the_length(pa):
         table[b, -(-n // 64):] = 10 ** 6
     got = pa.paged_decode_attention_triton(*case[:3], table, case[4], num_splits=2)
     torch.testing.assert_close(got.double(), independent(*case), rtol=1e-5, atol=1e-5)
+
+
+@fresh_only
+@pytest.mark.parametrize("name", ["page16-cross-pages", "page64-one-page-per-chunk", "page1601-tiles"])
+def test_kernel_fp8_pages_with_scales(pa, name):
+    """FP8 pages and their scales: the kernel against the reference over the dequantized pages."""
+    from mllama.quantization import quantize_rows
+
+    page, group, lengths, block_n, splits = CASES[name]
+    q, k_pages, v_pages, table, lengths = make_case(page, group, lengths, max_pages=3)
+    (kq, ks), (vq, vs) = quantize_rows(k_pages * 7), quantize_rows(v_pages)
+    got = pa.paged_decode_attention_triton(q, kq, vq, table, lengths, k_scales=ks[..., 0], v_scales=vs[..., 0],
+                                           num_splits=splits, block_n=block_n)
+    want = independent(q, kq.float() * ks, vq.float() * vs, table, lengths)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

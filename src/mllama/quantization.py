@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fp8_kernel
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 _TINY = torch.finfo(torch.float32).tiny  # the scale of an all-zero row: its values quantize to 0, not NaN
@@ -49,19 +51,26 @@ def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
 # row-wise-scaled FP8 kernels take a 128x128 tile for a handful of rows (H200, q|k|v of the 11B at one row: 19 us,
 # against 7.6 us unscaled; bench/results/2026-12-02-h200-fp8-probe-s3.json).
 UNSCALED_ROWS = 64
+# At most this many rows, the unscaled product is mllama's own split-K Triton kernel (fp8_kernel), which reads the
+# weight at nearly the copy rate where cuBLAS does not (bench/fp8_bench.py, part kernels).
+KERNEL_ROWS = 16
 
 
 def fp8_linear_cuda(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """fp8_linear_reference's product on the GPU's FP8 tensor cores (torch._scaled_mm): the same quantized operands
-    and scales, accumulated in float32 and scaled in float32 there too (row-wise scales in the kernel for many rows;
-    for up to UNSCALED_ROWS, a float32 product then both scales, one pointwise pass); it differs from the
-    reference by the accumulation order only, and is rounded once to x's dtype."""
+    """fp8_linear_reference's product on the GPU: the same quantized operands and scales, accumulated in float32
+    and scaled in float32 too. Up to KERNEL_ROWS rows, fp8_kernel's split-K products; up to UNSCALED_ROWS, the
+    unscaled torch._scaled_mm; for either, both scales follow in one pointwise pass. Above, torch._scaled_mm with
+    row-wise scales in the kernel. It differs from the reference by the accumulation order only, and is rounded
+    once to x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
     q, scale = quantize_rows(rows)
     if rows.shape[0] <= UNSCALED_ROWS:
-        one = torch.ones((), dtype=torch.float32, device=x.device)  # (made per call: safe in a graph capture)
-        out = torch._scaled_mm(q, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        if rows.shape[0] <= KERNEL_ROWS and fp8_kernel.available(q, weight):
+            out = fp8_kernel.partial_products(q, weight).sum(0)
+        else:
+            one = torch.ones((), dtype=torch.float32, device=x.device)  # (made per call: safe in a graph capture)
+            out = torch._scaled_mm(q, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
         out = out * scale * weight_scale.float().t()
         out = (out if bias is None else out + bias.float()).to(x.dtype)
     else:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllama import MllamaForConditionalGeneration, quantization
+from mllama import MllamaForConditionalGeneration, fp8_kernel, quantization
 from mllama.processing.cross_attention_mask import extend_cross_attention_mask
 from mllama.quantization import Fp8Linear, fp8_linear_cuda, fp8_linear_reference
 
@@ -30,6 +30,48 @@ def test_scaled_mm_equals_the_reference(rows, inner, outer):
     quantization = ((exact - bf16).abs().amax() / bf16.abs().amax()).item()
     print(f"rows {rows}, {inner} -> {outer}: kernel vs definition {error:.2e}, FP8 vs bf16 {quantization:.2e}")
     assert error < 8e-3  # bf16's rounding of the output (2^-8) and the accumulation order, nothing more
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 33, 64])
+@pytest.mark.parametrize("inner, outer", [(4096, 6144), (14336, 4096), (96, 80)])
+def test_kernel_partial_products_sum_to_the_exact_product(rows, inner, outer):
+    g = torch.Generator(device=DEVICE).manual_seed(rows * inner + outer)
+    q_x, _ = quantization.quantize_rows(torch.randn(rows, inner, device=DEVICE, generator=g))
+    q_w, _ = quantization.quantize_rows(torch.randn(outer, inner, device=DEVICE, generator=g))
+    parts = fp8_kernel.partial_products(q_x, q_w)
+    sm = torch.cuda.get_device_properties(0).multi_processor_count
+    assert parts.shape == (fp8_kernel.splits_for(outer, inner, sm), rows, outer) and parts.dtype == torch.float32
+    exact = q_x.double() @ q_w.double().t()  # e4m3 products are exact: only float32 sums differ
+    error = ((parts.sum(0).double() - exact).abs().max() / exact.abs().max()).item()
+    print(f"kernel rows {rows}, {inner} -> {outer}, {parts.shape[0]} splits: {error:.1e}")
+    assert error < 1e-5
+
+
+def test_small_rows_take_the_kernel_inside_a_compiled_graph(monkeypatch):
+    calls = []
+    kernel = fp8_kernel.partial_products
+
+    def counted(q_x, q_w):
+        calls.append(q_x.shape[0])
+        return kernel(q_x, q_w)
+    monkeypatch.setattr(fp8_kernel, "partial_products", counted)
+    linear = torch.nn.Linear(4096, 6144, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    layer = Fp8Linear.quantized(linear)
+    for rows in (1, quantization.KERNEL_ROWS, quantization.KERNEL_ROWS + 1):
+        x = torch.randn(rows, 4096, device=DEVICE, dtype=torch.bfloat16)
+        eager = fp8_linear_cuda(x, layer.weight, layer.weight_scale)
+        compiled = torch.compile(fp8_linear_cuda, dynamic=False)
+        static = x.clone()
+        compiled(static, layer.weight, layer.weight_scale)  # compiles (and warms up) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = compiled(static, layer.weight, layer.weight_scale)
+        static.copy_(x)
+        graph.replay()
+        exact = fp8_linear_reference(x.float(), layer.weight, layer.weight_scale)
+        for result in (eager, out):
+            assert ((result.float() - exact).abs().max() / exact.abs().max()).item() < 8e-3
+    assert 1 in calls and quantization.KERNEL_ROWS in calls and quantization.KERNEL_ROWS + 1 not in calls
 
 
 def test_a_3d_input_and_bias():

@@ -21,11 +21,11 @@ import torch
 
 from ..processing.cross_attention_mask import generated_row
 from ..sampling import SamplingParams, TextDecoder, next_tokens
-from .decode import text_model_of, unsupported
+from .decode import fuse_projections, text_model_of, unsupported
 from .fast import PrefillGraphs, vision_graphs
 from .graphs import reason_of
 from .output import advance_text, final_event, logprob_entry
-from .paged import PagedCaches, describe_images, plan_pools
+from .paged import PagedCaches, check_kv_cache_dtype, describe_images, plan_pools
 from .prefill import Prefill, Prefiller
 from .requests import Event, GenerationRequest, check_length
 from .runner import ROW_BUCKETS, DecodeRunner
@@ -58,9 +58,9 @@ class BatchEngine:
                  max_model_len: int | None = None, max_images: int = 4, max_prefill_batch: int = 4,
                  use_graphs: bool | None = None, overlap_prefill: bool | None = None,
                  gpu_memory_utilization: float = 0.9, cross_share: float = 0.5, cache_images: bool = True,
-                 pages: tuple[int, int] | None = None):
+                 pages: tuple[int, int] | None = None, kv_cache_dtype: str = "auto"):
         """pages: (text pages, tile pages) to allocate instead of sizing the pools from the GPU's memory (each
-        count includes the scratch page); see engine.paged."""
+        count includes the scratch page); kv_cache_dtype: "auto" (the model's dtype) or "fp8"; see engine.paged."""
         if (max_batch is not None and max_batch < 1) or max_queue < 0 or max_prefill_batch < 1:
             raise ValueError(f"max_batch and max_prefill_batch must be >= 1 and max_queue >= 0, got {max_batch}, "
                              f"{max_prefill_batch} and {max_queue}")
@@ -69,6 +69,7 @@ class BatchEngine:
                              f"{gpu_memory_utilization} and {cross_share}")
         if (reason := unsupported(model)) is not None:
             raise ValueError(reason)
+        check_kv_cache_dtype(kv_cache_dtype)
         self.max_prefill_batch = max_prefill_batch
         self.warm_up_seconds = 0.0
         self.model = model
@@ -91,6 +92,12 @@ class BatchEngine:
         device = next(model.parameters()).device
         self.device, self.dtype = device, model.dtype
         use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
+        # The fused q|k|v and gate|up matrices first: they replace the loaded weights, whose freed blocks stay with
+        # the allocator, mostly in segments it cannot give back; the pools are then sized from what the driver
+        # still has (the 90B's fusion alone left 21 GiB so, and sized before it, the pools ran out of memory).
+        fuse_projections(model)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         # the vision encoder of prefills as CUDA graphs (fast.VisionGraphs); its output buffer first, as part of
         # the workspace the pools leave room for
         self.vision_runner = vision_graphs(model) if use_graphs else None
@@ -99,11 +106,13 @@ class BatchEngine:
         plan = plan_pools(text_config, vision.num_patches, vision.max_num_tiles, device=device, dtype=self.dtype,
                           max_batch=max_batch, max_model_len=self.max_model_len, max_images=max_images,
                           gpu_memory_utilization=gpu_memory_utilization, cross_share=cross_share,
-                          workspace_bytes=WORKSPACE_BYTES + PREFILL_GRAPH_BYTES, pages=pages)
+                          workspace_bytes=WORKSPACE_BYTES + PREFILL_GRAPH_BYTES, pages=pages,
+                          kv_cache_dtype=kv_cache_dtype)
         self.max_batch = plan.slots
         self.caches = PagedCaches(self.text, plan.slots, plan.self_pages, plan.tile_pages, self.max_model_len,
                                   max_images * vision.max_num_tiles, vision.num_patches, device, self.dtype,
-                                  cache_images=cache_images and getattr(text_config, "compat", "meta") == "meta")
+                                  cache_images=cache_images and getattr(text_config, "compat", "meta") == "meta",
+                                  kv_cache_dtype=kv_cache_dtype)
         self.runner = DecodeRunner(model, self.caches, use_graphs)
         # one-request prefills' text part as CUDA graphs (fast.PrefillGraphs): a first token ~15 ms sooner
         self.prefill_graphs = PrefillGraphs(model, PREFILL_GRAPH_BYTES) if use_graphs else None

@@ -6,7 +6,9 @@ length 0 gives zeros.
 
 Layout.
     q            [B, H, D]            one query token per row; bf16, fp16 or fp32
-    k/v_pages    [P, KVH, PAGE, D]    a shared pool of pages, same dtype as q
+    k/v_pages    [P, KVH, PAGE, D]    a shared pool of pages, same dtype as q, or e4m3 (FP8) with scales:
+    k/v_scales   [P, KVH, PAGE]       float32, one per token and kv head: the stored value is page * scale
+                                      (quantization.quantize_rows over D, as `write_pages` stores them)
     page_table   [B, MAXP] int32      row b's token t lives at page page_table[b, t // PAGE], slot t % PAGE
     lengths      [B] int32            valid tokens per row, 0 <= lengths[b] <= MAXP * PAGE, on q's device
 Table entries past a row's last used page may hold anything in range or -1: they are never read, and neither
@@ -25,7 +27,9 @@ a CUDA graph (no host reads, no synchronisation).
 Numerics. Scores q.k are fp32 (tl.dot accumulates in fp32; fp32 inputs use IEEE products, not TF32), the
 softmax runs in base 2 on scores pre-multiplied by log2(e)/sqrt(D), its weights are cast to the input dtype for
 the product with V (as in flash attention), and the output accumulates in fp32 before the final cast to q's
-dtype. The plain-torch reference gathers the pages and runs SDPA in fp32.
+dtype. The plain-torch reference gathers the pages and runs SDPA in fp32. FP8 pages are converted to q's dtype
+as they load (exact: every e4m3 value is a bf16 value); a key's scale multiplies its score, a value's scale its
+softmax weight before the product with V (the same sums as dequantizing first, in another order).
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..quantization import FP8, quantize_rows
 
 try:
     import triton
@@ -47,7 +53,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 
 
-def _check(q, k_pages, v_pages, page_table, lengths) -> tuple[int, int, int, int, int, int]:
+def _check(q, k_pages, v_pages, page_table, lengths, k_scales=None, v_scales=None) -> tuple[int, ...]:
     """Validates the shapes; returns (B, H, D, KVH, PAGE, MAXP)."""
     if q.dim() != 3 or k_pages.dim() != 4 or k_pages.shape != v_pages.shape:
         raise ValueError(f"expected q [B, H, D] and k/v_pages [P, KVH, PAGE, D], got {tuple(q.shape)}, "
@@ -59,52 +65,70 @@ def _check(q, k_pages, v_pages, page_table, lengths) -> tuple[int, int, int, int
     if page_table.dim() != 2 or page_table.shape[0] != batch or tuple(lengths.shape) != (batch,):
         raise ValueError(f"expected page_table [B, MAXP] and lengths [B] for B={batch}, got "
                          f"{tuple(page_table.shape)}, {tuple(lengths.shape)}")
-    if q.dtype != k_pages.dtype or q.dtype != v_pages.dtype:
-        raise ValueError(f"dtypes differ: q {q.dtype}, k {k_pages.dtype}, v {v_pages.dtype}")
+    if k_pages.dtype == FP8 and v_pages.dtype == FP8:
+        if k_scales is None or v_scales is None or k_scales.shape != k_pages.shape[:3] or \
+                v_scales.shape != v_pages.shape[:3] or k_scales.dtype != torch.float32 or v_scales.dtype != torch.float32:
+            raise ValueError(f"FP8 pages need float32 k/v_scales {tuple(k_pages.shape[:3])}, got "
+                             f"{None if k_scales is None else (tuple(k_scales.shape), k_scales.dtype)} and "
+                             f"{None if v_scales is None else (tuple(v_scales.shape), v_scales.dtype)}")
+    elif q.dtype != k_pages.dtype or q.dtype != v_pages.dtype or k_scales is not None or v_scales is not None:
+        raise ValueError(f"dtypes differ: q {q.dtype}, k {k_pages.dtype}, v {v_pages.dtype} (scales are for FP8 "
+                         f"pages only)")
     return batch, heads, dim, kv_heads, page, page_table.shape[1]
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, out=None) -> torch.Tensor:
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, out=None, k_scales=None,
+                           v_scales=None) -> torch.Tensor:
     """softmax(q K^T / sqrt(D)) V per row over its first lengths[b] paged tokens; [B, H, D] in q's dtype.
     The Triton kernel on CUDA when triton is importable, the plain-torch reference otherwise."""
     if q.is_cuda and triton is not None:
-        return paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, out=out)
-    result = paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths)
+        return paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, out=out, k_scales=k_scales,
+                                             v_scales=v_scales)
+    result = paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales)
     return result if out is None else out.copy_(result)
 
 
-def paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths) -> torch.Tensor:
+def paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths, k_scales=None,
+                                     v_scales=None) -> torch.Tensor:
     """Plain torch: gather each row's pages into [B, KVH, MAXP*PAGE, D], zero and mask the keys at or past the
     row's length, SDPA in fp32 with enable_gqa. A row of length 0 attends over its zeroed V and so gives zeros
     (no all-masked softmax, no NaN). No host reads of values, so it can be captured in a CUDA graph."""
-    batch, heads, dim, kv_heads, page, max_pages = _check(q, k_pages, v_pages, page_table, lengths)
+    batch, heads, dim, kv_heads, page, max_pages = _check(q, k_pages, v_pages, page_table, lengths, k_scales,
+                                                          v_scales)
     pages = page_table.long().clamp(min=0)  # -1 entries are past the length: any page will do, then masked
 
-    def gather(pool):  # [B, MAXP, KVH, PAGE, D] -> [B, KVH, MAXP*PAGE, D]
-        return pool[pages].permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_pages * page, dim).float()
+    def gather(pool, scales):  # [B, MAXP, KVH, PAGE, D] -> [B, KVH, MAXP*PAGE, D], dequantized
+        values = pool[pages].float() if scales is None else pool[pages].float() * scales[pages][..., None]
+        return values.permute(0, 2, 1, 3, 4).reshape(batch, kv_heads, max_pages * page, dim)
 
     lengths = lengths.to(q.device).long()
     valid = torch.arange(max_pages * page, device=q.device)[None, :] < lengths[:, None]  # [B, L]
     keep = valid[:, None, :, None]
-    k = torch.where(keep, gather(k_pages), 0.0)  # stale slots may hold NaN: zero them so 0 * NaN cannot leak
-    v = torch.where(keep, gather(v_pages), 0.0)
+    k = torch.where(keep, gather(k_pages, k_scales), 0.0)  # stale slots may hold NaN: zeroed, so 0 * NaN cannot leak
+    v = torch.where(keep, gather(v_pages, v_scales), 0.0)
     mask = (valid | (lengths[:, None] == 0))[:, None, None, :]  # an empty row attends to zeroed V: zeros
     out = F.scaled_dot_product_attention(q.float()[:, :, None], k, v, attn_mask=mask,
                                          enable_gqa=heads != kv_heads)[:, :, 0]
     return out.to(q.dtype)
 
 
-def write_pages(k_pages, v_pages, page_table, positions, k, v) -> None:
+def write_pages(k_pages, v_pages, page_table, positions, k, v, k_scales=None, v_scales=None) -> None:
     """Writes the decode step's new token of each row: k/v [B, KVH, D] go to token index positions[b] of row b
-    (page page_table[b, pos // PAGE], slot pos % PAGE). Tensor indexing only: no host reads, graph-safe.
-    Each position must fall in a page the row owns (a -1 entry would index the pool's last page)."""
+    (page page_table[b, pos // PAGE], slot pos % PAGE); into FP8 pages quantized per kv head, with their scales.
+    Tensor indexing only: no host reads, graph-safe. Each position must fall in a page the row owns (a -1 entry
+    would index the pool's last page)."""
     page = k_pages.shape[2]
     positions = positions.long()
     rows = torch.arange(positions.shape[0], device=positions.device)
     pages = page_table[rows, positions // page].long()
     slots = positions % page
-    k_pages[pages, :, slots] = k.to(k_pages.dtype)
-    v_pages[pages, :, slots] = v.to(v_pages.dtype)
+    for pool, scales, new in ((k_pages, k_scales, k), (v_pages, v_scales, v)):
+        if scales is None:
+            pool[pages, :, slots] = new.to(pool.dtype)
+        else:
+            values, scale = quantize_rows(new)
+            pool.view(torch.uint8)[pages, :, slots] = values.view(torch.uint8)  # (as bytes: index_put has no float8)
+            scales[pages, :, slots] = scale[..., 0]
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -127,13 +151,15 @@ def choose_splits(batch: int, kv_heads: int, max_chunks: int, device: torch.devi
     return max(1, min(want, max_chunks, MAX_SPLITS))
 
 
-def paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, out=None, *, num_splits=None,
-                                  block_n=64, num_warps=4, num_stages=2) -> torch.Tensor:
+def paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, out=None, *, k_scales=None,
+                                  v_scales=None, num_splits=None, block_n=64, num_warps=4,
+                                  num_stages=2) -> torch.Tensor:
     """The Triton path of paged_decode_attention (also runs under TRITON_INTERPRET=1 on CPU tensors).
     num_splits (default from the shapes), block_n, num_warps and num_stages are tuning knobs."""
     if triton is None:
         raise RuntimeError("triton is not importable")
-    batch, heads, dim, kv_heads, page, max_pages = _check(q, k_pages, v_pages, page_table, lengths)
+    batch, heads, dim, kv_heads, page, max_pages = _check(q, k_pages, v_pages, page_table, lengths, k_scales,
+                                                          v_scales)
     if dim < 16 or dim & (dim - 1) or block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"head dim {dim} and block_n {block_n} must be powers of two >= 16")
     if k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1 or page_table.stride(-1) != 1:
@@ -152,13 +178,17 @@ def paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, out=
         part_m = torch.empty(batch * heads, splits, device=q.device, dtype=torch.float32)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(batch * heads, splits, dim, device=q.device, dtype=torch.float32)
+    scaled = k_scales is not None
+    if scaled and (k_scales.stride() != v_scales.stride() or k_scales.stride(-1) != 1):
+        raise ValueError("k_scales and v_scales need the same strides and a contiguous last dim")
+    ks, vs = (k_scales, v_scales) if scaled else (lengths, lengths)  # (unread without scales)
     _paged_decode_kernel[(batch * kv_heads, splits)](
-        q, k_pages, v_pages, page_table, lengths, out, part_m, part_l, part_acc,
+        q, k_pages, v_pages, page_table, lengths, out, part_m, part_l, part_acc, ks, vs,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
         v_pages.stride(0), v_pages.stride(1), v_pages.stride(2), page_table.stride(0), out.stride(0), out.stride(1),
-        kv_heads, splits, LOG2E / math.sqrt(dim),
+        ks.stride(0) if scaled else 0, ks.stride(1) if scaled else 0, kv_heads, splits, LOG2E / math.sqrt(dim),
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), D=dim, PAGE=page, BLOCK_N=block_n,
-        ONE_SPLIT=splits == 1, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ONE_SPLIT=splits == 1, SCALED=scaled, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _combine_kernel[(batch * heads,)](part_m, part_l, part_acc, out, out.stride(0), out.stride(1), heads, splits,
@@ -170,10 +200,11 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, out_ptr, part_m_ptr, part_l_ptr,
-                             part_acc_ptr, stride_qb, stride_qh, stride_kp, stride_kh, stride_kt, stride_vp,
-                             stride_vh, stride_vt, stride_tb, stride_ob, stride_oh, KVH, SPLITS, qk_scale,
-                             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+                             part_acc_ptr, ks_ptr, vs_ptr, stride_qb, stride_qh, stride_kp, stride_kh, stride_kt,
+                             stride_vp, stride_vh, stride_vt, stride_tb, stride_ob, stride_oh, stride_sp, stride_sh,
+                             KVH, SPLITS, qk_scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                             PAGE: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                             SCALED: tl.constexpr, PRECISION: tl.constexpr):
         """One (row, kv head, split): online softmax of the G query heads over this split's chunks."""
         row = tl.program_id(0) // KVH
         kv_head = tl.program_id(0) % KVH
@@ -201,19 +232,27 @@ if triton is not None:
                 slot = (chunk * BLOCK_N) % PAGE + tl.arange(0, BLOCK_N)
                 k_rows = page * stride_kp + slot * stride_kt
                 v_rows = page * stride_vp + slot * stride_vt
+                s_rows = page * stride_sp + slot
             else:  # the chunk may cross pages: a table read per token (cached)
                 page = tl.load(table_row + tokens // PAGE, mask=valid, other=0).to(tl.int64)
                 slot = tokens % PAGE
                 k_rows = page * stride_kp + slot * stride_kt
                 v_rows = page * stride_vp + slot * stride_vt
+                s_rows = page * stride_sp + slot
             k = tl.load(k_ptr + kv_head * stride_kh + k_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + kv_head * stride_vh + v_rows[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if SCALED:
+                scores = scores * tl.load(ks_ptr + kv_head * stride_sh + s_rows, mask=valid, other=0.0)[None, :]
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))  # finite: every chunk in range has a valid token
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(scores - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
+            if SCALED:
+                p = p * tl.load(vs_ptr + kv_head * stride_sh + s_rows, mask=valid, other=0.0)[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
