@@ -5,6 +5,7 @@
 #   bench:   bench/fp8_bench.py with the parts given (kernels 11b cut90b 90b)
 #   serve11: `mllama serve CKPT --quantize fp8` (the bf16 11B written to disk, quantized as it loads), concurrency
 #            64 with 512-token answers and 1 with 128, one 4-tile image per request
+#            (RUNS=... replaces the runs; more arguments go to gpu_serve_bench.py, e.g. --server-flag=...)
 #   serve90: `mllama serve CONFIG --load-format dummy --quantize fp8` (the 90B made on the GPU), concurrency 32
 #            with 512-token answers and 1 with 128
 #   probe:   bench/fp8_probe.py with the parts given (products sweep step)
@@ -34,9 +35,9 @@ bench)
 serve11)
   assets
   python3 bench/gpu_serve_bench.py --assets /tmp/assets --out "$out" --skip-checks --defaults --size 11b \
-    --server-flag=--quantize --server-flag=fp8 --runs 64:512:128 1:128:8 2>&1 | grep -v "^INFO" | tail -40 ;;
+    --server-flag=--quantize --server-flag=fp8 --runs ${RUNS:-64:512:128 1:128:8} "$@" 2>&1 | grep -v "^INFO" | tail -40 ;;
 serve90)
   assets
   python3 bench/gpu_serve_bench.py --assets /tmp/assets --out "$out" --skip-checks --defaults --size 90b --dummy \
-    --server-flag=--quantize --server-flag=fp8 --runs 32:512:64 1:128:8 2>&1 | grep -v "^INFO" | tail -40 ;;
+    --server-flag=--quantize --server-flag=fp8 --runs ${RUNS:-32:512:64 1:128:8} "$@" 2>&1 | grep -v "^INFO" | tail -40 ;;
 esac

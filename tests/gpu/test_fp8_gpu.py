@@ -189,3 +189,18 @@ def test_fp8_against_bf16_over_teacher_forced_steps(tiny_fp8):
     assert error.max() < 0.2  # e4m3 keeps 3 mantissa bits: a few percent per product
     assert agreement >= 0.75
     assert error.mean() > 1e-3  # the layers really are FP8 (an unquantized model would agree to bf16 rounding)
+
+
+def test_fp8_engine_warm_up_keeps_its_compiled_layers_for_every_rows_bucket(tiny_fp8):
+    """The serving engine's warm-up compiles the layer calls for every rows bucket up to --max-batch (FP8's
+    products branch at 16 and 64 rows); a compile that runs out of recompiles would leave every step eager."""
+    from mllama.engine.batch import BatchEngine
+
+    model, _, processor = tiny_fp8
+    engine = BatchEngine(model, processor.tokenizer, max_batch=96, max_model_len=256, use_graphs=True, pages=(64, 64))
+    engine.start()
+    try:
+        assert engine.runner.compile_error is None and engine.runner.calls.compiled
+        assert engine.runner.graphs.failed is None
+    finally:
+        engine.stop()

@@ -81,6 +81,9 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
+RECOMPILE_LIMIT = 64
+
+
 class LayerCalls:
     """How `decode_step` calls a layer: directly, or through torch.compile. Each instance compiles its own code
     (a code object of its own, so its shapes never count against another's recompile limit); a compiler that
@@ -92,6 +95,12 @@ class LayerCalls:
 
         call.__code__ = call.__code__.replace(co_name=name)
         self.name, self.compiled = name, compile
+        if compile:
+            # Each (layer kind, rows range the layers branch on, image or not) is a variant of the one code object:
+            # the FP8 products alone branch at 16 and 64 rows, and the serving engine's 90B passed dynamo's default
+            # of 8 at its warm-up (then every step ran eagerly). The limit is global in torch; raised, never lowered.
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
         self.fn = torch.compile(call, dynamic=dynamic, fullgraph=True) if compile else call
 
     def eager(self) -> None:

@@ -456,8 +456,9 @@ def _write_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, table: torch.Tens
 
 @torch.library.custom_op("mllama::write_fp8_pages", mutates_args=("k_pages", "v_pages", "k_scales", "v_scales"))
 def _write_fp8_pages(k_pages: torch.Tensor, v_pages: torch.Tensor, k_scales: torch.Tensor, v_scales: torch.Tensor,
-                     table: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    write_pages(k_pages, v_pages, table, positions, k, v, k_scales, v_scales)
+                     table: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
+    write_pages(k_pages, v_pages, table, positions, k, v, k_scales, v_scales, quantized=(k_scale, v_scale))
 
 
 class PagedKV:
@@ -474,9 +475,10 @@ class PagedKV:
         positions, table = c.positions[:n], c.self_table[:n]
         if self.k_scales is None:
             _write_pages(self.k_pages, self.v_pages, table, positions, k[:, :, 0], v[:, :, 0])
-        else:
-            _write_fp8_pages(self.k_pages, self.v_pages, self.k_scales, self.v_scales, table, positions, k[:, :, 0],
-                             v[:, :, 0])
+        else:  # quantized here, in the compiled layer (fused with what made k and v), written by the op
+            (kq, ks), (vq, vs) = quantize_rows(k[:, :, 0]), quantize_rows(v[:, :, 0])
+            _write_fp8_pages(self.k_pages, self.v_pages, self.k_scales, self.v_scales, table, positions, kq, vq,
+                             ks[..., 0], vs[..., 0])
         lengths = (positions + 1).to(torch.int32)
         return _paged_attention(q[:, :, 0], self.k_pages, self.v_pages, table, lengths, self.k_scales,
                                 self.v_scales)[:, :, None]

@@ -66,8 +66,8 @@ def _check(q, k_pages, v_pages, page_table, lengths, k_scales=None, v_scales=Non
         raise ValueError(f"expected page_table [B, MAXP] and lengths [B] for B={batch}, got "
                          f"{tuple(page_table.shape)}, {tuple(lengths.shape)}")
     if k_pages.dtype == FP8 and v_pages.dtype == FP8:
-        if k_scales is None or v_scales is None or k_scales.shape != k_pages.shape[:3] or \
-                v_scales.shape != v_pages.shape[:3] or k_scales.dtype != torch.float32 or v_scales.dtype != torch.float32:
+        scales = (k_scales, v_scales)
+        if any(s is None or s.shape != k_pages.shape[:3] or s.dtype != torch.float32 for s in scales):
             raise ValueError(f"FP8 pages need float32 k/v_scales {tuple(k_pages.shape[:3])}, got "
                              f"{None if k_scales is None else (tuple(k_scales.shape), k_scales.dtype)} and "
                              f"{None if v_scales is None else (tuple(v_scales.shape), v_scales.dtype)}")
@@ -112,9 +112,11 @@ def paged_decode_attention_reference(q, k_pages, v_pages, page_table, lengths, k
     return out.to(q.dtype)
 
 
-def write_pages(k_pages, v_pages, page_table, positions, k, v, k_scales=None, v_scales=None) -> None:
+def write_pages(k_pages, v_pages, page_table, positions, k, v, k_scales=None, v_scales=None,
+                quantized=None) -> None:
     """Writes the decode step's new token of each row: k/v [B, KVH, D] go to token index positions[b] of row b
-    (page page_table[b, pos // PAGE], slot pos % PAGE); into FP8 pages quantized per kv head, with their scales.
+    (page page_table[b, pos // PAGE], slot pos % PAGE); into FP8 pages quantized per kv head, with their scales
+    (or, with `quantized` = (k scales, v scales) [B, KVH], k and v are e4m3 already, quantize_rows' values).
     Tensor indexing only: no host reads, graph-safe. Each position must fall in a page the row owns (a -1 entry
     would index the pool's last page)."""
     page = k_pages.shape[2]
@@ -122,13 +124,16 @@ def write_pages(k_pages, v_pages, page_table, positions, k, v, k_scales=None, v_
     rows = torch.arange(positions.shape[0], device=positions.device)
     pages = page_table[rows, positions // page].long()
     slots = positions % page
-    for pool, scales, new in ((k_pages, k_scales, k), (v_pages, v_scales, v)):
+    given = quantized or (None, None)
+    for pool, scales, new, scale in ((k_pages, k_scales, k, given[0]), (v_pages, v_scales, v, given[1])):
         if scales is None:
             pool[pages, :, slots] = new.to(pool.dtype)
-        else:
-            values, scale = quantize_rows(new)
-            pool.view(torch.uint8)[pages, :, slots] = values.view(torch.uint8)  # (as bytes: index_put has no float8)
-            scales[pages, :, slots] = scale[..., 0]
+            continue
+        if scale is None:
+            new, scale = quantize_rows(new)
+            scale = scale[..., 0]
+        pool.view(torch.uint8)[pages, :, slots] = new.view(torch.uint8)  # (as bytes: index_put has no float8)
+        scales[pages, :, slots] = scale
 
 
 _SM_COUNT: dict[int, int] = {}
