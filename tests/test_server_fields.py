@@ -220,3 +220,34 @@ def test_tokenize_and_detokenize(served, tiny_checkpoint):
                               ("/tokenize", {"model": "other", "prompt": "x"}, "model")]:
         r = client.post(path, json=body)
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
+def _complete(client, **fields):
+    body = {"model": MODEL, "prompt": "Say something.", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            **fields}
+    return client.post("/v1/completions", json=body)
+
+
+def test_echo_puts_the_prompt_before_the_answer(served):
+    import json
+
+    client = served[0]
+    plain = _complete(client).json()
+    answer = plain["choices"][0]["text"]
+    assert answer and not answer.startswith("Say something.")
+    for fields in ({"echo": True}, {"echo": True, "prompt": ["Say something."]}):
+        echoed = _complete(client, **fields).json()
+        assert echoed["choices"][0]["text"] == "Say something." + answer
+        assert echoed["usage"] == plain["usage"]
+    assert _complete(client, echo=False).json()["choices"][0]["text"] == answer
+    streamed = _complete(client, echo=True, stream=True)
+    assert streamed.status_code == 200
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    assert chunks[0]["choices"][0]["text"] == "Say something."
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "Say something." + answer
+    r = _complete(client, echo=True, logprobs=1)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+    assert "echo with logprobs is not supported yet" in r.json()["error"]["message"]
+    r = _complete(client, echo="yes")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"

@@ -399,6 +399,7 @@ class Parsed:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: they end the answer as the end token does
+    echo: str = ""  # /v1/completions' echo: the prompt text, put before the answer's
 
 
 # The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
@@ -408,7 +409,7 @@ _FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "
            "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
            "presence_penalty", "frequency_penalty", "stop_token_ids"}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
-_COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of"}
+_COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of", "echo"}
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 NOT_YET = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
@@ -497,6 +498,7 @@ def parse_common(body: dict, chat: bool) -> Parsed:
         logprobs = (top or 0) if want else None
     else:
         logprobs = _int(body, "logprobs", 0, 5)
+    echo = "" if chat else _echo(body, logprobs)
     seed = _int(body, "seed", *SEED_RANGE)
     top_p = _float(body, "top_p", 0.0, 1.0)
     if top_p is not None and top_p <= 0:
@@ -514,7 +516,20 @@ def parse_common(body: dict, chat: bool) -> Parsed:
                   skip_special_tokens=_flag(body, "skip_special_tokens", True), logit_bias=_logit_bias(body),
                   presence_penalty=_float(body, "presence_penalty", -2.0, 2.0) or 0.0,
                   frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0) or 0.0,
-                  stop_token_ids=_token_ids(body, "stop_token_ids"))
+                  stop_token_ids=_token_ids(body, "stop_token_ids"), echo=echo)
+
+
+def _echo(body: dict, logprobs: int | None) -> str:
+    """/v1/completions' echo: the prompt text to put before the answer ("" without echo)."""
+    if not _flag(body, "echo", False):
+        return ""
+    if logprobs is not None:
+        raise RequestError("echo with logprobs is not supported yet (it would need the prompt tokens' logprobs): "
+                           "send one of them", "echo")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:  # one prompt in a list, as completion_inputs takes it
+        prompt = prompt[0]
+    return prompt if isinstance(prompt, str) else ""  # (any other prompt is refused as the prompt is read)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -836,7 +851,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             return StreamingResponse(stream(request, job, events, rid, created, chat, parsed),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await collect(request, job, events, rid, created, chat)
+        return await collect(request, job, events, rid, created, chat, parsed.echo)
 
     def logprob_payload(entries: list[dict], chat: bool, offset: int) -> Any:
         def token_text(i: int) -> str:
@@ -860,7 +875,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 "text_offset": offsets}
 
     async def collect(request: Request, job, events: asyncio.Queue, rid: str, created: int,
-                      chat: bool):
+                      chat: bool, echo: str = ""):
         text, entries = [], []
         done = False
         # A client that goes away must not keep its slot until max_tokens: its disconnect is the next message of
@@ -897,7 +912,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                       "logprobs": logprobs, "finish_reason": ev.finish_reason}
             return {"id": rid, "object": "chat.completion", "created": created, "model": options.model_name,
                     "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": content, "logprobs": logprobs, "finish_reason": ev.finish_reason}
+        choice = {"index": 0, "text": echo + content, "logprobs": logprobs, "finish_reason": ev.finish_reason}
         return {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
                 "choices": [choice], "usage": usage}
 
@@ -941,6 +956,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         try:
             if chat:
                 yield chunk("", None, [], first=True)
+            elif parsed.echo:
+                yield chunk(parsed.echo, None, [])
             while True:
                 ev = _merge_ready(await events.get(), events)
                 if ev.error or ev.finish_reason:
