@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..constraints import Constraint, Grammars
 from ..processing.cross_attention_mask import generated_row
 from ..sampling import SamplingParams, TextDecoder, next_tokens
 from .decode import fuse_projections, text_model_of, unsupported
@@ -142,6 +143,8 @@ class BatchEngine:
         self.ttft = Histogram()
         self.itl = Histogram()
         self.busy = collections.Counter()  # engine-thread seconds: prefill, decode (to logits on the host), emit
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
 
     # -------------------------------------------------------------------------------------------------------
     # Public API (any thread)
@@ -157,8 +160,11 @@ class BatchEngine:
         check_length(prompt_len, max_tokens, self.max_model_len)
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queues a request or raises QueueFull / EngineStopped / RequestTooLong at once."""
+        """Queues a request or raises QueueFull / EngineStopped / RequestTooLong at once (ValueError for a
+        grammar that does not compile)."""
         self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
+        if request.grammar is not None:
+            request.constraint = Constraint(self.grammars(), request.grammar)
         request.images = self.describe_images(request.model_inputs)  # (hashing pixels here, not on the engine)
         self.check_fits(request)
         self.scheduler.submit(request)
@@ -177,6 +183,13 @@ class BatchEngine:
         sched.wake()
         if self.thread is not None:
             self.thread.join(timeout=30)
+
+    def grammars(self) -> Grammars:
+        """llguidance's view of the tokenizer, made at the first constrained request (about 1 s)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.tokenizer, self.model.lm_head.weight.shape[0])
+            return self._grammars
 
     def describe_images(self, inputs: dict) -> list[tuple[str | None, int]]:
         return describe_images(inputs, self.max_images, self.max_tiles, getattr(self.text.config, "compat", "meta"))
@@ -495,7 +508,7 @@ class BatchEngine:
         p = r.params
         return (p.do_sample or p.repetition_penalty != 1.0 or bool(p.bad_words_ids) or p.remove_invalid_values
                 or bool(count < p.min_new_tokens and p.eos_token_id) or bool(p.logit_bias)
-                or bool(p.presence_penalty or p.frequency_penalty))
+                or bool(p.presence_penalty or p.frequency_penalty) or r.constraint is not None)
 
     def _launch(self) -> _Step | None:
         """Queues a decode step for every running request that has a token left to make; returns it, or None."""
@@ -572,7 +585,14 @@ class BatchEngine:
                 seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
                     if p.repetition_penalty != 1.0 or p.bad_words_ids or p.presence_penalty or p.frequency_penalty \
                     else None
-                chosen[row] = int(next_tokens(logits[row:row + 1], seen, r.params, len(r.generated), r.generator)[0])
+                scores = logits[row:row + 1]
+                if r.constraint is not None:  # the grammar's mask first, then the request's own choice
+                    end = self.eos if r.end_tokens is None else r.end_tokens
+                    allowed = r.constraint.allowed(scores.shape[-1], end, scores.device)
+                    scores = scores.masked_fill(~allowed, float("-inf"))
+                chosen[row] = int(next_tokens(scores, seen, r.params, len(r.generated), r.generator)[0])
+                if r.constraint is not None:
+                    r.constraint.accept(chosen[row], end)
             except Exception as e:  # noqa: BLE001 - this request's sampling failed: it ends, the batch goes on
                 self._fail(r, "sampling", e)
         if start is not None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Any, TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # (annotations only: this module and the scheduler import no torch)
     import torch
@@ -48,6 +48,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     skip_special_tokens: bool = True  # in the text sent (the token ids are sent whole)
     end_tokens: tuple[int, ...] | None = None  # the tokens that end it (None: the engine's end tokens)
+    grammar: str | None = None  # what the answer must follow (constraints.Grammars.compile), or None
     # --- engine state (engine thread only, except `cancelled`)
     cancelled: bool = False
     slot: int = -1
@@ -63,6 +64,7 @@ class GenerationRequest:
     pending_ids: list[int] = field(default_factory=list)
     images: list[tuple[str | None, int]] = field(default_factory=list)  # per image: cache key (or None), tiles
     holding: Holding | None = None  # its pages, from admission to its end
+    constraint: Any = None  # constraints.Constraint for `grammar`, made at submit
 
     def cancel(self) -> None:
         # A plain flag: the engine looks at it before every step, so the slot is free by the next one.

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..constraints import GrammarError, Grammars, schema_of
 from ..engine.batch import BatchEngine, sampling_params
 from ..engine.requests import Event, RequestTooLong
 from ..engine.scheduler import EngineStopped, QueueFull
@@ -400,6 +401,7 @@ class Parsed:
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: they end the answer as the end token does
     echo: str = ""  # /v1/completions' echo: the prompt text, put before the answer's
+    response_format: Any = None  # as sent; compiled by constraints.Grammars before the request is submitted
 
 
 # The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
@@ -407,11 +409,11 @@ class Parsed:
 # unless they hold the value that changes nothing (clients send tools [] or response_format text routinely).
 _FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "seed", "temperature", "top_p",
            "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
-           "presence_penalty", "frequency_penalty", "stop_token_ids"}
+           "presence_penalty", "frequency_penalty", "stop_token_ids", "response_format"}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 _COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of", "echo"}
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
-NOT_YET = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+NOT_YET = {"tools": ([],), "tool_choice": ("none",),
            "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
            "echo": (False,),
            "suffix": ("",), "min_p": (0, 0.0)}
@@ -516,7 +518,17 @@ def parse_common(body: dict, chat: bool) -> Parsed:
                   skip_special_tokens=_flag(body, "skip_special_tokens", True), logit_bias=_logit_bias(body),
                   presence_penalty=_float(body, "presence_penalty", -2.0, 2.0) or 0.0,
                   frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0) or 0.0,
-                  stop_token_ids=_token_ids(body, "stop_token_ids"), echo=echo)
+                  stop_token_ids=_token_ids(body, "stop_token_ids"), echo=echo,
+                  response_format=_response_format(body))
+
+
+def _response_format(body: dict) -> Any:
+    """response_format, checked in shape (the schema itself compiles later); None for plain text."""
+    try:
+        schema, _ = schema_of(body.get("response_format"))
+    except GrammarError as e:
+        raise RequestError(str(e), e.param) from None
+    return None if schema is None else body["response_format"]
 
 
 def _echo(body: dict, logprobs: int | None) -> str:
@@ -793,6 +805,28 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         except RequestError as e:
             return error_response(e.message, e.status, e.param, e.code)
 
+    grammars: list = []  # constraints.Grammars, made at the first response_format (about 1 s)
+    grammars_lock = threading.Lock()
+
+    def compile_in_thread(response_format: Any) -> str | None:
+        with grammars_lock:
+            if not grammars:
+                grammars.append(Grammars(tokenizer))
+        try:
+            return grammars[0].compile(response_format)
+        except GrammarError as e:
+            raise RequestError(str(e), e.param) from None
+
+    async def compile_grammar(parsed: Parsed) -> str | None:
+        """The grammar the answer must follow (None: free text); RequestError naming what cannot be."""
+        if parsed.response_format is None:
+            return None
+        if parsed.min_tokens or parsed.ignore_eos:
+            name = "min_tokens" if parsed.min_tokens else "ignore_eos"
+            raise RequestError(f"{name} cannot go with response_format: the answer ends where its schema does",
+                               name)
+        return await asyncio.to_thread(compile_in_thread, parsed.response_format)
+
     async def handle(request: Request, chat: bool):
         arrival = time.monotonic()
         parsed, ids = None, []
@@ -811,6 +845,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 if any(token >= len(tokenizer) for token in tokens):
                     raise RequestError(f"{name} names token {max(tokens)}, past the vocabulary of {len(tokenizer)} "
                                        f"tokens", name)
+            grammar = await compile_grammar(parsed)
             params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p, parsed.top_k,
                                      parsed.repetition_penalty, parsed.min_tokens, parsed.ignore_eos,
                                      parsed.logit_bias, parsed.presence_penalty, parsed.frequency_penalty,
@@ -837,7 +872,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         try:
             job = engine.submit(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
                                 seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
-                                skip_special_tokens=parsed.skip_special_tokens, end_tokens=params.eos_token_id)
+                                skip_special_tokens=parsed.skip_special_tokens, end_tokens=params.eos_token_id,
+                                grammar=grammar)
         except QueueFull as e:
             return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
                                   "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})

@@ -204,7 +204,7 @@ def _engine_main(conn, spec: dict) -> None:
                                         model_inputs=unpack_tensors(fields["model_inputs"]), stop=fields["stop"],
                                         seed=fields["seed"], logprobs=fields["logprobs"], emit=emitter(rid),
                                         skip_special_tokens=fields["skip_special_tokens"],
-                                        end_tokens=fields["end_tokens"])
+                                        end_tokens=fields["end_tokens"], grammar=fields["grammar"])
             requests[rid] = request
             try:
                 if stopper is not None:  # the server sends none after "stop"; were one to come, it would not wait
@@ -316,7 +316,7 @@ class EngineProcess:
 
     def submit(self, *, prompt_ids: list[int], params, model_inputs: dict, stop: tuple[str, ...], seed: int | None,
                logprobs: int | None, emit: Callable[[Event], None], skip_special_tokens: bool = True,
-               end_tokens: tuple[int, ...] | None = None) -> _Handle:
+               end_tokens: tuple[int, ...] | None = None, grammar: str | None = None) -> _Handle:
         """On the event loop. Raises EngineStopped, RequestTooLong or QueueFull at once; `emit` is then called on
         the loop for every event of the request."""
         if self.failed is not None:
@@ -333,7 +333,8 @@ class EngineProcess:
         self.inflight += 1
         self.outgoing.put(("submit", rid, {"prompt_ids": prompt_ids, "params": params, "model_inputs": model_inputs,
                                            "stop": stop, "seed": seed, "logprobs": logprobs,
-                                           "skip_special_tokens": skip_special_tokens, "end_tokens": end_tokens}))
+                                           "skip_special_tokens": skip_special_tokens, "end_tokens": end_tokens,
+                                           "grammar": grammar}))
         return _Handle(self, rid, logprobs)
 
     async def stats(self) -> dict:
@@ -508,12 +509,13 @@ class LocalEngine:
         self.engine.check_length(prompt_len, max_tokens)
 
     def submit(self, *, prompt_ids, params, model_inputs, stop, seed, logprobs, emit,
-               skip_special_tokens: bool = True, end_tokens: tuple[int, ...] | None = None) -> GenerationRequest:
+               skip_special_tokens: bool = True, end_tokens: tuple[int, ...] | None = None,
+               grammar: str | None = None) -> GenerationRequest:
         loop = asyncio.get_running_loop()
         dispatcher = self._dispatchers.setdefault(id(loop), _Dispatcher(loop))
         request = GenerationRequest(prompt_ids=prompt_ids, params=params, model_inputs=unpack_tensors(model_inputs),
                                     stop=stop, seed=seed, logprobs=logprobs, skip_special_tokens=skip_special_tokens,
-                                    end_tokens=end_tokens,
+                                    end_tokens=end_tokens, grammar=grammar,
                                     emit=lambda event: dispatcher.post(emit, event))
         self.engine.submit(request)
         return request
