@@ -155,8 +155,8 @@ def test_fields_without_meaning_here_are_accepted_and_change_nothing(served):
                    response_format={"type": "text"}, parallel_tool_calls=True) == plain
 
 
-@pytest.mark.parametrize("field, value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
-                                          ("min_p", 0.1), ("tool_choice", "required"), ("echo", True)])
+@pytest.mark.parametrize("field, value", [("functions", [{"name": "f"}]), ("min_p", 0.1), ("function_call", "auto"),
+                                          ("echo", True)])
 def test_fields_not_built_yet_are_refused_by_name(served, field, value):
     r = _chat(served[0], **{field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field

@@ -170,7 +170,7 @@ def test_overlong_prompts_refused_before_they_are_rendered_or_tokenized(processo
 
     rendered = []
     real_render = prompts.render_chat
-    monkeypatch.setattr(prompts, "render_chat", lambda p, m: rendered.append(1) or real_render(p, m))
+    monkeypatch.setattr(prompts, "render_chat", lambda p, m, *rest: rendered.append(1) or real_render(p, m, *rest))
     text = "word " * (512 * longest_token(processor.tokenizer) // 5 + 10)  # over 512 tokens' worth at any rate
     for chat, body in ((True, _chat(messages=[{"role": "user", "content": text}])),
                        (False, {"model": MODEL, "prompt": text, "max_tokens": 1})):

@@ -31,7 +31,8 @@ from ..sampling import GREEDY_BELOW_TEMPERATURE
 from .engine_process import EngineProcess, LocalEngine, pack_tensors
 from .image_memory import join_pixels, with_refs
 from .prompts import DecodedImages, ImageOptions, ImagePart, ImageRef, RefsMisplaced, RemoteImagesNeeded, \
-    RequestError, chat_ids, chat_inputs, completion_inputs, fetch_remote, image_inputs, prompt_ids
+    RequestError, chat_ids, chat_inputs, completion_inputs, fetch_remote, image_inputs, prompt_ids, special_texts
+from .tools import Tools, call_schema, calls_of, tools_of
 
 
 # An answer given before the body was read whole ends the connection: the rest of the body is never read, and
@@ -143,8 +144,9 @@ def decode_parts(processor, raw: bytes, chat: bool, model_name: str, images: Ima
     check_model(body, model_name)
     parsed = parse_common(body, chat)
     if chat:
+        parsed.tools = tools_of(body, special_texts(processor.tokenizer))
         ids, parts = chat_inputs(processor, body.get("messages"), images, max_model_len, fetched, pixel_dtype, memo,
-                                 refs)
+                                 refs, parsed.tools.functions if parsed.tools is not None else None)
     else:
         if "prompt" not in body:
             raise RequestError("prompt is required", "prompt")
@@ -402,6 +404,7 @@ class Parsed:
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: they end the answer as the end token does
     echo: str = ""  # /v1/completions' echo: the prompt text, put before the answer's
     response_format: Any = None  # as sent; compiled by constraints.Grammars before the request is submitted
+    tools: Tools | None = None  # chat's tools (server.tools), None without them or with tool_choice "none"
 
 
 # The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
@@ -410,11 +413,11 @@ class Parsed:
 _FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "seed", "temperature", "top_p",
            "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
            "presence_penalty", "frequency_penalty", "stop_token_ids", "response_format"}
-_CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+_CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                          "parallel_tool_calls"}
 _COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of", "echo"}
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
-NOT_YET = {"tools": ([],), "tool_choice": ("none",),
-           "parallel_tool_calls": (True, False), "functions": ([],), "function_call": ("none",),
+NOT_YET = {"functions": ([],), "function_call": ("none",),
            "echo": (False,),
            "suffix": ("",), "min_p": (0, 0.0)}
 
@@ -815,10 +818,19 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         try:
             return grammars[0].compile(response_format)
         except GrammarError as e:
-            raise RequestError(str(e), e.param) from None
+            tool = response_format.get("json_schema", {}).get("name") == "tool_call"
+            raise RequestError(str(e).replace("response_format.json_schema.schema", "the tools' parameters")
+                               if tool else str(e), "tools" if tool else e.param) from None
 
     async def compile_grammar(parsed: Parsed) -> str | None:
         """The grammar the answer must follow (None: free text); RequestError naming what cannot be."""
+        calls = call_schema(parsed.tools) if parsed.tools is not None else None
+        if calls is not None:
+            if parsed.response_format is not None:
+                raise RequestError("response_format cannot go with tool_choice \"required\" or a named function: "
+                                   "the answer is the call", "response_format")
+            parsed = Parsed(**{**parsed.__dict__, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "tool_call", "schema": calls}}})
         if parsed.response_format is None:
             return None
         if parsed.min_tokens or parsed.ignore_eos:
@@ -887,7 +899,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             return StreamingResponse(stream(request, job, events, rid, created, chat, parsed),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await collect(request, job, events, rid, created, chat, parsed.echo)
+        return await collect(request, job, events, rid, created, chat, parsed)
 
     def logprob_payload(entries: list[dict], chat: bool, offset: int) -> Any:
         def token_text(i: int) -> str:
@@ -911,7 +923,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 "text_offset": offsets}
 
     async def collect(request: Request, job, events: asyncio.Queue, rid: str, created: int,
-                      chat: bool, echo: str = ""):
+                      chat: bool, parsed: Parsed):
         text, entries = [], []
         done = False
         # A client that goes away must not keep its slot until max_tokens: its disconnect is the next message of
@@ -944,11 +956,15 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         if job.logprobs is not None:
             logprobs = {"content": logprob_payload(entries, True, 0)} if chat else logprob_payload(entries, False, 0)
         if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                      "logprobs": logprobs, "finish_reason": ev.finish_reason}
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            finish = ev.finish_reason
+            calls = calls_of(content, parsed.tools) if parsed.tools is not None and finish == "stop" else None
+            if calls:
+                message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": "chat.completion", "created": created, "model": options.model_name,
                     "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": echo + content, "logprobs": logprobs, "finish_reason": ev.finish_reason}
+        choice = {"index": 0, "text": parsed.echo + content, "logprobs": logprobs, "finish_reason": ev.finish_reason}
         return {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
                 "choices": [choice], "usage": usage}
 
@@ -988,6 +1004,16 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 return chunk(text, finish, entries)
             return head + json.dumps(text) + tail
 
+        def call_chunk(calls: list[dict]) -> str:
+            deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+            payload = {"id": rid, "object": kind, "created": created, "model": options.model_name,
+                       "choices": [{"index": 0, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                    "finish_reason": None}]}
+            if parsed.include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload)}\n\n"
+
+        held = _HeldAnswer(parsed.tools, text_chunk, call_chunk) if chat and parsed.tools is not None else None
         finished = False
         try:
             if chat:
@@ -1004,7 +1030,11 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                     yield f"data: {json.dumps(error)}\n\n"
                     finished = True
                     break
-                if ev.text or ev.logprobs or ev.finish_reason:
+                if held is not None:  # tools: the answer may be a call, sent whole once known
+                    held.add(ev)
+                    for piece in held.ready(ev.finish_reason):
+                        yield piece
+                elif ev.text or ev.logprobs or ev.finish_reason:
                     yield text_chunk(ev.text, ev.finish_reason, ev.logprobs)
                     offset += len(ev.text)
                 if ev.finish_reason:
@@ -1021,6 +1051,37 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 job.cancel()
 
     return app
+
+
+class _HeldAnswer:
+    """A streamed chat answer with tools: held until it shows whether it is a call. An answer whose first
+    non-blank character is not "{" streams on as text; one that is goes out whole at its end: as tool_calls
+    deltas and finish_reason "tool_calls" if it is a call (tools.calls_of), else as text. With a required or
+    named call the answer is always held (the grammar makes it a call)."""
+
+    def __init__(self, tools: Tools, text_chunk, call_chunk):
+        self.tools, self.text_chunk, self.call_chunk = tools, text_chunk, call_chunk
+        self.text, self.entries = "", []
+        self.holding: bool | None = True if tools.choice != "auto" else None  # None: not known yet
+
+    def add(self, ev: Event) -> None:
+        self.text += ev.text
+        self.entries.extend(ev.logprobs)
+        if self.holding is None and self.text.strip():
+            self.holding = self.text.lstrip().startswith("{")
+
+    def ready(self, finish: str | None) -> list[str]:
+        """The chunks to send now."""
+        if self.holding is False or (finish and not self.holding):
+            out = [self.text_chunk(self.text, finish, self.entries)] if self.text or self.entries or finish else []
+            self.text, self.entries = "", []
+            return out
+        if not finish:
+            return []
+        calls = calls_of(self.text, self.tools) if finish == "stop" else None
+        if calls:
+            return [self.call_chunk(calls), self.text_chunk("", "tool_calls", [])]
+        return [self.text_chunk(self.text, finish, self.entries)]
 
 
 def render_metrics(stats: dict, http_counts: dict, timings: dict[str, Histogram] | None = None,

@@ -16,6 +16,7 @@ import hashlib
 import http.client
 import io
 import ipaddress
+import json
 import re
 import socket
 import ssl
@@ -339,7 +340,7 @@ def fetch_remote(url: str, param: str, options: ImageOptions) -> bytes:
 # -----------------------------------------------------------------------------------------------------------------
 # Chat messages
 
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 
 
 def parse_messages(messages: Any, options: ImageOptions) -> tuple[list[dict], list[str], list[Any]]:
@@ -365,7 +366,13 @@ def parse_messages(messages: Any, options: ImageOptions) -> tuple[list[dict], li
         role = message.get("role")
         if role not in _ROLES:
             raise RequestError(f"{where}.role must be one of {list(_ROLES)}, got {role!r}", f"{where}.role")
+        if "tool_calls" in message:  # an assistant's call, as tools.template_messages made it (checked there)
+            out.append(message)
+            continue
         content = message.get("content")
+        if role == "tool":  # the template prints a tool's result as a JSON string: the text marked, escaped
+            out.append({"role": role, "content": mark(json.dumps(content, ensure_ascii=False)[1:-1])})
+            continue
         if isinstance(content, str):
             text = content.strip() if role == "system" else content  # the template trims system text
             out.append({"role": role, "content": mark(text)})
@@ -425,6 +432,12 @@ def literal_encoder(tokenizer):
     return encoder
 
 
+def special_texts(tokenizer) -> list[str]:
+    """The special tokens' texts, longest first."""
+    return sorted((t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.special),
+                  key=lambda t: -len(t))
+
+
 def encode_marked(tokenizer, rendered: str, texts: list[str]) -> list[int]:
     """Token ids of a rendered prompt whose user texts are markers: special tokens count only in template text."""
     specials = sorted((t for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.special),
@@ -460,12 +473,12 @@ def encode_marked(tokenizer, rendered: str, texts: list[str]) -> list[int]:
     return ids
 
 
-def render_chat(processor, messages: list[dict]) -> str:
+def render_chat(processor, messages: list[dict], tools: list[dict] | None = None) -> str:
     from ..processing.chat_template import TemplateError, render_chat_template, resolve_template
 
     template = resolve_template(processor.chat_template, None)
     try:
-        return render_chat_template(template, messages, add_generation_prompt=True,
+        return render_chat_template(template, messages, add_generation_prompt=True, tools=tools,
                                     **processor.tokenizer.special_tokens_map)
     except (TemplateError, ValueError) as e:
         raise RequestError(str(e).removeprefix("the chat template failed to render: "), "messages") from None
@@ -631,22 +644,30 @@ def check_text_length(tokenizer, texts: list[str], max_model_len: int | None, pa
 
 def chat_inputs(processor, messages: Any, options: ImageOptions, max_model_len: int | None = None,
                 fetched: dict[str, bytes] | None = None, pixel_dtype: str | None = None,
-                memo: DecodedImages | None = None, refs: dict[str, ImageRef] | None = None
-                ) -> tuple[list[int], list[ImagePart]]:
+                memo: DecodedImages | None = None, refs: dict[str, ImageRef] | None = None,
+                tools: list[dict] | None = None) -> tuple[list[int], list[ImagePart]]:
     """-> the prompt's ids and its images' parts (image_inputs joins them)."""
-    ids, urls = chat_ids(processor, messages, options, max_model_len)
+    ids, urls = chat_ids(processor, messages, options, max_model_len, tools)
     require_fetched(urls, options, fetched)
     check_image_count(processor, ids, len(urls))
     return ids, image_parts(processor, urls, options, fetched, pixel_dtype, memo, refs)
 
 
-def chat_ids(processor, messages: Any, options: ImageOptions, max_model_len: int | None = None
-             ) -> tuple[list[int], list[tuple[Any, str]]]:
+def chat_ids(processor, messages: Any, options: ImageOptions, max_model_len: int | None = None,
+             tools: list[dict] | None = None) -> tuple[list[int], list[tuple[Any, str]]]:
     """Chat messages -> the prompt's ids (the instruct template's, user text kept as text) and the image URLs,
-    not loaded."""
+    not loaded. `tools`: the function definitions the template renders (server.tools)."""
+    from .tools import template_messages
+
+    if isinstance(messages, list):
+        messages = template_messages(messages, special_texts(processor.tokenizer))
     marked, texts, urls = parse_messages(messages, options)
+    if tools and urls:
+        raise RequestError("tools cannot be used together with images: Meta documents that this model's tool "
+                           "calls do not work with images (send the image without tools, or tools without it)",
+                           "tools")
     check_text_length(processor.tokenizer, texts, max_model_len, "messages")
-    rendered = render_chat(processor, marked)
+    rendered = render_chat(processor, marked, tools)
     ids = encode_marked(processor.tokenizer, rendered, texts)
     if processor.bos_token and not rendered.startswith(processor.bos_token):
         bos = processor.tokenizer.convert_tokens_to_ids(processor.bos_token)
