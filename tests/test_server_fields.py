@@ -250,3 +250,25 @@ def test_echo_puts_the_prompt_before_the_answer(served):
     assert "echo with logprobs is not supported yet" in r.json()["error"]["message"]
     r = _complete(client, echo="yes")
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_a_prompt_of_token_ids_is_taken_as_it_is(served):
+    client = served[0]
+    ids = client.post("/tokenize", json={"model": MODEL, "prompt": "Say something."}).json()["tokens"]
+    assert ids[0] == 128000  # the string's ids begin with BOS: the same ids as a list give the same answer
+    text = _complete(client).json()["choices"][0]["text"]
+    for prompt in (ids, [ids]):
+        r = _complete(client, prompt=prompt)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == text, r.text
+        assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    echoed = _complete(client, prompt=ids, echo=True).json()["choices"][0]["text"]
+    tokenizer = client.app.state.engine.engine.tokenizer
+    assert echoed == tokenizer.decode(ids, skip_special_tokens=False) + text
+    assert echoed.endswith("Say something." + text)
+    without_bos = _complete(client, prompt=ids[1:]).json()
+    assert without_bos["usage"]["prompt_tokens"] == len(ids) - 1  # no BOS added to token ids
+    for bad, words in (([1, 2, 10 ** 7], "outside the vocabulary"), ([], "non-empty"), ([1, "a"], "token ids"),
+                       ([True], "token ids")):
+        r = _complete(client, prompt=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (bad, r.text)
+        assert words in r.json()["error"]["message"], r.json()

@@ -152,6 +152,8 @@ def decode_parts(processor, raw: bytes, chat: bool, model_name: str, images: Ima
             raise RequestError("prompt is required", "prompt")
         ids, parts = completion_inputs(processor, body.get("prompt"), body.get("images"), images, max_model_len,
                                        fetched, pixel_dtype, memo, refs)
+        if parsed.echo is None:  # a prompt of token ids echoes their text, special tokens included
+            parsed.echo = processor.tokenizer.decode(ids, skip_special_tokens=False)
     return parsed, ids, parts
 
 
@@ -402,7 +404,7 @@ class Parsed:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: they end the answer as the end token does
-    echo: str = ""  # /v1/completions' echo: the prompt text, put before the answer's
+    echo: str | None = ""  # /v1/completions' echo: the prompt text, put before the answer's
     response_format: Any = None  # as sent; compiled by constraints.Grammars before the request is submitted
     tools: Tools | None = None  # chat's tools (server.tools), None without them or with tool_choice "none"
 
@@ -534,17 +536,18 @@ def _response_format(body: dict) -> Any:
     return None if schema is None else body["response_format"]
 
 
-def _echo(body: dict, logprobs: int | None) -> str:
-    """/v1/completions' echo: the prompt text to put before the answer ("" without echo)."""
+def _echo(body: dict, logprobs: int | None) -> str | None:
+    """/v1/completions' echo: the prompt text to put before the answer ("" without echo, None for a prompt of
+    token ids: their text, decode_parts fills it in)."""
     if not _flag(body, "echo", False):
         return ""
     if logprobs is not None:
         raise RequestError("echo with logprobs is not supported yet (it would need the prompt tokens' logprobs): "
                            "send one of them", "echo")
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:  # one prompt in a list, as completion_inputs takes it
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):  # one prompt in a list
         prompt = prompt[0]
-    return prompt if isinstance(prompt, str) else ""  # (any other prompt is refused as the prompt is read)
+    return prompt if isinstance(prompt, str) else None  # None: token ids, decoded once they are read
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -683,16 +683,33 @@ def prompt_ids(processor, prompt: str, add_special_tokens: bool = True) -> list[
     return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
 
+def token_prompt(tokenizer, prompt: Any) -> list[int] | None:
+    """A prompt given as token ids (a non-empty list of integers), checked against the vocabulary; None if the
+    prompt is not one."""
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                             for t in prompt):
+        return None
+    bad = next((t for t in prompt if not 0 <= t < len(tokenizer)), None)
+    if bad is not None:
+        raise RequestError(f"prompt holds token id {bad}, outside the vocabulary (0..{len(tokenizer) - 1})",
+                           "prompt")
+    return list(prompt)
+
+
 def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions, max_model_len: int | None = None,
                       fetched: dict[str, bytes] | None = None, pixel_dtype: str | None = None,
                       memo: DecodedImages | None = None, refs: dict[str, ImageRef] | None = None
                       ) -> tuple[list[int], list[ImagePart]]:
-    """/v1/completions: a raw prompt whose <|image|> tokens ARE image slots, one per entry of `images`."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    """/v1/completions: a raw prompt whose <|image|> tokens ARE image slots, one per entry of `images`; or a
+    prompt of token ids (taken as they are: no BOS is added), whose image token ids are the slots."""
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise RequestError("prompt must be a non-empty string (one prompt per request)", "prompt")
-    check_text_length(processor.tokenizer, [prompt], max_model_len, "prompt")
+    token_ids = token_prompt(processor.tokenizer, prompt)
+    if token_ids is None and (not isinstance(prompt, str) or not prompt):
+        raise RequestError("prompt must be a non-empty string or a list of token ids (one prompt per request)",
+                           "prompt")
+    if token_ids is None:
+        check_text_length(processor.tokenizer, [prompt], max_model_len, "prompt")
     if images is None:
         images = []
     if not isinstance(images, list):
@@ -700,12 +717,13 @@ def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions
     if len(images) > options.max_images:
         raise RequestError(f"images has {len(images)} entries; this server accepts at most {options.max_images} "
                            f"per request (--max-images-per-request)", "images")
-    count = prompt.count(processor.image_token)
+    image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    count = prompt.count(processor.image_token) if token_ids is None else token_ids.count(image_id)
     if count != len(images):
         raise RequestError(f"the prompt has {count} {processor.image_token} tokens but {len(images)} images were "
                            f"sent in 'images'; send one image per {processor.image_token}", "images")
     require_fetched([(url, f"images[{i}]") for i, url in enumerate(images)], options, fetched)
-    ids = prompt_ids(processor, prompt)
+    ids = prompt_ids(processor, prompt) if token_ids is None else token_ids
     urls = [(url, f"images[{i}]") for i, url in enumerate(images)]
     check_image_count(processor, ids, len(urls))
     return ids, image_parts(processor, urls, options, fetched, pixel_dtype, memo, refs)
