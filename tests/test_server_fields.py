@@ -272,3 +272,34 @@ def test_a_prompt_of_token_ids_is_taken_as_it_is(served):
         r = _complete(client, prompt=bad)
         assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (bad, r.text)
         assert words in r.json()["error"]["message"], r.json()
+
+
+def test_a_list_of_prompts_gives_a_choice_each(served):
+    import json
+
+    client = served[0]
+    prompts = ["Say something.", "Tell me more about it", "Hello there"]
+    ids = client.post("/tokenize", json={"model": MODEL, "prompt": prompts[2]}).json()["tokens"]
+    alone = [_complete(client, prompt=p).json() for p in prompts]
+    body = _complete(client, prompt=[prompts[0], prompts[1], ids]).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == [a["choices"][0]["text"] for a in alone]
+    assert body["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert body["usage"]["completion_tokens"] == sum(a["usage"]["completion_tokens"] for a in alone)
+    echoed = _complete(client, prompt=prompts[:2], echo=True).json()
+    want = [p + a["choices"][0]["text"] for p, a in zip(prompts[:2], alone)]
+    assert [c["text"] for c in echoed["choices"]] == want
+    streamed = _complete(client, prompt=prompts, stream=True, stream_options={"include_usage": True})
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    texts, finishes = ["", "", ""], [None] * 3
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+        finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
+    assert texts == [a["choices"][0]["text"] for a in alone] and finishes == ["length"] * 3
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == body["usage"]
+    r = _complete(client, prompt=prompts, images=["data:image/png;base64,AAAA"])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "images"
+    r = _complete(client, prompt=["fine", ""])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"

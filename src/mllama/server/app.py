@@ -31,7 +31,8 @@ from ..sampling import GREEDY_BELOW_TEMPERATURE
 from .engine_process import EngineProcess, LocalEngine, pack_tensors
 from .image_memory import join_pixels, with_refs
 from .prompts import DecodedImages, ImageOptions, ImagePart, ImageRef, RefsMisplaced, RemoteImagesNeeded, \
-    RequestError, chat_ids, chat_inputs, completion_inputs, fetch_remote, image_inputs, prompt_ids, special_texts
+    RequestError, chat_ids, chat_inputs, completion_inputs, fetch_remote, image_inputs, prompt_ids, prompt_list, \
+    special_texts
 from .tools import Tools, call_schema, calls_of, tools_of
 
 
@@ -150,6 +151,16 @@ def decode_parts(processor, raw: bytes, chat: bool, model_name: str, images: Ima
     else:
         if "prompt" not in body:
             raise RequestError("prompt is required", "prompt")
+        many = prompt_list(processor, body.get("prompt"), max_model_len)
+        if many is not None:  # several prompts: one choice each, no images
+            if body.get("images"):
+                raise RequestError("images go with a single prompt: send a list of prompts without images",
+                                   "images")
+            parsed.prompts = many
+            if parsed.echo is None:
+                parsed.echoes = [p if isinstance(p, str) else processor.tokenizer.decode(i, skip_special_tokens=False)
+                                 for p, i in zip(body["prompt"], many)]
+            return parsed, many[0], []
         ids, parts = completion_inputs(processor, body.get("prompt"), body.get("images"), images, max_model_len,
                                        fetched, pixel_dtype, memo, refs)
         if parsed.echo is None:  # a prompt of token ids echoes their text, special tokens included
@@ -407,6 +418,8 @@ class Parsed:
     echo: str | None = ""  # /v1/completions' echo: the prompt text, put before the answer's
     response_format: Any = None  # as sent; compiled by constraints.Grammars before the request is submitted
     tools: Tools | None = None  # chat's tools (server.tools), None without them or with tool_choice "none"
+    prompts: list | None = None  # /v1/completions with several prompts: each one's ids (one choice each)
+    echoes: list | None = None  # and, with echo, each one's text
 
 
 # The request fields each endpoint reads (parse_common, decode_parts); IGNORED_FIELDS carry no meaning for this
@@ -849,9 +862,11 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             parsed, ids, inputs = await decode(await request.body(), chat)
             timings["decode"].observe(time.monotonic() - arrival)
             max_tokens = parsed.max_tokens
+            longest = max(len(p) for p in parsed.prompts) if parsed.prompts else len(ids)
             if max_tokens is None:
-                max_tokens = options.default_max_tokens or max(1, engine.max_model_len - len(ids))
-            engine.check_length(len(ids), max_tokens)
+                max_tokens = options.default_max_tokens or max(1, engine.max_model_len - longest)
+            for prompt in parsed.prompts or [ids]:
+                engine.check_length(len(prompt), max_tokens)
             if parsed.min_tokens > max_tokens:
                 raise RequestError(f"min_tokens ({parsed.min_tokens}) must not exceed max_tokens ({max_tokens})",
                                    "min_tokens")
@@ -874,6 +889,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                                   "context_length_exceeded")
         except ValueError as e:
             return error_response(str(e), 400, None, None)
+        if parsed.prompts is not None:
+            return await handle_many(request, parsed, params, grammar, arrival)
 
         events: asyncio.Queue[Event] = asyncio.Queue()
         first = [True]
@@ -889,13 +906,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                                 seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
                                 skip_special_tokens=parsed.skip_special_tokens, end_tokens=params.eos_token_id,
                                 grammar=grammar)
-        except QueueFull as e:
-            return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
-                                  "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})
-        except EngineStopped as e:
-            return error_response(str(e), 503, None, "shutting_down", "server_error")
-        except RequestTooLong as e:
-            return error_response(str(e), 400, "max_tokens", "context_length_exceeded")
+        except (QueueFull, EngineStopped, RequestTooLong) as e:
+            return submit_refusal(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         if parsed.stream:
@@ -903,6 +915,116 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return await collect(request, job, events, rid, created, chat, parsed)
+
+    def submit_refusal(e: Exception) -> JSONResponse:
+        if isinstance(e, QueueFull):
+            return error_response(f"the server is busy: {e}; retry later", 429, None, "queue_full",
+                                  "rate_limit_exceeded", headers={"Retry-After": str(options.retry_after)})
+        if isinstance(e, EngineStopped):
+            return error_response(str(e), 503, None, "shutting_down", "server_error")
+        return error_response(str(e), 400, "max_tokens", "context_length_exceeded")
+
+    async def handle_many(request: Request, parsed: Parsed, params, grammar: str | None, arrival: float):
+        """/v1/completions with several prompts: one engine request each (taken together or refused together),
+        one choice each, in prompt order; their events come tagged with the prompt's index."""
+        queue: asyncio.Queue = asyncio.Queue()
+        group = _Jobs()
+        first = [True]
+
+        def emitter(index: int):
+            def emit(event: Event) -> None:  # on the event loop
+                if first[0]:
+                    first[0] = False
+                    timings["ttft"].observe(time.monotonic() - arrival)
+                queue.put_nowait((index, event))
+            return emit
+
+        try:
+            for index, prompt in enumerate(parsed.prompts):
+                group.jobs.append(engine.submit(prompt_ids=prompt, params=params, model_inputs={}, stop=parsed.stop,
+                                                seed=parsed.seed, logprobs=parsed.logprobs, emit=emitter(index),
+                                                skip_special_tokens=parsed.skip_special_tokens,
+                                                end_tokens=params.eos_token_id, grammar=grammar))
+        except (QueueFull, EngineStopped, RequestTooLong) as e:
+            group.cancel()
+            return submit_refusal(e)
+        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+        if parsed.stream:
+            return StreamingResponse(stream_many(group, queue, rid, created, parsed), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await collect_many(request, group, queue, rid, created, parsed)
+
+    async def collect_many(request: Request, group: "_Jobs", queue: asyncio.Queue, rid: str, created: int,
+                           parsed: Parsed):
+        count = len(parsed.prompts)
+        texts, entries, finals = [[] for _ in range(count)], [[] for _ in range(count)], [None] * count
+        watcher = asyncio.ensure_future(_disconnected(request, group, queue))
+        done = False
+        try:
+            while any(final is None for final in finals):
+                item = await queue.get()
+                if item is None:  # the client left: every job is cancelled
+                    return error_response("client disconnected", 499, None, "client_closed")
+                index, ev = item
+                if ev.error:  # the others are cancelled below
+                    return error_response(f"generation failed: {ev.error}", 500, None, None, "server_error")
+                texts[index].append(ev.text)
+                entries[index].extend(ev.logprobs)
+                if ev.finish_reason:
+                    finals[index] = ev
+            done = True
+        finally:
+            watcher.cancel()
+            if not done:
+                group.cancel()
+        usage = _usage(finals)
+        request.state.usage = (usage["prompt_tokens"], usage["completion_tokens"])
+        choices = [{"index": i, "text": (parsed.echoes[i] if parsed.echoes else "") + "".join(texts[i]),
+                    "logprobs": logprob_payload(entries[i], False, 0) if parsed.logprobs is not None else None,
+                    "finish_reason": ev.finish_reason} for i, ev in enumerate(finals)]
+        return {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
+                "choices": choices, "usage": usage}
+
+    async def stream_many(group: "_Jobs", queue: asyncio.Queue, rid: str, created: int, parsed: Parsed):
+        count = len(parsed.prompts)
+        offsets, finals = [0] * count, [None] * count
+
+        def piece(index: int, text: str, finish: str | None, entries: list) -> str:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+            if parsed.logprobs is not None and entries:
+                choice["logprobs"] = logprob_payload(entries, False, offsets[index])
+            payload = {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
+                       "choices": [choice]}
+            if parsed.include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload)}\n\n"
+
+        finished = False
+        try:
+            for index, echo in enumerate(parsed.echoes or []):
+                yield piece(index, echo, None, [])
+            while any(final is None for final in finals):
+                index, ev = await queue.get()
+                if ev.error:
+                    error = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                       "param": None, "code": None}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    break
+                if ev.text or ev.logprobs or ev.finish_reason:
+                    yield piece(index, ev.text, ev.finish_reason, ev.logprobs)
+                    offsets[index] += len(ev.text)
+                if ev.finish_reason:
+                    finals[index] = ev
+            else:
+                finished = True
+                if parsed.include_usage:
+                    usage = {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
+                             "choices": [], "usage": _usage(finals)}
+                    yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # an error, or the client left: the other prompts' requests end too
+                group.cancel()
 
     def logprob_payload(entries: list[dict], chat: bool, offset: int) -> Any:
         def token_text(i: int) -> str:
@@ -1054,6 +1176,23 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 job.cancel()
 
     return app
+
+
+class _Jobs:
+    """The engine requests of one HTTP request with several prompts: cancelled together."""
+
+    def __init__(self):
+        self.jobs: list = []
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
+
+
+def _usage(finals: list[Event]) -> dict:
+    prompt = sum(ev.prompt_tokens for ev in finals)
+    completion = sum(ev.completion_tokens for ev in finals)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class _HeldAnswer:

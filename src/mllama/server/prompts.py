@@ -696,6 +696,27 @@ def token_prompt(tokenizer, prompt: Any) -> list[int] | None:
     return list(prompt)
 
 
+MAX_PROMPTS = 128  # prompts in one /v1/completions request
+
+
+def prompt_list(processor, prompt: Any, max_model_len: int | None = None) -> list[list[int]] | None:
+    """A list of two or more prompts (strings or lists of token ids) -> their ids; None for a single prompt."""
+    if not isinstance(prompt, list) or len(prompt) < 2 or token_prompt(processor.tokenizer, prompt) is not None:
+        return None
+    if len(prompt) > MAX_PROMPTS:
+        raise RequestError(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} per request", "prompt")
+    out = []
+    for i, one in enumerate(prompt):
+        ids = token_prompt(processor.tokenizer, one) if isinstance(one, list) else None
+        if ids is None:
+            if not isinstance(one, str) or not one:
+                raise RequestError(f"prompt[{i}] must be a non-empty string or a list of token ids", f"prompt[{i}]")
+            check_text_length(processor.tokenizer, [one], max_model_len, f"prompt[{i}]")
+            ids = prompt_ids(processor, one)
+        out.append(ids)
+    return out
+
+
 def completion_inputs(processor, prompt: Any, images: Any, options: ImageOptions, max_model_len: int | None = None,
                       fetched: dict[str, bytes] | None = None, pixel_dtype: str | None = None,
                       memo: DecodedImages | None = None, refs: dict[str, ImageRef] | None = None
