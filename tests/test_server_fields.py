@@ -267,10 +267,10 @@ def test_a_prompt_of_token_ids_is_taken_as_it_is(served):
     assert echoed.endswith("Say something." + text)
     without_bos = _complete(client, prompt=ids[1:]).json()
     assert without_bos["usage"]["prompt_tokens"] == len(ids) - 1  # no BOS added to token ids
-    for bad, words in (([1, 2, 10 ** 7], "outside the vocabulary"), ([], "non-empty"), ([1, "a"], "token ids"),
-                       ([True], "token ids")):
+    for bad, param, words in (([1, 2, 10 ** 7], "prompt", "outside the vocabulary"), ([], "prompt", "non-empty"),
+                              ([1, "a"], "prompt[0]", "token ids"), ([True], "prompt", "token ids")):
         r = _complete(client, prompt=bad)
-        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (bad, r.text)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
         assert words in r.json()["error"]["message"], r.json()
 
 
