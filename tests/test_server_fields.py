@@ -303,3 +303,32 @@ def test_a_list_of_prompts_gives_a_choice_each(served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "images"
     r = _complete(client, prompt=["fine", ""])
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"
+
+
+def test_n_choices_per_prompt(served):
+    import json
+
+    client = served[0]
+    greedy = _answer(client, ignore_eos=True)[0]
+    body = _chat(client, n=3, ignore_eos=True).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert all(c["message"]["content"] == greedy for c in body["choices"])  # greedy: three times the same
+    assert body["usage"]["completion_tokens"] == 18 and body["usage"]["prompt_tokens"] == 3 * len(served[2][0])
+    sampled = _chat(client, n=4, ignore_eos=True, temperature=1.0, seed=7).json()["choices"]
+    texts = [c["message"]["content"] for c in sampled]
+    assert len(set(texts)) > 1  # each choice samples on its own (seed + its index)
+    again = _chat(client, n=4, ignore_eos=True, temperature=1.0, seed=7).json()["choices"]
+    assert [c["message"]["content"] for c in again] == texts  # and reproducibly
+    first = _chat(client, ignore_eos=True, temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]
+    assert texts[0] == first
+    streamed = _chat(client, n=2, ignore_eos=True, stream=True)
+    parts = ["", ""]
+    for line in streamed.text.splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            for choice in json.loads(line[6:])["choices"]:
+                parts[choice["index"]] += choice["delta"].get("content") or ""
+    assert parts == [greedy, greedy]
+    listed = client.post("/v1/completions", json={"model": MODEL, "prompt": ["Say something.", "Hello"], "n": 2,
+                                                  "max_tokens": 6, "temperature": 0, "ignore_eos": True}).json()
+    alone = [_complete(client, prompt=p).json()["choices"][0]["text"] for p in ("Say something.", "Hello")]
+    assert [c["text"] for c in listed["choices"]] == [alone[0], alone[0], alone[1], alone[1]]

@@ -383,6 +383,8 @@ def _stop(body: dict) -> tuple[str, ...]:
 
 MAX_STOP_CHARS = 1000
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what a torch.Generator takes
+SEED_SPAN = SEED_RANGE[1] - SEED_RANGE[0] + 1
+MAX_CHOICES = 128  # n
 # The smallest positive float32: the sampler computes in float32, where a smaller positive temperature is 0.
 SMALLEST_TEMPERATURE = 1.4e-45
 
@@ -418,7 +420,8 @@ class Parsed:
     echo: str | None = ""  # /v1/completions' echo: the prompt text, put before the answer's
     response_format: Any = None  # as sent; compiled by constraints.Grammars before the request is submitted
     tools: Tools | None = None  # chat's tools (server.tools), None without them or with tool_choice "none"
-    prompts: list | None = None  # /v1/completions with several prompts: each one's ids (one choice each)
+    n: int = 1  # choices per prompt
+    prompts: list | None = None  # /v1/completions with several prompts: each one's ids (n choices each)
     echoes: list | None = None  # and, with echo, each one's text
 
 
@@ -490,9 +493,9 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
 
 def parse_common(body: dict, chat: bool) -> Parsed:
     check_fields(body, chat)
-    n = _int(body, "n", 1, None, 1)
-    if n != 1:
-        raise RequestError(f"n must be 1 (this server returns one choice per request), got {n}", "n")
+    n = _int(body, "n", 1, MAX_CHOICES, 1)
+    if n > 1 and chat and body.get("tools") and body.get("stream"):
+        raise RequestError("n above 1 with tools cannot be streamed yet: send stream false, or n 1", "n")
     if body.get("best_of") not in (None, 1):
         raise RequestError("best_of must be 1", "best_of")
     max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
@@ -536,7 +539,7 @@ def parse_common(body: dict, chat: bool) -> Parsed:
                   skip_special_tokens=_flag(body, "skip_special_tokens", True), logit_bias=_logit_bias(body),
                   presence_penalty=_float(body, "presence_penalty", -2.0, 2.0) or 0.0,
                   frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0) or 0.0,
-                  stop_token_ids=_token_ids(body, "stop_token_ids"), echo=echo,
+                  stop_token_ids=_token_ids(body, "stop_token_ids"), echo=echo, n=n,
                   response_format=_response_format(body))
 
 
@@ -889,8 +892,8 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                                   "context_length_exceeded")
         except ValueError as e:
             return error_response(str(e), 400, None, None)
-        if parsed.prompts is not None:
-            return await handle_many(request, parsed, params, grammar, arrival)
+        if parsed.prompts is not None or parsed.n > 1:
+            return await handle_many(request, chat, parsed, ids, inputs, params, grammar, arrival)
 
         events: asyncio.Queue[Event] = asyncio.Queue()
         first = [True]
@@ -924,9 +927,11 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             return error_response(str(e), 503, None, "shutting_down", "server_error")
         return error_response(str(e), 400, "max_tokens", "context_length_exceeded")
 
-    async def handle_many(request: Request, parsed: Parsed, params, grammar: str | None, arrival: float):
-        """/v1/completions with several prompts: one engine request each (taken together or refused together),
-        one choice each, in prompt order; their events come tagged with the prompt's index."""
+    async def handle_many(request: Request, chat: bool, parsed: Parsed, ids: list[int], inputs: dict, params,
+                          grammar: str | None, arrival: float):
+        """Several choices: n per prompt, and on /v1/completions one prompt or several. One engine request per
+        choice (submitted together, refused together), the choices indexed prompt by prompt, n each; with a
+        seed, choice j of a prompt samples with seed + j. Their events come tagged with the choice's index."""
         queue: asyncio.Queue = asyncio.Queue()
         group = _Jobs()
         first = [True]
@@ -939,24 +944,30 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 queue.put_nowait((index, event))
             return emit
 
+        prompts = parsed.prompts or [ids]
+        echoes = parsed.echoes or [parsed.echo or ""] * len(prompts)
+        wanted = [(prompt, echo, j) for prompt, echo in zip(prompts, echoes) for j in range(parsed.n)]
         try:
-            for index, prompt in enumerate(parsed.prompts):
-                group.jobs.append(engine.submit(prompt_ids=prompt, params=params, model_inputs={}, stop=parsed.stop,
-                                                seed=parsed.seed, logprobs=parsed.logprobs, emit=emitter(index),
+            for index, (prompt, _, j) in enumerate(wanted):
+                seed = None if parsed.seed is None else (parsed.seed + j - SEED_RANGE[0]) % SEED_SPAN + SEED_RANGE[0]
+                group.jobs.append(engine.submit(prompt_ids=prompt, params=params, stop=parsed.stop, seed=seed,
+                                                model_inputs=inputs if parsed.prompts is None else {},
+                                                logprobs=parsed.logprobs, emit=emitter(index),
                                                 skip_special_tokens=parsed.skip_special_tokens,
                                                 end_tokens=params.eos_token_id, grammar=grammar))
         except (QueueFull, EngineStopped, RequestTooLong) as e:
             group.cancel()
             return submit_refusal(e)
-        rid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+        rid, created = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time())
+        echoes = [echo for _, echo, _ in wanted]
         if parsed.stream:
-            return StreamingResponse(stream_many(group, queue, rid, created, parsed), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await collect_many(request, group, queue, rid, created, parsed)
+            return StreamingResponse(stream_many(group, queue, rid, created, chat, parsed, echoes),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await collect_many(request, group, queue, rid, created, chat, parsed, echoes)
 
     async def collect_many(request: Request, group: "_Jobs", queue: asyncio.Queue, rid: str, created: int,
-                           parsed: Parsed):
-        count = len(parsed.prompts)
+                           chat: bool, parsed: Parsed, echoes: list[str]):
+        count = len(echoes)
         texts, entries, finals = [[] for _ in range(count)], [[] for _ in range(count)], [None] * count
         watcher = asyncio.ensure_future(_disconnected(request, group, queue))
         done = False
@@ -979,21 +990,39 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 group.cancel()
         usage = _usage(finals)
         request.state.usage = (usage["prompt_tokens"], usage["completion_tokens"])
-        choices = [{"index": i, "text": (parsed.echoes[i] if parsed.echoes else "") + "".join(texts[i]),
-                    "logprobs": logprob_payload(entries[i], False, 0) if parsed.logprobs is not None else None,
-                    "finish_reason": ev.finish_reason} for i, ev in enumerate(finals)]
-        return {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
-                "choices": choices, "usage": usage}
+        choices = []
+        for i, ev in enumerate(finals):
+            text = echoes[i] + "".join(texts[i])
+            logprobs = None if parsed.logprobs is None else \
+                {"content": logprob_payload(entries[i], True, 0)} if chat else logprob_payload(entries[i], False, 0)
+            if not chat:
+                choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": ev.finish_reason})
+                continue
+            message, finish = {"role": "assistant", "content": text}, ev.finish_reason
+            calls = calls_of(text, parsed.tools) if parsed.tools is not None and finish == "stop" else None
+            if calls:
+                message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": options.model_name, "choices": choices, "usage": usage}
 
-    async def stream_many(group: "_Jobs", queue: asyncio.Queue, rid: str, created: int, parsed: Parsed):
-        count = len(parsed.prompts)
+    async def stream_many(group: "_Jobs", queue: asyncio.Queue, rid: str, created: int, chat: bool,
+                          parsed: Parsed, echoes: list[str]):
+        count = len(echoes)
         offsets, finals = [0] * count, [None] * count
+        kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def piece(index: int, text: str, finish: str | None, entries: list) -> str:
-            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-            if parsed.logprobs is not None and entries:
-                choice["logprobs"] = logprob_payload(entries, False, offsets[index])
-            payload = {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
+        def piece(index: int, text: str | None, finish: str | None, entries: list) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                if parsed.logprobs is not None and entries:
+                    choice["logprobs"] = {"content": logprob_payload(entries, True, 0)}
+            else:
+                choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+                if parsed.logprobs is not None and entries:
+                    choice["logprobs"] = logprob_payload(entries, False, offsets[index])
+            payload = {"id": rid, "object": kind, "created": created, "model": options.model_name,
                        "choices": [choice]}
             if parsed.include_usage:
                 payload["usage"] = None
@@ -1001,8 +1030,9 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
 
         finished = False
         try:
-            for index, echo in enumerate(parsed.echoes or []):
-                yield piece(index, echo, None, [])
+            for index, echo in enumerate(echoes):
+                if chat or echo:
+                    yield piece(index, None if chat else echo, None, [])
             while any(final is None for final in finals):
                 index, ev = await queue.get()
                 if ev.error:
@@ -1018,12 +1048,12 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             else:
                 finished = True
                 if parsed.include_usage:
-                    usage = {"id": rid, "object": "text_completion", "created": created, "model": options.model_name,
+                    usage = {"id": rid, "object": kind, "created": created, "model": options.model_name,
                              "choices": [], "usage": _usage(finals)}
                     yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # an error, or the client left: the other prompts' requests end too
+            if not finished:  # an error, or the client left: the other choices' requests end too
                 group.cancel()
 
     def logprob_payload(entries: list[dict], chat: bool, offset: int) -> Any:
