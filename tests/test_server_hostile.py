@@ -158,7 +158,7 @@ def _hostile(url: str) -> list[tuple[str, str, bytes, set[int]]]:
         ("POST", chat, dump(_chat([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}])), {400}),
         ("POST", chat, dump(_chat([{"type": "image_url", "image_url": {"url": url}}] * 9)), {400}),
         ("POST", chat, dump(_chat("hi", model="gpt-4")), {404}),
-        ("POST", chat, dump(_chat("hi", n=3)), {400}),
+        ("POST", chat, dump(_chat("hi", n=500)), {400}),
         ("POST", chat, dump(_chat("hi", max_tokens=10 ** 30)), {400}),
         ("POST", chat, dump(_chat("hi", stop="s" * 5000)), {400}),
         ("POST", chat, dump({"model": MODEL, "messages": [{}] * 50_000}), {400}),
