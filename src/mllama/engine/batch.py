@@ -95,7 +95,7 @@ class BatchEngine:
         use_graphs = device.type == "cuda" if use_graphs is None else use_graphs
         # The fused q|k|v and gate|up matrices first: they replace the loaded weights, whose freed blocks stay with
         # the allocator, mostly in segments it cannot give back; the pools are then sized from what the driver
-        # still has (the 90B's fusion alone left 21 GiB so, and sized before it, the pools ran out of memory).
+        # still has (the 90B's fusion alone left 23 GiB so, and sized before it, the pools ran out of memory).
         fuse_projections(model)
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..modeling.cache import kv_bytes_per_token
 from ..quantization import FP8, quantize_rows
 from .paged_attention import paged_decode_attention, write_pages
 from .requests import RequestTooLong
@@ -51,24 +52,20 @@ def _pools(layers: list[int], shape: tuple, dtype, device, fp8: bool) -> tuple[d
     return make(shape, FP8), make(shape, FP8), make(shape[:-1], torch.float32), make(shape[:-1], torch.float32)
 
 
-def _quantized(part: torch.Tensor, fp8: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """K or V to store: as it is, or e4m3 values with their float32 scale per token and head ([..., tokens])."""
-    if not fp8:
-        return part, None
+def _store(pool: torch.Tensor, scales: torch.Tensor | None, index: torch.Tensor, part: torch.Tensor) -> None:
+    """pool[index] = part, quantized per token and head (its scales into `scales`) when the pool is FP8; FP8 as
+    bytes (torch has no index_copy_ for float8 types)."""
+    if scales is None:
+        pool.index_copy_(0, index, part)
+        return
     values, scale = quantize_rows(part)
-    return values, scale[..., 0]
+    pool.view(torch.uint8).index_copy_(0, index, values.view(torch.uint8))
+    scales.index_copy_(0, index, scale[..., 0])
 
 
 def _read(pool: torch.Tensor, scales: torch.Tensor | None, dtype) -> torch.Tensor:
     """Pool entries back in `dtype`, dequantized if stored in FP8."""
     return pool.to(dtype) if scales is None else (pool.float() * scales[..., None]).to(dtype)
-
-
-def _copy_pages(pool: torch.Tensor, index: torch.Tensor, part: torch.Tensor) -> None:
-    """pool[index] = part; FP8 as bytes (torch has no index_copy_ for float8 types)."""
-    if pool.dtype == FP8:
-        pool, part = pool.view(torch.uint8), part.view(torch.uint8)
-    pool.index_copy_(0, index, part)
 
 
 def _pages(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -341,10 +338,7 @@ class PagedCaches:
                 part = source[row, :, start:start + length]
                 if padded > length:
                     part = torch.nn.functional.pad(part, (0, 0, 0, padded - length))
-                part, scale = _quantized(part.reshape(part.shape[0], count, PAGE_TOKENS, -1).transpose(0, 1), self.fp8)
-                _copy_pages(pool, index, part)
-                if scale is not None:
-                    scales.index_copy_(0, index, scale)
+                _store(pool, scales, index, part.reshape(part.shape[0], count, PAGE_TOKENS, -1).transpose(0, 1))
 
     def store_tiles(self, pages: list[int], keys: dict, values: dict, row: int, tiles: list[int]) -> None:
         """Copies the vision K/V of tiles `tiles` (indices along the prefill cache's tile axis) of `row` into
@@ -356,10 +350,7 @@ class PagedCaches:
                                          (self.cv[i], self.cvs.get(i), values[i])):
                 kv, _, hd = source.shape[1:]
                 per_tile = source[row].reshape(kv, -1, self.tile_tokens, hd).index_select(1, source_tiles)
-                part, scale = _quantized(per_tile.transpose(0, 1), self.fp8)
-                _copy_pages(pool, index, part)
-                if scale is not None:
-                    scales.index_copy_(0, index, scale)
+                _store(pool, scales, index, per_tile.transpose(0, 1))
 
     def prompt_keys(self, pages: list[int], length: int) -> dict:
         """Self-attention keys of tokens 0..length-1 stored in `pages`, per layer [kv_heads, length, head_dim]
@@ -392,9 +383,8 @@ class PoolPlan:
 def page_bytes(text_config, tile_tokens: int, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> tuple[int, int]:
     """Bytes of one self-attention page (all self layers) and of one tile page (all cross layers), scales
     included."""
-    per_head = text_config.head_dim * (1 if kv_cache_dtype == "fp8" else dtype.itemsize) + \
-        (4 if kv_cache_dtype == "fp8" else 0)
-    per_token_layer = 2 * text_config.num_key_value_heads * per_head
+    per_token_layer = kv_bytes_per_token(text_config, dtype) if kv_cache_dtype != "fp8" else \
+        kv_bytes_per_token(text_config, FP8) + 2 * text_config.num_key_value_heads * 4  # + a float32 scale each
     cross = len(set(text_config.cross_attention_layers))
     return ((text_config.num_hidden_layers - cross) * PAGE_TOKENS * per_token_layer,
             cross * tile_tokens * per_token_layer)

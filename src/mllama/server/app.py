@@ -830,33 +830,33 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     grammars: list = []  # constraints.Grammars, made at the first response_format (about 1 s)
     grammars_lock = threading.Lock()
 
-    def compile_in_thread(response_format: Any) -> str | None:
+    def compile_in_thread(response_format: Any, for_tools: bool) -> str | None:
         with grammars_lock:
             if not grammars:
                 grammars.append(Grammars(tokenizer))
         try:
             return grammars[0].compile(response_format)
         except GrammarError as e:
-            tool = response_format.get("json_schema", {}).get("name") == "tool_call"
-            raise RequestError(str(e).replace("response_format.json_schema.schema", "the tools' parameters")
-                               if tool else str(e), "tools" if tool else e.param) from None
+            if for_tools:  # the schema is the tools' parameters, not a response_format the client sent
+                raise RequestError(str(e).replace(e.param, "the tools' parameters"), "tools") from None
+            raise RequestError(str(e), e.param) from None
 
     async def compile_grammar(parsed: Parsed) -> str | None:
         """The grammar the answer must follow (None: free text); RequestError naming what cannot be."""
+        response_format = parsed.response_format
         calls = call_schema(parsed.tools) if parsed.tools is not None else None
         if calls is not None:
-            if parsed.response_format is not None:
+            if response_format is not None:
                 raise RequestError("response_format cannot go with tool_choice \"required\" or a named function: "
                                    "the answer is the call", "response_format")
-            parsed = Parsed(**{**parsed.__dict__, "response_format": {
-                "type": "json_schema", "json_schema": {"name": "tool_call", "schema": calls}}})
-        if parsed.response_format is None:
+            response_format = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": calls}}
+        if response_format is None:
             return None
         if parsed.min_tokens or parsed.ignore_eos:
             name = "min_tokens" if parsed.min_tokens else "ignore_eos"
             raise RequestError(f"{name} cannot go with response_format: the answer ends where its schema does",
                                name)
-        return await asyncio.to_thread(compile_in_thread, parsed.response_format)
+        return await asyncio.to_thread(compile_in_thread, response_format, calls is not None)
 
     async def handle(request: Request, chat: bool):
         arrival = time.monotonic()
