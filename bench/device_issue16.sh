@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The H200 checks of issue 16 (FP8): `bash bench/device_issue16.sh WHAT OUT [more fp8_bench parts]`.
+# The H200 checks of issues 16 (FP8) and 17 (structured output): `bash bench/device_issue16.sh WHAT OUT [more args]`.
 #   tests:   tests/gpu (the FP8 kernel, fast path and engine against the reference; FP8 against bf16; the
 #            graph, compiled and paged paths against the plain model)
 #   bench:   bench/fp8_bench.py with the parts given (kernels 11b cut90b 90b)
@@ -11,6 +11,8 @@
 #   probe:   bench/fp8_probe.py with the parts given (products sweep step)
 #   memory:  bench/engine_memory.py with the flags given (the engine's memory, stage by stage)
 #   fp8test: tests/gpu/test_fp8_gpu.py alone
+#   structured: bench/structured_bench.py on the random 11B (constrained decoding's cost per step; compile times)
+#   tests+structured: both, in one call
 set -uo pipefail
 what=$1; out=$2; shift 2
 mkdir -p "$out" /tmp/site
@@ -21,6 +23,11 @@ assets() {
   python3 bench/tiny_assets.py /tmp/site/llama_models/llama3/tokenizer.model
 }
 case $what in
+tests+structured)
+  bash "$0" tests "$out"; bash "$0" structured "$out" "$@" ;;
+structured)
+  assets
+  python3 bench/structured_bench.py --tokenizer-from /tmp/tiny --out "$out" "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -30 ;;
 tests)
   python3 -m pytest -q -p no:logging -s tests/gpu > "$out/gpu-tests.txt" 2>&1; echo "pytest rc $?" | tee -a "$out/gpu-tests.txt"; grep -v "^PASSED\|Warning\|warn" "$out/gpu-tests.txt" | tail -25 ;;
 fp8test)

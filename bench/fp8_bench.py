@@ -233,7 +233,7 @@ def part_kv(steps: int = 64) -> dict:
         request.images = engine.describe_images(request.model_inputs)
         assert engine._reserve(request)
         seen = []
-        engine._sample_and_emit = lambda requests, logits, start=None: seen.append(logits[0].float().clone())
+        engine._sample_and_emit = lambda requests, logits: seen.append(logits[0].float().clone())
         engine._prefill([(request, 0)])
         engines.append(engine)
         first.append(seen[0])

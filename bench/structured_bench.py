@@ -3,9 +3,10 @@
     PYTHONPATH=src python bench/structured_bench.py --tokenizer-from /tmp/tiny --out DIR [--size 11b] [--quantize fp8]
     (a smoke run on the CPU: --checkpoint /tmp/tiny --device cpu)
 
-- steps: mean decode-step time (the engine's decode seconds / its steps) at batch 1 and batch 64, without
-  constraints and with half the rows (batch 64) or the one row (batch 1) under a JSON schema, greedy, text-only
-  prompts of 64 tokens, 128 new tokens each;
+- steps: the time per decode step (the run's wall time less the engine's prefill time, over its decode steps) at
+  batch 1 and batch 64, without constraints and with half the rows (batch 64) or the one row (batch 1) under a
+  JSON schema, greedy and sampled (temperature 1, top-p 0.9, a seed per request), text-only prompts of 64
+  tokens, 128 new tokens each;
 - compile: constraints.Grammars' compile time per schema (the tests' ten schemas), first and cached.
 The tokenizer (Llama 3's) comes from a folder with the tokenizer files, e.g. bench/tiny_assets.py's /tmp/tiny.
 Writes DIR/structured-bench.json.
@@ -36,11 +37,13 @@ SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {
     "type": "string"}}}, "required": ["name", "tags"]}
 
 
-def run(engine: BatchEngine, batch: int, constrained: int, grammar: str, tokens: int = 128) -> dict:
-    """`batch` requests at once, the first `constrained` under `grammar`; the engine's decode seconds per step."""
+def run(engine: BatchEngine, batch: int, constrained: int, grammar: str, tokens: int = 128,
+        sampled: bool = False) -> dict:
+    """`batch` requests at once, the first `constrained` under `grammar`; the time per decode step."""
     before = engine.stats()
     done = threading.Semaphore(0)
     gen = torch.Generator().manual_seed(batch + constrained)
+    t0 = time.perf_counter()
     for i in range(batch):
         ids = [128000] + torch.randint(1000, 100000, (63,), generator=gen).tolist()
 
@@ -48,16 +51,18 @@ def run(engine: BatchEngine, batch: int, constrained: int, grammar: str, tokens:
             if event.finish_reason or event.error:
                 assert event.error is None, event.error
                 done.release()
+        params = SamplingParams(max_new_tokens=tokens, do_sample=sampled, top_p=0.9 if sampled else 1.0,
+                                eos_token_id=())
         engine.submit(GenerationRequest(prompt_ids=ids, emit=emit, grammar=grammar if i < constrained else None,
-                                        end_tokens=(128009,),
-                                        params=SamplingParams(max_new_tokens=tokens, min_new_tokens=0,
-                                                              do_sample=False, eos_token_id=())))
+                                        end_tokens=(128009,), params=params, seed=i if sampled else None))
     for _ in range(batch):
         assert done.acquire(timeout=600), "a request did not end"
+    wall = time.perf_counter() - t0
     after = engine.stats()
     steps = after["steps"] - before["steps"]
-    decode = after["busy_seconds"].get("decode", 0) - before["busy_seconds"].get("decode", 0)
-    row = {"batch": batch, "constrained_rows": constrained, "steps": steps, "decode_s_per_step": decode / steps}
+    prefill = after["busy_seconds"].get("prefill", 0) - before["busy_seconds"].get("prefill", 0)
+    row = {"batch": batch, "constrained_rows": constrained, "sampled": sampled, "steps": steps,
+           "s_per_step": (wall - prefill) / steps, "wall_s": wall, "prefill_s": prefill}
     print(row, flush=True)
     return row
 
@@ -78,7 +83,7 @@ def main() -> None:
     t0 = time.perf_counter()
     grammars = Grammars(tokenizer, 128256)
     res["tokenizer_view_s"] = time.perf_counter() - t0
-    from test_structured_output import SCHEMAS
+    from schemas import SCHEMAS
 
     compile_s = {}
     for name, schema in SCHEMAS.items():
@@ -101,14 +106,17 @@ def main() -> None:
     engine = BatchEngine(model, tokenizer, max_batch=64, max_model_len=1024).start()
     grammar = grammars.compile({"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}})
     try:
-        run(engine, 1, 0, grammar, 16)  # first requests: any remaining first-call set-up
-        res["steps"] = [run(engine, 1, 0, grammar), run(engine, 1, 1, grammar), run(engine, 64, 0, grammar),
-                        run(engine, 64, 32, grammar)]
+        for constrained in (0, 1):  # first requests: any remaining first-call set-up (the engine's grammar view)
+            run(engine, 1, constrained, grammar, 16)
+        res["steps"] = [run(engine, batch, constrained, grammar, sampled=sampled) for sampled in (False, True)
+                        for batch in (1, 64) for constrained in (0, batch // 2 or 1)]
     finally:
         engine.stop()
-    for batch in (1, 64):
-        plain, constrained = [r["decode_s_per_step"] for r in res["steps"] if r["batch"] == batch]
-        res[f"b{batch}_constrained_over_plain"] = constrained / plain
+    for sampled in (False, True):
+        for batch in (1, 64):
+            plain, constrained = [r["s_per_step"] for r in res["steps"] if r["batch"] == batch
+                                  and r["sampled"] == sampled]
+            res[f"b{batch}{'_sampled' if sampled else ''}_constrained_over_plain"] = constrained / plain
     print({k: v for k, v in res.items() if k.endswith("plain")}, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "structured-bench.json").write_text(json.dumps(res, indent=1))

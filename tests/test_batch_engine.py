@@ -31,7 +31,7 @@ def _admitted(engine: BatchEngine, request: GenerationRequest) -> GenerationRequ
 def _prefill_logits(engine: BatchEngine, request: GenerationRequest, keep_slot: bool = False):
     """-> (the prefill's logits, the slot's self-attention keys as its pages hold them)."""
     seen = []
-    engine._sample_and_emit = lambda requests, logits, start=None: seen.append(logits.clone())
+    engine._sample_and_emit = lambda requests, logits: seen.append(logits.clone())
     engine._prefill([(_admitted(engine, request), 0)])
     slot_keys = [k.clone() for k in engine.caches.prompt_keys(request.holding.self_pages, request.length).values()]
     if not keep_slot:
@@ -263,8 +263,8 @@ def test_prefill_through_the_static_graph_path_equals_the_plain_prefill(loaded, 
 
 
 def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded):
-    """Greedy steps are read by the host one step late (the next step takes its tokens from the device), steps
-    with a sampled row are read at once; either way every answer equals generate's alone, including a request
+    """Steps are read by the host one step late: the next step takes its tokens from the device, a sampled
+    row's too (its choice is queued behind its step); every answer equals generate's alone, including a request
     that ends on an end token the engine could not foresee (its row, computed once more, is ignored and its slot
     reused by a waiting request meanwhile). No row is ever run for a token after its request's last one."""
     import threading
@@ -309,7 +309,7 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
 
     def land(step):  # requests of a step read late whose slot another request has taken since
         reused.extend(r for r in step.requests if engine.slots[r.slot] not in (None, r))
-        original_land(step)
+        return original_land(step)
 
     engine._land = land
 
@@ -326,11 +326,14 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
             return self.inner(tokens, positions, vision, from_host)
 
     engine.runner = Recording(engine.runner)
-    outputs, finished, done = {}, {}, threading.Event()
+    outputs, finished, done, fed = {}, {}, threading.Event(), []
     for index, (ids, inputs, n, options) in enumerate(prepared):
         def emit(event, index=index):
             assert event.error is None, event.error
             outputs.setdefault(index, []).extend(event.token_ids)
+            if cases[index][2]:  # the sampled request: (its last token's index, the last position it has fed)
+                fed.append((len(outputs[index]) - 1, max((pos for call in calls for r, pos, _ in call
+                                                          if r.prompt_ids == prepared[index][0]), default=-1)))
             if event.finish_reason:
                 finished[index] = event.finish_reason
                 if len(finished) == len(prepared):
@@ -352,7 +355,11 @@ def test_steps_read_one_step_late_stay_exact_and_never_run_past_a_request(loaded
     for r, position, _ in rows:  # the last token a request feeds is its (max_new_tokens - 1)-th, at this position
         assert position <= len(r.prompt_ids) + r.params.max_new_tokens - 2
     sampled = [given for r, _, given in rows if r.params.do_sample]
-    assert sampled and all(sampled)  # a sampled row's token always comes from the host
+    assert sampled and not all(sampled)  # a sampled row's token, chosen behind its step, stays on the device too
+    length, n = len(prepared[-1][0]), prepared[-1][2]
+    # each sampled token (but the prefill's and the last) was sent after the step it feeds was queued
+    late = [(j, position) for j, position in fed if 1 <= j <= n - 2]
+    assert late and all(position == length + j for j, position in late), fed
 
 
 def test_requests_arriving_while_others_decode_are_batched_and_overlapped(loaded):

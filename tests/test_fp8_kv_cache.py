@@ -102,7 +102,7 @@ def _prefilled(model, processor, kv_cache_dtype: str):
     request.images = engine.describe_images(request.model_inputs)
     assert engine._reserve(request)
     seen = []
-    engine._sample_and_emit = lambda requests, logits, start=None: seen.append(logits.clone())
+    engine._sample_and_emit = lambda requests, logits: seen.append(logits.clone())
     engine._prefill([(request, 0)])
     return engine, request, seen[0]
 

@@ -105,6 +105,35 @@ def test_filtered_distribution_follows_temperature_top_k_top_p():
     assert torch.allclose(freq, probs[0], atol=0.015) and freq[3:].sum() == 0
 
 
+def test_rows_with_their_own_knobs_sample_what_each_would_alone():
+    """sample_rows (the serving engine's batched sampling): each row's distribution, to the bit, and its draws
+    from its own generator equal next_tokens' for that row alone; a row without a generator draws from the
+    global one."""
+    from mllama.sampling import next_tokens, sample_rows
+
+    logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(3)) * 3
+    params = [SamplingParams(do_sample=True, temperature=0.7, top_k=0, top_p=0.9),
+              SamplingParams(do_sample=True, temperature=1.3, top_k=5, top_p=1.0),
+              SamplingParams(do_sample=True, temperature=1.0, top_k=50, top_p=0.5),
+              SamplingParams(do_sample=True, temperature=0.9, top_k=0, top_p=1.0),
+              SamplingParams(do_sample=True, temperature=1.1, top_k=2, top_p=0.3, min_tokens_to_keep=3)]
+    together = filter_logits(logits, [p.temperature for p in params], [p.top_k for p in params],
+                             [p.top_p for p in params], [p.min_tokens_to_keep for p in params])
+    for row, p in enumerate(params):
+        alone = filter_logits(logits[row:row + 1], p.temperature, p.top_k, p.top_p, p.min_tokens_to_keep)
+        assert torch.equal(together[row:row + 1], alone), row
+    assert len(set(torch.isfinite(together).sum(-1).tolist())) == 5  # the knobs differ in effect, row by row
+    batched = [torch.Generator().manual_seed(10 + row) for row in range(5)]
+    alone = [torch.Generator().manual_seed(10 + row) for row in range(5)]
+    for _ in range(30):
+        tokens = sample_rows(logits, params, batched).tolist()
+        assert tokens == [int(next_tokens(logits[row:row + 1], None, p, 0, alone[row])[0])
+                          for row, p in enumerate(params)]
+    torch.manual_seed(4)
+    free = sample_rows(logits, params, [None] * 5)
+    assert free.shape == (5,) and all(torch.isfinite(together[row, t]) for row, t in enumerate(free.tolist()))
+
+
 def test_repetition_penalty_matches_its_definition():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     out = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)

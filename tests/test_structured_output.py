@@ -16,37 +16,8 @@ pytest.importorskip("llguidance")
 
 from test_server import MODEL, Server, _client  # noqa: E402
 
-WORD = {"type": "string", "minLength": 1, "maxLength": 6}
-SCHEMAS = {
-    "flat": {"type": "object", "properties": {"name": WORD, "age": {"type": "integer", "minimum": 0,
-                                                                     "maximum": 120}},
-             "required": ["name", "age"], "additionalProperties": False},
-    "nested": {"type": "object", "properties": {"person": {"type": "object", "properties": {
-        "first": WORD, "last": WORD}, "required": ["first", "last"], "additionalProperties": False},
-        "ok": {"type": "boolean"}}, "required": ["person", "ok"], "additionalProperties": False},
-    "array bounds": {"type": "object", "properties": {"tags": {"type": "array", "items": WORD, "minItems": 2,
-                                                                "maxItems": 3}},
-                     "required": ["tags"], "additionalProperties": False},
-    "enum": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
-                                              "size": {"type": "string", "enum": ["S", "M", "L"]}},
-             "required": ["color", "size"], "additionalProperties": False},
-    "integers": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5},
-                                                  "y": {"type": "integer", "minimum": 10, "maximum": 99}},
-                 "required": ["x", "y"], "additionalProperties": False},
-    "booleans": {"type": "array", "items": {"type": "boolean"}, "minItems": 1, "maxItems": 4},
-    "anyOf": {"type": "object", "properties": {"v": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
-                                                               {"type": "boolean"}, WORD]}},
-              "required": ["v"], "additionalProperties": False},
-    "optional fields": {"type": "object", "properties": {"a": WORD, "b": {"type": "boolean"},
-                                                         "c": {"type": "integer", "minimum": 0, "maximum": 3}},
-                        "required": ["a"], "additionalProperties": False},
-    "bounded strings": {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
-                                                         "note": {"type": "string", "maxLength": 3}},
-                        "required": ["code", "note"], "additionalProperties": False},
-    "array of objects": {"type": "array", "items": {"type": "object", "properties": {"id": {
-        "type": "integer", "minimum": 1, "maximum": 9}, "on": {"type": "boolean"}}, "required": ["id", "on"],
-        "additionalProperties": False}, "minItems": 1, "maxItems": 2},
-}
+from schemas import SCHEMAS  # noqa: E402
+
 PROMPT = [{"role": "user", "content": "Answer in JSON."}]
 
 
@@ -158,3 +129,30 @@ def test_greedy_rows_batched_with_constrained_rows_answer_as_alone(server):
             text, finish = future.result()
             assert finish == "stop"
             jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+def test_masks_hold_the_grammars_tokens_and_the_end_only_where_the_answer_may_end(tiny_checkpoint):
+    """constraints.Masks as the engine uses them: two rows filled at once (llguidance's threads), unpacked bit by
+    bit, the request's own end token allowed once the grammar is complete and llguidance's end token never
+    (it is not this request's)."""
+    from mllama.constraints import Constraint, Grammars, Masks
+    from mllama.processing.processor import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(str(tiny_checkpoint)).tokenizer
+    vocab, end = 128256, (128008,)
+    grammars = Grammars(tokenizer, vocab)
+    grammar = grammars.compile({"type": "json_schema", "json_schema": {"name": "b", "schema": {"type": "boolean"}}})
+    fresh, started = Constraint(grammars, grammar), Constraint(grammars, grammar)
+    for token in tokenizer.encode("tru", add_special_tokens=False):
+        started.accept(token, end)
+    masks = Masks(grammars, 4, vocab, "cpu")
+    assert masks.fill([fresh, started], [end, end]) == []
+    allowed = masks.allowed(2)
+    assert allowed.shape == (2, vocab)
+    first = {tokenizer.decode([t]) for t in allowed[0].nonzero().flatten().tolist()}
+    assert {"true", "false"} <= first and all("true".startswith(t) or "false".startswith(t) for t in first), first
+    (e,) = tokenizer.encode("e", add_special_tokens=False)
+    assert allowed[1].nonzero().flatten().tolist() == [e]
+    started.accept(e, end)
+    assert masks.fill([started], [end]) == []
+    assert masks.allowed(1)[0].nonzero().flatten().tolist() == [end[0]]  # (not 128009, llguidance's end token)

@@ -8,11 +8,13 @@ tiny checkpoint's tokenizer, which is Llama 3's), and names what it cannot compi
 - `Grammars(tokenizer)`: llguidance's view of the tokenizer (built once: about 1 s), and `compile`, which turns a
   `response_format` into a grammar (a string, so it can cross to the engine's process), raising `GrammarError`
   with the field and the reason for anything it cannot compile. Compiled grammars are cached by their schema.
-- `Constraint(grammars, grammar)`: one request's matcher. `allowed(...)` is the mask of the tokens that keep the
-  answer valid (the request's end tokens once the grammar accepts); `accept(token)` advances it.
+- `Constraint(grammars, grammar)`: one request's matcher; `accept(token)` advances it.
+- `Masks`: the masks of one step's constrained rows (the tokens that keep each answer valid, and the request's end
+  tokens where its grammar may end), computed on the host in llguidance's threads while the device computes the
+  step's logits, copied to the device in one transfer and applied there to all the rows at once.
 
-The engine chooses a constrained row's token on the host path (engine.batch), with the mask applied to its logits
-before the request's own sampling (temperature, top-p, ...): the decode step's CUDA graphs are unchanged.
+The engine applies the masks to the step's logits before each request's own choice (temperature, top-p, ...):
+the decode step's CUDA graphs are unchanged (engine.batch).
 """
 from __future__ import annotations
 
@@ -112,21 +114,66 @@ class Constraint:
         if self.matcher.is_error():
             raise ValueError(f"the grammar did not compile: {self.matcher.get_error()}")
 
-    def allowed(self, vocab: int, end_tokens: tuple[int, ...], device) -> torch.Tensor:
-        """[vocab] bool: the tokens that keep the answer inside the grammar; the end tokens where it may end."""
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        mask = torch.zeros(vocab, dtype=torch.bool)
-        mask[:min(vocab, bits.shape[0])] = torch.from_numpy(bits[:vocab].astype(bool))
-        own_end = self.grammars.tokenizer.eos_token
-        if self.matcher.is_accepting() or (own_end < vocab and bool(mask[own_end])):
-            mask[[t for t in end_tokens if t < vocab]] = True
-        if own_end < vocab and own_end not in end_tokens:
-            mask[own_end] = False  # llguidance's end token is not this request's: it would not end the answer
-        return mask.to(device)
-
     def accept(self, token: int, end_tokens: tuple[int, ...]) -> None:
         """Advances past a chosen token (an end token ends the answer: nothing to advance)."""
         if token in end_tokens:
             return
         if not self.matcher.consume_token(token):
             raise ValueError(f"token {token} does not follow the grammar: {self.matcher.get_error()}")
+
+
+class Masks:
+    """Token masks for up to `rows` constrained rows at a time, over a vocabulary of `vocab` logits.
+
+    Bits as llguidance packs them: token t is bit t % 32 of int32 word t // 32. The host fills a (pinned) buffer;
+    the device unpacks it. The buffer is refilled only at the next `apply`, after the caller has waited for the
+    step that read it (its chosen tokens), so one buffer serves every step."""
+
+    def __init__(self, grammars: Grammars, rows: int, vocab: int, device):
+        self.grammars, self.vocab, self.device = grammars, vocab, torch.device(device)
+        words = (grammars.vocab_size + 31) // 32
+        pinned = self.device.type == "cuda"
+        self.buffer = torch.zeros((rows, words), dtype=torch.int32, pin_memory=pinned)
+        self.host = self.buffer.numpy()
+        self.bits = self.host.view(np.uint32)
+        self.executor = llguidance.LLExecutor()
+        if self.device.type != "cpu":
+            index = torch.arange(vocab, device=self.device)
+            self.word, self.shift = index >> 5, (index & 31).to(torch.int32)
+
+    def fill(self, constraints: list[Constraint], end_tokens: list[tuple[int, ...]]) -> list[int]:
+        """Computes the masks of `constraints` into the buffer's first rows (in parallel); returns the rows whose
+        mask allows no token at all (their requests cannot go on)."""
+        if len(constraints) > self.host.shape[0]:
+            raise ValueError(f"{len(constraints)} constrained rows, more than the {self.host.shape[0]} masks held")
+        self.executor.unsafe_compute_mask_ptr([(c.matcher, i) for i, c in enumerate(constraints)],
+                                              self.host.ctypes.data, self.host.shape[1] * 4, self.host.shape[0])
+        own_end = self.grammars.tokenizer.eos_token
+        empty = []
+        for i, (c, ends) in enumerate(zip(constraints, end_tokens)):
+            row = self.bits[i]
+            if c.matcher.is_accepting() or self._has(row, own_end):
+                for t in ends:
+                    if t < self.vocab:
+                        row[t >> 5] |= np.uint32(1 << (t & 31))
+            if own_end not in ends:  # llguidance's end token is not this request's: it would not end the answer
+                row[own_end >> 5] &= ~np.uint32(1 << (own_end & 31))
+            if not self._has_any(row):
+                empty.append(i)
+        return empty
+
+    def _has(self, row: np.ndarray, token: int) -> bool:
+        return token < self.vocab and bool((row[token >> 5] >> np.uint32(token & 31)) & np.uint32(1))
+
+    def _has_any(self, row: np.ndarray) -> bool:
+        full, rest = divmod(self.vocab, 32)
+        return bool(row[:full].any()) or bool(rest and row[full] & np.uint32((1 << rest) - 1))
+
+    def allowed(self, rows: int) -> torch.Tensor:
+        """[rows, vocab] bool on the device: the filled masks, unpacked there (one transfer, not waited for); on
+        the CPU by numpy (a gather per bit is 30 times slower there)."""
+        if self.device.type == "cpu":
+            bits = np.unpackbits(self.host[:rows].view(np.uint8), axis=1, bitorder="little")[:, :self.vocab]
+            return torch.from_numpy(bits.view(np.bool_))
+        words = self.buffer[:rows].to(self.device, non_blocking=True)
+        return ((words[:, self.word] >> self.shift) & 1).bool()

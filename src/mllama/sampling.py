@@ -133,8 +133,8 @@ def apply_openai_biases(scores: torch.Tensor, generated: torch.Tensor | None, pa
     [rows, n]: each token's logit minus presence_penalty if it was generated and frequency_penalty times the
     times it was (ids past the output vocabulary, such as the image token, count for nothing)."""
     if params.logit_bias:
-        ids = torch.tensor([token for token, _ in params.logit_bias], device=scores.device)
-        bias = torch.tensor([value for _, value in params.logit_bias], device=scores.device, dtype=scores.dtype)
+        ids = on_device([token for token, _ in params.logit_bias], scores.device)
+        bias = on_device([value for _, value in params.logit_bias], scores.device, scores.dtype)
         scores = scores.index_add(1, ids, bias.expand(scores.shape[0], -1))
     if (params.presence_penalty or params.frequency_penalty) and generated is not None and generated.shape[1]:
         vocab = scores.shape[-1]
@@ -145,22 +145,62 @@ def apply_openai_biases(scores: torch.Tensor, generated: torch.Tensor | None, pa
     return scores
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                  min_keep: int = 1) -> torch.Tensor:
+def filter_logits(logits: torch.Tensor, temperature, top_k, top_p, min_keep=1) -> torch.Tensor:
     """Sampling distribution as logits: scaled by temperature, everything outside top-k and outside the
-    smallest set whose probability reaches top_p set to -inf (at least `min_keep` tokens always stay)."""
-    logits = logits / temperature
-    if top_k:
-        top_k = min(max(top_k, min_keep), logits.shape[-1])
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    smallest set whose probability reaches top_p set to -inf (at least `min_keep` tokens always stay).
+
+    Each knob is one value for every row or a sequence of one per row (the serving engine's rows each have their
+    own): a row's result is the same either way, to the bit, so a request samples what it would alone."""
+    rows, vocab = logits.shape
+    temperature, top_k, top_p, min_keep = (_rows(v, rows) for v in (temperature, top_k, top_p, min_keep))
+    device = logits.device
+    logits = logits / on_device(temperature, device, torch.float32)[:, None]
+    keep = [min(max(k, m), vocab) if k else 0 for k, m in zip(top_k, min_keep)]
+    if any(keep):
+        values = torch.topk(logits, max(keep), dim=-1).values
+        kth = values.gather(1, on_device([max(k, 1) - 1 for k in keep], device)[:, None])
+        off = on_device([not k for k in keep], device, torch.bool)[:, None]
+        logits = logits.masked_fill((logits < kth) & ~off, float("-inf"))
+    if any(p < 1.0 for p in top_p):
         sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - top_p
-        drop[..., -min_keep:] = False
+        threshold = on_device([1 - p for p in top_p], device, torch.float32)[:, None]
+        kept = on_device([vocab - m if p < 1.0 else 0 for p, m in zip(top_p, min_keep)], device)
+        drop = (cumulative <= threshold) & (torch.arange(vocab, device=device) < kept[:, None])
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def on_device(values: list, device: torch.device, dtype=torch.long) -> torch.Tensor:
+    """A small tensor of host values on `device`, copied without waiting for the work queued there (through
+    pinned memory: a plain copy from the host waits for the device to finish all it was given, first)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _rows(value, rows: int) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * rows
+    if len(values) != rows:
+        raise ValueError(f"{len(values)} values for {rows} rows")
+    return values
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
+    """One sampled token for each row of `logits` [rows, vocab] under its own params (temperature, top-k, top-p;
+    nothing else) and generator: what next_tokens gives each row alone, with the distributions computed for all
+    rows at once (rows with a generator then draw one by one; the others together, from the global one)."""
+    scores = filter_logits(logits.float(), [p.temperature for p in params], [p.top_k for p in params],
+                           [p.top_p for p in params], [p.min_tokens_to_keep for p in params])
+    probs = scores.softmax(-1)
+    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    free = [row for row, g in enumerate(generators) if g is None]
+    if free:
+        index = on_device(free, logits.device)
+        tokens[index] = torch.multinomial(probs[index], 1).squeeze(1)
+    for row, g in enumerate(generators):
+        if g is not None:
+            tokens[row:row + 1] = torch.multinomial(probs[row:row + 1], 1, generator=g).squeeze(1)
+    return tokens
 
 
 def ban_bad_words(scores: torch.Tensor, seen: torch.Tensor, bad_words_ids: tuple[tuple[int, ...], ...]) -> torch.Tensor:
@@ -196,7 +236,7 @@ def processed_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingP
         scores = ban_bad_words(scores, seen, params.bad_words_ids)
     if new_count < params.min_new_tokens and params.eos_token_id:
         if eos is None:
-            eos = torch.tensor(params.eos_token_id, device=scores.device)
+            eos = on_device(list(params.eos_token_id), scores.device)
         scores = scores.index_fill(1, eos, float("-inf"))
     if params.remove_invalid_values:
         scores = remove_invalid(scores)

@@ -11,7 +11,7 @@ from conftest import randomize, tiny_config
 from test_generation import GEN_CASES
 from test_parity import make_inputs
 from mllama import MllamaForConditionalGeneration
-from mllama.engine import batch as batch_module
+from mllama.engine import choice as choice_module
 from mllama.engine.batch import BatchEngine
 from mllama.engine.requests import GenerationRequest
 from mllama.generation import SamplingParams
@@ -66,14 +66,21 @@ def test_engine_on_graphs_equals_generate_and_failures_stay_alone(served, monkey
     import PIL.Image
 
     model, processor = served
-    real = batch_module.next_tokens
+    real = choice_module.next_tokens
 
     def next_tokens(logits, seen, params, count, generator, eos=None):
         if params.top_p == 0.5:
             raise FloatingPointError("probabilities are not finite")
         return real(logits, seen, params, count, generator, eos)
 
-    monkeypatch.setattr(batch_module, "next_tokens", next_tokens)
+    def sample_rows(logits, params, generators):  # batched, it fails for all: then each row goes alone
+        if any(p.top_p == 0.5 for p in params):
+            raise FloatingPointError("probabilities are not finite")
+        return real_rows(logits, params, generators)
+
+    real_rows = choice_module.sample_rows
+    monkeypatch.setattr(choice_module, "next_tokens", next_tokens)
+    monkeypatch.setattr(choice_module, "sample_rows", sample_rows)
     engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
                          pages=(64, 64))
     engine.eos = ()  # every request runs to max_tokens, so the answers compare token for token

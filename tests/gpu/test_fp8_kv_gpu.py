@@ -94,7 +94,7 @@ def test_engine_decode_with_fp8_pages_against_bf16_pages(tiny_checkpoint):
         request.images = engine.describe_images(request.model_inputs)
         assert engine._reserve(request)
         seen = []
-        engine._sample_and_emit = lambda requests, logits, start=None: seen.append(logits.float().clone())
+        engine._sample_and_emit = lambda requests, logits: seen.append(logits.float().clone())
         engine._prefill([(request, 0)])
         runs.append((engine, seen[0][0]))
     (full, first_a), (fp8, first_b) = runs

@@ -21,11 +21,12 @@ import torch
 
 from ..constraints import Constraint, Grammars
 from ..processing.cross_attention_mask import generated_row
-from ..sampling import SamplingParams, TextDecoder, next_tokens
+from ..sampling import SamplingParams, TextDecoder
+from .choice import Choice, Chooser, chosen_on_host, to_host
 from .decode import fuse_projections, text_model_of, unsupported
 from .fast import PrefillGraphs, vision_graphs
 from .graphs import reason_of
-from .output import advance_text, final_event, logprob_entry
+from .output import advance_text, final_event
 from .paged import PagedCaches, check_kv_cache_dtype, describe_images, plan_pools
 from .prefill import Prefill, Prefiller
 from .requests import Event, GenerationRequest, check_length
@@ -41,13 +42,16 @@ PREFILL_GRAPH_BYTES = 2 * 2**30  # outputs kept by one-request prefill graphs (f
 
 @dataclass
 class _Step:
-    """A decode step queued on the device. `logits` is set when a row needs the host's choice (sampling, a
-    repetition penalty, min_new_tokens, logprobs): the step is then read at once. Otherwise only its greedy
-    tokens come back, copied to `tokens` (host) behind the step, ready once `done` (a CUDA event) is."""
+    """A decode step queued on the device, read by the host one step late (BatchEngine._step). Its tokens are the
+    decode graph's argmax, except for rows that need more (engine.choice): then `logits` is kept until their
+    choice is queued behind the step (`choice`, with their logprobs). Either way the tokens are on the device,
+    where the next step takes them, and copied to `tokens` (host), ready once `done` (a CUDA event) is."""
     requests: list
     start: float
-    launch_seconds: float
+    launch_seconds: float = 0.0
+    rows: int = 0
     logits: torch.Tensor | None = None
+    choice: Choice | None = None
     tokens: torch.Tensor | None = None
     done: Any = None
 
@@ -145,6 +149,8 @@ class BatchEngine:
         self.busy = collections.Counter()  # engine-thread seconds: prefill, decode (to logits on the host), emit
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()
+        # each row's token when the argmax is not enough (engine.choice)
+        self.chooser = Chooser(self.grammars, self._end_tokens, self.max_batch, device)
 
     # -------------------------------------------------------------------------------------------------------
     # Public API (any thread)
@@ -291,7 +297,7 @@ class BatchEngine:
                 self._step()
         if self.inflight is not None:  # its tokens are the requests' last ones: emitted before the aborts
             step, self.inflight = self.inflight, None
-            self._land(step)
+            self._texts(*self._land(step))
         for slot, r in enumerate(self.slots):
             if r is not None:
                 self._finish(r, "abort")
@@ -484,31 +490,22 @@ class BatchEngine:
         self._step()
 
     def _step(self) -> None:
-        """One decode step of the running batch. A step whose rows all decode greedily without logprobs is read
-        one step late: the next step is queued first (its rows take their tokens straight from the device), and the
-        host detokenizes, checks stops and sends events while the GPU computes it, instead of the GPU waiting for
-        the host between steps. A request that ends in the step read late was computed once more in the step
-        queued meanwhile; that row is ignored (a request's last position is known beforehand, so no row ever
-        writes past the context)."""
+        """One decode step of the running batch, read one step late: the next step is queued first, taking its
+        tokens straight from the device, and the host reads, detokenizes, checks stops and sends events while the
+        GPU computes it, instead of the GPU waiting for the host between steps. Rows that need more than the
+        argmax (sampling, a grammar, ...) have their choice queued behind their step as soon as the previous
+        step's tokens are read (a grammar's next mask needs them), so it too is ready before the next step
+        starts. A request that ends in the step read late was computed once more in the step queued meanwhile;
+        that row is ignored (a request's last position is known beforehand, so no row ever writes past the
+        context)."""
         launched = self._launch()
         previous, self.inflight = self.inflight, None
-        if previous is not None:
-            self._land(previous)
-        if launched is not None:
-            if launched.logits is not None:
-                self._land(launched)
-            else:
-                self.inflight = launched
-
-    @staticmethod
-    def _chosen_on_host(r: GenerationRequest, count: int) -> bool:
-        """Whether the token after `count` generated ones is not the plain argmax: sampled (with the request's own
-        generator, as generate() alone would), repeats penalised, words banned, invalid scores replaced, or EOS not
-        allowed yet."""
-        p = r.params
-        return (p.do_sample or p.repetition_penalty != 1.0 or bool(p.bad_words_ids) or p.remove_invalid_values
-                or bool(count < p.min_new_tokens and p.eos_token_id) or bool(p.logit_bias)
-                or bool(p.presence_penalty or p.frequency_penalty) or r.constraint is not None)
+        landed = self._land(previous) if previous is not None else None
+        if launched is not None and launched.logits is not None:
+            self._queue_choice(launched)
+        if landed is not None:
+            self._texts(*landed)
+        self.inflight = launched
 
     def _launch(self) -> _Step | None:
         """Queues a decode step for every running request that has a token left to make; returns it, or None."""
@@ -528,7 +525,7 @@ class BatchEngine:
         tokens, positions, given = [0] * n, [0] * n, [True] * n
         for r in active:
             if r in carried:
-                given[r.slot] = False  # its token is the greedy choice of the step in flight, on the device
+                given[r.slot] = False  # its token is the choice of the step in flight, on the device
             else:
                 tokens[r.slot] = r.generated[-1]
             positions[r.slot] = r.length  # the new token's index = its RoPE position (prompts are unpadded)
@@ -545,68 +542,71 @@ class BatchEngine:
         self.steps += 1
         for r in active:
             r.length += 1
-        if any(self._chosen_on_host(r, c) or r.logprobs is not None for r, c in zip(active, counts)):
-            return _Step(active, start, 0.0, logits=logits)
-        if self.device.type == "cuda":
-            tokens = torch.empty(n, dtype=torch.long, pin_memory=True)
-            tokens.copy_(self.runner.greedy[:n], non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+        step = _Step(active, start, rows=n)
+        if any(chosen_on_host(r, c) or r.logprobs is not None for r, c in zip(active, counts)):
+            step.logits = logits  # its choice is queued once the step in flight is read (_step)
         else:
-            tokens, done = self.runner.greedy[:n].clone(), None
-        return _Step(active, start, time.perf_counter() - start, tokens=tokens, done=done)
+            self._copy_tokens(step)
+        step.launch_seconds = time.perf_counter() - start
+        return step
 
-    def _land(self, step: _Step) -> None:
-        """Emits a queued step's tokens to its requests that still run (not cancelled or ended meanwhile)."""
-        live = [r for r in step.requests if self.slots[r.slot] is r]
-        if step.logits is not None:
-            self._sample_and_emit(live, step.logits[[r.slot for r in live]], step.start)
-            return
+    def _queue_choice(self, step: _Step) -> None:
+        """Queues the choice of a step's rows into the runner's greedy tokens, where the next step reads them."""
+        start = time.perf_counter()
+        step.requests = [r for r in step.requests if self.slots[r.slot] is r]
+        step.choice = self.chooser(step.requests, step.logits, [r.slot for r in step.requests], self.runner.greedy)
+        step.logits = None
+        for i, e in step.choice.failed.items():
+            self._fail(step.requests[i], "sampling", e)
+        step.choice.to_host()
+        self._copy_tokens(step)
+        step.launch_seconds += time.perf_counter() - start
+
+    def _copy_tokens(self, step: _Step) -> None:
+        step.tokens = to_host(self.runner.greedy[:step.rows])
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event()
+            step.done.record()
+
+    def _land(self, step: _Step) -> tuple[list[GenerationRequest], list[int]]:
+        """Reads a queued step's tokens (waiting for it) and appends them to its requests that still run (not
+        cancelled, failed or ended meanwhile); returns those requests and their tokens, for _texts."""
         wait = time.perf_counter()
         if step.done is not None:
             step.done.synchronize()
-        chosen = step.tokens.tolist()
+        tokens = step.tokens.tolist()
         self.busy["decode"] += step.launch_seconds + time.perf_counter() - wait
-        self._emit(live, [chosen[r.slot] for r in live])
+        chosen = [tokens[r.slot] for r in step.requests]
+        entries = step.choice.entries(step.requests, chosen) if step.choice is not None else None
+        live = [i for i, r in enumerate(step.requests) if self.slots[r.slot] is r]
+        requests = [step.requests[i] for i in live]
+        chosen = [chosen[i] for i in live]
+        self._append(requests, chosen, None if entries is None else [entries[i] for i in live])
+        keep = [i for i, r in enumerate(requests) if self.slots[r.slot] is r]
+        return [requests[i] for i in keep], [chosen[i] for i in keep]
 
-    def _sample_and_emit(self, requests: list[GenerationRequest], logits: torch.Tensor,
-                         start: float | None = None) -> None:
-        """Greedy rows take one batched argmax and one transfer to the host for the whole step; rows chosen on
-        the host (_chosen_on_host) go through next_tokens one by one."""
-        greedy = logits.argmax(-1)
-        special = [row for row, r in enumerate(requests) if self._chosen_on_host(r, len(r.generated))]
-        wanted = [row for row, r in enumerate(requests) if r.logprobs is not None]
-        logprobs = torch.log_softmax(logits[wanted].float(), dim=-1) if wanted else None
-        chosen = greedy.tolist()
-        for row in special:
-            r = requests[row]
-            try:
-                p = r.params
-                seen = torch.tensor([r.prompt_ids + r.generated], device=logits.device) \
-                    if p.repetition_penalty != 1.0 or p.bad_words_ids or p.presence_penalty or p.frequency_penalty \
-                    else None
-                scores = logits[row:row + 1]
-                if r.constraint is not None:  # the grammar's mask first, then the request's own choice
-                    end = self.eos if r.end_tokens is None else r.end_tokens
-                    allowed = r.constraint.allowed(scores.shape[-1], end, scores.device)
-                    scores = scores.masked_fill(~allowed, float("-inf"))
-                chosen[row] = int(next_tokens(scores, seen, r.params, len(r.generated), r.generator)[0])
-                if r.constraint is not None:
-                    r.constraint.accept(chosen[row], end)
-            except Exception as e:  # noqa: BLE001 - this request's sampling failed: it ends, the batch goes on
-                self._fail(r, "sampling", e)
-        if start is not None:
-            self.busy["decode"] += time.perf_counter() - start
-        self._emit(requests, chosen, logprobs, wanted)
+    def _sample_and_emit(self, requests: list[GenerationRequest], logits: torch.Tensor) -> None:
+        """The first tokens of prefilled requests: chosen, read and sent at once."""
+        out = logits.argmax(-1)
+        choice = self.chooser(requests, logits, list(range(len(requests))), out)
+        for i, e in choice.failed.items():
+            self._fail(requests[i], "sampling", e)
+        chosen = out.tolist()
+        entries = choice.entries(requests, chosen)
+        live = [i for i, r in enumerate(requests) if self.slots[r.slot] is r]
+        requests, chosen = [requests[i] for i in live], [chosen[i] for i in live]
+        self._append(requests, chosen, [entries[i] for i in live])
+        live = [i for i, r in enumerate(requests) if self.slots[r.slot] is r]
+        self._texts([requests[i] for i in live], [chosen[i] for i in live])
 
-    def _emit(self, requests: list[GenerationRequest], chosen: list[int], logprobs: torch.Tensor | None = None,
-              wanted: list[int] = ()) -> None:
-        """Appends each request's chosen token, records latencies and sends what is new (or ends the request)."""
+    def _end_tokens(self, r: GenerationRequest) -> tuple[int, ...]:
+        return self.eos if r.end_tokens is None else r.end_tokens
+
+    def _append(self, requests: list[GenerationRequest], chosen: list[int], entries: list | None) -> None:
+        """Appends each request's chosen token (and logprob entry), records latencies and moves a grammar past
+        the token (before its next mask is made)."""
         now = time.monotonic()
-        emit_start = time.perf_counter()
         for row, r in enumerate(requests):
-            if self.slots[r.slot] is not r:
-                continue  # failed while its token was chosen (_fail freed the slot)
             token = chosen[row]
             if r.generated:
                 self.itl.observe(now - r.last_token_time)
@@ -616,9 +616,21 @@ class BatchEngine:
             r.generated.append(token)
             self.tokens_generated += 1
             r.pending_ids.append(token)
+            if entries is not None and entries[row] is not None:
+                r.pending_logprobs.append(entries[row])
+            if r.constraint is not None:
+                try:
+                    r.constraint.accept(token, self._end_tokens(r))
+                except Exception as e:  # noqa: BLE001
+                    self._fail(r, "sampling", e)
+
+    def _texts(self, requests: list[GenerationRequest], chosen: list[int]) -> None:
+        """Sends each request what its new token adds (or ends the request)."""
+        emit_start = time.perf_counter()
+        for r, token in zip(requests, chosen):
+            if self.slots[r.slot] is not r:
+                continue  # failed or ended since
             try:
-                if logprobs is not None and r.logprobs is not None:
-                    r.pending_logprobs.append(logprob_entry(logprobs[wanted.index(row)], token, r.logprobs))
                 self._advance_text(r, token)
             except Exception as e:  # noqa: BLE001 - detokenizing or the caller's emit failed: end this request only
                 self._fail(r, "emitting its output", e)
