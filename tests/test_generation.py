@@ -97,6 +97,12 @@ def test_filtered_distribution_follows_temperature_top_k_top_p():
     p = filter_logits(logits, 2.0, 0, 1.0).softmax(-1)
     expected = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).sqrt()
     assert torch.allclose(p, expected / expected.sum(), atol=1e-6)
+    # min_p=0.3: tokens below 0.3 x the largest probability (0.15) go; a row's own min_keep still stays
+    p = filter_logits(logits, 1.0, 0, 1.0, min_p=0.3).softmax(-1)
+    assert torch.allclose(p, torch.tensor([[0.5, 0.2, 0.15, 0, 0]]) / 0.85, atol=1e-6)
+    p = filter_logits(logits.expand(2, -1), 1.0, 0, 1.0, min_keep=[1, 4], min_p=[0.9, 0.9]).softmax(-1)
+    assert torch.allclose(p[0], torch.tensor([1.0, 0, 0, 0, 0])) and torch.allclose(p[1, 4], torch.tensor(0.0))
+    assert (p[1, :4] > 0).all()
     # empirical check through multinomial: frequencies match the filtered distribution
     gen = torch.Generator().manual_seed(0)
     probs = filter_logits(logits, 1.0, 3, 1.0).softmax(-1)
@@ -115,7 +121,7 @@ def test_rows_with_their_own_knobs_sample_what_each_would_alone():
     params = [SamplingParams(do_sample=True, temperature=0.7, top_k=0, top_p=0.9),
               SamplingParams(do_sample=True, temperature=1.3, top_k=5, top_p=1.0),
               SamplingParams(do_sample=True, temperature=1.0, top_k=50, top_p=0.5),
-              SamplingParams(do_sample=True, temperature=0.9, top_k=0, top_p=1.0),
+              SamplingParams(do_sample=True, temperature=0.9, top_k=0, top_p=1.0, min_p=0.05),
               SamplingParams(do_sample=True, temperature=1.1, top_k=2, top_p=0.3, min_tokens_to_keep=3)]
     together = filter_logits(logits, [p.temperature for p in params], [p.top_k for p in params],
                              [p.top_p for p in params], [p.min_tokens_to_keep for p in params])

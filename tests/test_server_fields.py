@@ -101,6 +101,17 @@ def test_top_k_1_samples_the_greedy_answer(served):
     assert free != {greedy}  # without top_k these seeds sample other answers
 
 
+def test_min_p_1_samples_the_greedy_answer_and_a_small_one_changes_little(served):
+    """min_p (vLLM's): only tokens at least min_p times as likely as the best one are sampled; at 1 only the best,
+    so any seed gives the greedy answer (the seeds give others without it, test_top_k_1_...)."""
+    client = served[0]
+    greedy = _answer(client, ignore_eos=True)[0]
+    assert {_answer(client, ignore_eos=True, temperature=1.5, seed=seed, min_p=1.0)[0] for seed in range(3)} == \
+        {greedy}
+    assert _answer(client, ignore_eos=True, temperature=1.5, seed=0, min_p=0.0)[0] == \
+        _answer(client, ignore_eos=True, temperature=1.5, seed=0)[0]
+
+
 def _greedy(model, ids, adjust, steps: int = 6) -> list[int]:
     """Greedy decoding written out, with `adjust(logits, generated ids)` applied at every step."""
     generated: list[int] = []
@@ -155,8 +166,7 @@ def test_fields_without_meaning_here_are_accepted_and_change_nothing(served):
                    response_format={"type": "text"}, parallel_tool_calls=True) == plain
 
 
-@pytest.mark.parametrize("field, value", [("functions", [{"name": "f"}]), ("min_p", 0.1), ("function_call", "auto"),
-                                          ("echo", True)])
+@pytest.mark.parametrize("field, value", [("functions", [{"name": "f"}]), ("function_call", "auto"), ("echo", True)])
 def test_fields_not_built_yet_are_refused_by_name(served, field, value):
     r = _chat(served[0], **{field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field
@@ -175,7 +185,7 @@ def test_unknown_fields_are_refused_as_openai_does(served):
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
 
 
-@pytest.mark.parametrize("fields, param", [({"top_k": -2}, "top_k"), ({"repetition_penalty": 0}, "repetition_penalty"),
+@pytest.mark.parametrize("fields, param", [({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"min_p": "x"}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
                                            ({"min_tokens": 7}, "min_tokens"), ({"ignore_eos": "yes"}, "ignore_eos"),
                                            ({"skip_special_tokens": 1}, "skip_special_tokens")])
 def test_bad_values_of_the_extras_are_400s_naming_them(served, fields, param):

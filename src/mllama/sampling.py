@@ -21,6 +21,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # tokens less likely than min_p times the most likely one are dropped (0 = off)
     repetition_penalty: float = 1.0
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -47,6 +48,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not self.repetition_penalty > 0:
@@ -89,6 +92,7 @@ def resolve_params(model, kwargs: dict, prompt_len: int = 0) -> SamplingParams:
         temperature=float(pick("temperature", 1.0)),
         top_p=float(pick("top_p", 1.0)),
         top_k=int(pick("top_k", 0)),
+        min_p=float(pick("min_p", 0.0)),
         repetition_penalty=float(pick("repetition_penalty", 1.0)),
         eos_token_id=_as_tuple(pick("eos_token_id", text.eos_token_id)),
         pad_token_id=pick("pad_token_id", text.pad_token_id),
@@ -145,14 +149,16 @@ def apply_openai_biases(scores: torch.Tensor, generated: torch.Tensor | None, pa
     return scores
 
 
-def filter_logits(logits: torch.Tensor, temperature, top_k, top_p, min_keep=1) -> torch.Tensor:
-    """Sampling distribution as logits: scaled by temperature, everything outside top-k and outside the
-    smallest set whose probability reaches top_p set to -inf (at least `min_keep` tokens always stay).
+def filter_logits(logits: torch.Tensor, temperature, top_k, top_p, min_keep=1, min_p=0.0) -> torch.Tensor:
+    """Sampling distribution as logits: scaled by temperature, everything outside top-k, outside the smallest
+    set whose probability reaches top_p, and then less likely than min_p times the most likely token set to -inf
+    (at least `min_keep` tokens always stay).
 
     Each knob is one value for every row or a sequence of one per row (the serving engine's rows each have their
     own): a row's result is the same either way, to the bit, so a request samples what it would alone."""
     rows, vocab = logits.shape
-    temperature, top_k, top_p, min_keep = (_rows(v, rows) for v in (temperature, top_k, top_p, min_keep))
+    temperature, top_k, top_p, min_keep, min_p = (_rows(v, rows) for v in (temperature, top_k, top_p, min_keep,
+                                                                           min_p))
     device = logits.device
     logits = logits / on_device(temperature, device, torch.float32)[:, None]
     keep = [min(max(k, m), vocab) if k else 0 for k, m in zip(top_k, min_keep)]
@@ -168,6 +174,12 @@ def filter_logits(logits: torch.Tensor, temperature, top_k, top_p, min_keep=1) -
         kept = on_device([vocab - m if p < 1.0 else 0 for p, m in zip(top_p, min_keep)], device)
         drop = (cumulative <= threshold) & (torch.arange(vocab, device=device) < kept[:, None])
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if any(p > 0 for p in min_p):
+        probs = logits.softmax(-1)
+        floor = on_device(min_p, device, torch.float32)[:, None] * probs.max(-1, keepdim=True).values
+        kept = torch.topk(logits, max(min_keep), dim=-1).values.gather(1, on_device([m - 1 for m in min_keep],
+                                                                                    device)[:, None])
+        logits = logits.masked_fill((probs < floor) & (logits < kept), float("-inf"))
     return logits
 
 
@@ -186,11 +198,12 @@ def _rows(value, rows: int) -> list:
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
-    """One sampled token for each row of `logits` [rows, vocab] under its own params (temperature, top-k, top-p;
-    nothing else) and generator: what next_tokens gives each row alone, with the distributions computed for all
+    """One sampled token for each row of `logits` [rows, vocab] under its own params (temperature, top-k, top-p,
+    min-p; nothing else) and generator: what next_tokens gives each row alone, with the distributions computed for all
     rows at once (rows with a generator then draw one by one; the others together, from the global one)."""
     scores = filter_logits(logits.float(), [p.temperature for p in params], [p.top_k for p in params],
-                           [p.top_p for p in params], [p.min_tokens_to_keep for p in params])
+                           [p.top_p for p in params], [p.min_tokens_to_keep for p in params],
+                           [p.min_p for p in params])
     probs = scores.softmax(-1)
     tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
     free = [row for row, g in enumerate(generators) if g is None]
@@ -241,7 +254,8 @@ def processed_scores(logits: torch.Tensor, seen: torch.Tensor, params: SamplingP
     if params.remove_invalid_values:
         scores = remove_invalid(scores)
     if params.do_sample:
-        scores = filter_logits(scores, params.temperature, params.top_k, params.top_p, params.min_tokens_to_keep)
+        scores = filter_logits(scores, params.temperature, params.top_k, params.top_p, params.min_tokens_to_keep,
+                               params.min_p)
     return scores
 
 

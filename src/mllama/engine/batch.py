@@ -662,10 +662,10 @@ def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | N
                     top_k: int = 0, repetition_penalty: float = 1.0, min_tokens: int = 0,
                     ignore_eos: bool = False, logit_bias: tuple[tuple[int, float], ...] = (),
                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-                    stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+                    stop_token_ids: tuple[int, ...] = (), min_p: float = 0.0) -> SamplingParams:
     """OpenAI's knobs over the checkpoint's generation_config: temperature 0 means greedy; a temperature not
     given takes the checkpoint's do_sample/temperature/top_p (so an instruct checkpoint keeps its defaults).
-    vLLM's extras: top_k (0 = off), repetition_penalty (1 = off), min_tokens (no end token before them),
+    vLLM's extras: top_k (0 = off), min_p (0 = off), repetition_penalty (1 = off), min_tokens (no end token before them),
     ignore_eos (only max_tokens and stop strings end the answer), stop_token_ids (more end tokens: min_tokens
     holds them back too). OpenAI's logit_bias and presence/frequency penalties as SamplingParams defines them."""
     d = engine.defaults
@@ -677,7 +677,8 @@ def sampling_params(engine: BatchEngine, max_tokens: int, temperature: float | N
         temperature = temperature if temperature > 0 else 1.0
     top_p = float(d.get("top_p") or 1.0) if top_p is None else float(top_p)
     params = SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=do_sample,
-                            temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+                            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                            repetition_penalty=repetition_penalty,
                             eos_token_id=(() if ignore_eos else engine.eos) + tuple(stop_token_ids),
                             logit_bias=logit_bias,
                             presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)

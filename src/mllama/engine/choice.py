@@ -36,11 +36,11 @@ def chosen_on_host(r: GenerationRequest, count: int) -> bool:
 
 def kind_of(r: GenerationRequest, count: int) -> str:
     """How a row chosen_on_host is chosen: "argmax" (of its masked logits: a constrained row, otherwise greedy),
-    "sample" (temperature, top-k and top-p only) or "full" (next_tokens: penalties, biases, ...)."""
+    "sample" (temperature, top-k, top-p and min-p only) or "full" (next_tokens: penalties, biases, ...)."""
     p = r.params
     if not processed(p, count):
         return "argmax"
-    plain = replace(p, do_sample=False, temperature=1.0, top_k=0, top_p=1.0)
+    plain = replace(p, do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     return "sample" if p.do_sample and not processed(plain, count) else "full"
 
 

@@ -409,6 +409,7 @@ class Parsed:
     include_usage: bool
     logprobs: int | None
     top_k: int = 0  # vLLM's extras, from here down
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
@@ -429,7 +430,7 @@ class Parsed:
 # server and are accepted (the README lists them); NOT_YET change the answer and are not built, so they are refused
 # unless they hold the value that changes nothing (clients send tools [] or response_format text routinely).
 _FIELDS = {"model", "n", "max_tokens", "stream", "stream_options", "logprobs", "seed", "temperature", "top_p",
-           "stop", "top_k", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
+           "stop", "top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "skip_special_tokens", "logit_bias",
            "presence_penalty", "frequency_penalty", "stop_token_ids", "response_format"}
 _CHAT_FIELDS = _FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
                           "parallel_tool_calls"}
@@ -437,7 +438,7 @@ _COMPLETION_FIELDS = _FIELDS | {"prompt", "images", "best_of", "echo"}
 IGNORED_FIELDS = ("user", "metadata", "store", "service_tier")
 NOT_YET = {"functions": ([],), "function_call": ("none",),
            "echo": (False,),
-           "suffix": ("",), "min_p": (0, 0.0)}
+           "suffix": ("",)}
 
 
 def check_fields(body: dict, chat: bool) -> None:
@@ -534,6 +535,7 @@ def parse_common(body: dict, chat: bool) -> Parsed:
     return Parsed(max_tokens=max_tokens, temperature=_temperature(body), top_p=top_p, seed=seed, stop=_stop(body),
                   stream=stream, include_usage=include_usage, logprobs=logprobs,
                   top_k=0 if top_k == -1 else top_k,  # (vLLM's -1 means off, as 0 does)
+                  min_p=_float(body, "min_p", 0.0, 1.0) or 0.0,
                   repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
                   min_tokens=_int(body, "min_tokens", 0, None, 0), ignore_eos=_flag(body, "ignore_eos", False),
                   skip_special_tokens=_flag(body, "skip_special_tokens", True), logit_bias=_logit_bias(body),
@@ -882,7 +884,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             params = sampling_params(engine, max_tokens, parsed.temperature, parsed.top_p, parsed.top_k,
                                      parsed.repetition_penalty, parsed.min_tokens, parsed.ignore_eos,
                                      parsed.logit_bias, parsed.presence_penalty, parsed.frequency_penalty,
-                                     parsed.stop_token_ids)
+                                     parsed.stop_token_ids, parsed.min_p)
         except RequestError as e:
             return error_response(e.message, e.status, e.param, e.code,
                                   headers=CLOSE if e.status in (408, 413) else None)
