@@ -13,6 +13,7 @@
 #   fp8test: tests/gpu/test_fp8_gpu.py alone
 #   structured: bench/structured_bench.py on the random 11B (constrained decoding's cost per step; compile times)
 #   tests+structured: both, in one call
+#   engine:  the serving engine's GPU tests alone (CUDA paths, constrained rows, FP8 pages)
 set -uo pipefail
 what=$1; out=$2; shift 2
 mkdir -p "$out" /tmp/site
@@ -28,6 +29,8 @@ tests+structured)
 structured)
   assets
   python3 bench/structured_bench.py --tokenizer-from /tmp/tiny --out "$out" "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -30 ;;
+engine)
+  python3 -m pytest -q -p no:logging -s tests/gpu/test_cuda_paths.py tests/gpu/test_constrained_gpu.py tests/gpu/test_fp8_kv_gpu.py > "$out/gpu-engine-tests.txt" 2>&1; echo "pytest rc $?" | tee -a "$out/gpu-engine-tests.txt"; grep -v "^PASSED\|Warning\|warn" "$out/gpu-engine-tests.txt" | tail -25 ;;
 tests)
   python3 -m pytest -q -p no:logging -s tests/gpu > "$out/gpu-tests.txt" 2>&1; echo "pytest rc $?" | tee -a "$out/gpu-tests.txt"; grep -v "^PASSED\|Warning\|warn" "$out/gpu-tests.txt" | tail -25 ;;
 fp8test)

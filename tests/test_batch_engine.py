@@ -399,3 +399,56 @@ def test_requests_arriving_while_others_decode_are_batched_and_overlapped(loaded
     assert engine.steps < tokens * 0.6  # shared steps: 30 of the 93 tokens are the longest request's
     assert engine.overlapped > 0
     _each_equals_generate(model, requests, outputs)
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_choices_of_one_prompt_are_prefilled_once_and_each_samples_as_alone(loaded, with_image):
+    """n choices of a prompt (submit_many with one `share`): one prefill row for them all (the engine counts the
+    others as shared), while a request with another prompt in the same queue keeps its own; each choice samples
+    with its own seed what generate gives alone, and a greedy choice among them answers greedily."""
+    import threading
+
+    import PIL.Image
+
+    model, processor = loaded
+    if with_image:
+        pixels = (torch.rand(30, 45, 3, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8).numpy()
+        inputs = dict(processor(images=[[PIL.Image.fromarray(pixels)]], text=["<|image|>Several takes on it"],
+                                return_tensors="pt"))
+    else:
+        inputs = dict(processor(text=["Several takes on one prompt"], return_tensors="pt"))
+    ids = inputs.pop("input_ids")[0].tolist()
+    inputs.pop("attention_mask", None)
+    other = processor.tokenizer("Something else entirely", add_special_tokens=True)["input_ids"]
+    engine = BatchEngine(model, processor.tokenizer, max_batch=6, max_model_len=128).start()
+    seeds = [11, 12, None, 13]
+    outputs, done = {}, threading.Semaphore(0)
+
+    def emit_for(key):
+        def emit(event):
+            assert event.error is None, event.error
+            outputs.setdefault(key, []).extend(event.token_ids)
+            if event.finish_reason:
+                done.release()
+        return emit
+
+    def request(key, prompt, seed, share, model_inputs):
+        params = SamplingParams(max_new_tokens=8, do_sample=seed is not None, temperature=1.2)
+        return GenerationRequest(prompt_ids=prompt, params=params, model_inputs=model_inputs, emit=emit_for(key),
+                                 seed=seed, share=share)
+
+    try:
+        engine.submit_many([request(j, ids, seed, "p", inputs) for j, seed in enumerate(seeds)]
+                           + [request("other", other, None, None, {})])
+        for _ in range(len(seeds) + 1):
+            assert done.acquire(timeout=GUARD), "a request never ended"
+    finally:
+        engine.stop(0)
+    assert engine.stats()["shared_prefills"] == len(seeds) - 1
+    for j, seed in enumerate(seeds):
+        sample = {"do_sample": True, "temperature": 1.2, "seed": seed} if seed is not None else {"do_sample": False}
+        with torch.no_grad():
+            alone = model.generate(input_ids=torch.tensor([ids]), **inputs, max_new_tokens=8, min_new_tokens=8,
+                                   fast=False, **sample)[0, len(ids):].tolist()
+        assert outputs[j] == alone[:len(outputs[j])] and len(outputs[j]) >= 1, j
+    assert len({tuple(outputs[j]) for j in range(len(seeds))}) > 2  # the seeds differ in what they sample

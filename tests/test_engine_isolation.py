@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from collecting import Collector
+from faults import fail_marked_sampling
 from mllama.engine import batch as batch_module
-from mllama.engine import choice as choice_module
 from mllama.engine.batch import BatchEngine
 from mllama.engine.requests import GenerationRequest
 from mllama.generation import GREEDY_BELOW_TEMPERATURE, SamplingParams, filter_logits
@@ -69,21 +69,7 @@ def test_a_failing_request_ends_alone_and_the_engine_goes_on(loaded, monkeypatch
     """Three failures at once in one batch: a request whose sampling raises, one whose emit callback raises on its
     second event, and a good one beside them; then a new request after them. Only the two fail."""
     model, processor = loaded
-    real = choice_module.next_tokens
-
-    def next_tokens(logits, seen, params, count, generator, eos=None):
-        if params.top_p == 0.5:  # the marked request
-            raise FloatingPointError("probabilities are not finite")
-        return real(logits, seen, params, count, generator, eos)
-
-    def sample_rows(logits, params, generators):  # batched, it fails for all: then each row goes alone
-        if any(p.top_p == 0.5 for p in params):
-            raise FloatingPointError("probabilities are not finite")
-        return real_rows(logits, params, generators)
-
-    real_rows = choice_module.sample_rows
-    monkeypatch.setattr(choice_module, "next_tokens", next_tokens)
-    monkeypatch.setattr(choice_module, "sample_rows", sample_rows)
+    fail_marked_sampling(monkeypatch)  # the request with top_p 0.5
     engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=128).start()
     try:
         ids = _prompt(processor, "Several requests together")

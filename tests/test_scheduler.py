@@ -17,6 +17,7 @@ class Fake:
     cancelled: bool = False
     slot: int = -1
     submitted: float = 0.0
+    share: str | None = None
 
 
 def _queue(scheduler: Scheduler, *requests: Fake) -> None:
@@ -92,3 +93,20 @@ def test_the_queue_limit_counts_free_slots_and_a_stopped_scheduler_refuses():
     stopped.accepting = False
     with pytest.raises(EngineStopped, match="shutting down"):
         stopped.submit(Fake("f"))
+
+
+def test_choices_that_share_a_prompt_join_its_group_while_slots_and_pages_last():
+    s = Scheduler(slots=4, max_queue=16, max_prefill_batch=4)
+    s.submit_many([Fake("a0", share="a"), Fake("b"), Fake("a1", share="a"), Fake("a2", share="a"),
+                   Fake("a3", share="a"), Fake("a4", share="a")])
+    # a short queue goes one at a time, but a0's siblings come with it (b keeps its place), up to the free slots
+    assert [(r.name, slot) for r, slot in _group(s)] == [("a0", 0), ("a1", 1), ("a2", 2), ("a3", 3)]
+    assert [r.name for r in s.waiting] == ["b", "a4"]
+    s.slots[:4] = [None] * 4
+    assert [r.name for r, _ in _group(s)] == ["b"]  # it shares with nobody: a4 waits for a group of its own
+    s.submit_many([Fake("a5", share="a"), Fake("a6", share="a")])
+    pages = iter([True, True, False])  # a4's and a5's pages are free, a6's are not: a6 waits
+    assert [r.name for r, _ in _group(s, reserve=lambda r: next(pages))] == ["a4", "a5"]
+    with pytest.raises(QueueFull):  # together or not at all
+        s.submit_many([Fake(f"x{i}") for i in range(20)])
+    assert [r.name for r in s.waiting] == ["a6"]

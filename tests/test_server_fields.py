@@ -255,11 +255,47 @@ def test_echo_puts_the_prompt_before_the_answer(served):
               if line.startswith("data: ") and line != "data: [DONE]"]
     assert chunks[0]["choices"][0]["text"] == "Say something."
     assert "".join(c["choices"][0]["text"] for c in chunks) == "Say something." + answer
-    r = _complete(client, echo=True, logprobs=1)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
-    assert "echo with logprobs is not supported yet" in r.json()["error"]["message"]
     r = _complete(client, echo="yes")
     assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def test_echo_with_logprobs_scores_the_prompt_tokens_first(served):
+    """echo with logprobs (how evaluation harnesses score a text): the prompt's tokens come first in the logprobs,
+    the first without one, each other's the model's log-probability of it after the tokens before it, with the
+    top alternatives; then the answer's, as without echo; streamed, the prompt's go with the echo chunk."""
+    import json
+
+    client, model = served[0], served[1]
+    tokenizer = client.app.state.engine.engine.tokenizer
+    ids = client.post("/tokenize", json={"model": MODEL, "prompt": "Say something."}).json()["tokens"]
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    body = _complete(client, echo=True, logprobs=2).json()
+    plain = _complete(client, logprobs=2).json()["choices"][0]
+    choice = body["choices"][0]
+    assert choice["text"] == "Say something." + plain["text"]
+    lp = choice["logprobs"]
+    n = len(ids)
+    assert lp["tokens"][:n] == [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    assert lp["tokens"][n:] == plain["logprobs"]["tokens"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for k in range(1, n):
+        assert lp["token_logprobs"][k] == pytest.approx(float(expected[k - 1, ids[k]]), abs=1e-4)
+        assert len(lp["top_logprobs"][k]) == 2
+        assert max(lp["top_logprobs"][k].values()) == pytest.approx(float(expected[k - 1].max()), abs=1e-4)
+    assert lp["token_logprobs"][n:] == pytest.approx(plain["logprobs"]["token_logprobs"], abs=1e-5)
+    # offsets into the choice's text: the prompt's (the special BOS adds none) and then the answer's
+    assert lp["text_offset"][n] == len("Say something.")
+    streamed = _complete(client, echo=True, logprobs=2, stream=True)
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    first = chunks[0]["choices"][0]
+    assert first["text"] == "Say something." and first["logprobs"]["token_logprobs"][0] is None
+    assert len(first["logprobs"]["tokens"]) == n
+    tokens = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
+    assert tokens == lp["tokens"]
+    many = _complete(client, echo=True, logprobs=1, n=2).json()["choices"]
+    assert [c["logprobs"]["tokens"][:n] for c in many] == [lp["tokens"][:n]] * 2
 
 
 def test_a_prompt_of_token_ids_is_taken_as_it_is(served):
@@ -324,9 +360,12 @@ def test_n_choices_per_prompt(served):
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert all(c["message"]["content"] == greedy for c in body["choices"])  # greedy: three times the same
     assert body["usage"]["completion_tokens"] == 18 and body["usage"]["prompt_tokens"] == 3 * len(served[2][0])
+    engine = client.app.state.engine.engine
+    shared = engine.stats()["shared_prefills"]
     sampled = _chat(client, n=4, ignore_eos=True, temperature=1.0, seed=7).json()["choices"]
     texts = [c["message"]["content"] for c in sampled]
     assert len(set(texts)) > 1  # each choice samples on its own (seed + its index)
+    assert engine.stats()["shared_prefills"] == shared + 3  # from one prefill of the prompt
     again = _chat(client, n=4, ignore_eos=True, temperature=1.0, seed=7).json()["choices"]
     assert [c["message"]["content"] for c in again] == texts  # and reproducibly
     first = _chat(client, ignore_eos=True, temperature=1.0, seed=7).json()["choices"][0]["message"]["content"]

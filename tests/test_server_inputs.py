@@ -44,6 +44,9 @@ class FakeEngine:
                 pass
         return Job()
 
+    def submit_many(self, requests):
+        return [self.submit(**fields) for fields in requests]
+
     async def stats(self):
         return {}
 

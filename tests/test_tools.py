@@ -75,6 +75,25 @@ def test_a_streamed_call_comes_as_tool_call_deltas(server):
     jsonschema.validate(json.loads(calls[0]["arguments"]), schema)
 
 
+def test_several_streamed_choices_each_come_as_their_own_call(server):
+    client = _client(server)
+    calls, finishes = {}, {}
+    for chunk in client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",
+                                                max_tokens=80, temperature=1.0, seed=9, stream=True, n=3):
+        for choice in chunk.choices:
+            assert not choice.delta.content
+            for d in choice.delta.tool_calls or []:
+                entry = calls.setdefault((choice.index, d.index), {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+            finishes[choice.index] = choice.finish_reason or finishes.get(choice.index)
+    assert finishes == {0: "tool_calls", 1: "tool_calls", 2: "tool_calls"}
+    assert sorted(index for index, _ in calls) == [0, 1, 2]
+    for call in calls.values():
+        schema = next(t for t in TOOLS if t["function"]["name"] == call["name"])["function"]["parameters"]
+        jsonschema.validate(json.loads(call["arguments"]), schema)
+
+
 def test_a_round_trip_call_result_answer(server):
     client = _client(server)
     first = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from collecting import Collector
+from faults import fail_marked_sampling
 from conftest import randomize, tiny_config
 from test_generation import GEN_CASES
 from test_parity import make_inputs
 from mllama import MllamaForConditionalGeneration
-from mllama.engine import choice as choice_module
 from mllama.engine.batch import BatchEngine
 from mllama.engine.requests import GenerationRequest
 from mllama.generation import SamplingParams
@@ -66,21 +66,7 @@ def test_engine_on_graphs_equals_generate_and_failures_stay_alone(served, monkey
     import PIL.Image
 
     model, processor = served
-    real = choice_module.next_tokens
-
-    def next_tokens(logits, seen, params, count, generator, eos=None):
-        if params.top_p == 0.5:
-            raise FloatingPointError("probabilities are not finite")
-        return real(logits, seen, params, count, generator, eos)
-
-    def sample_rows(logits, params, generators):  # batched, it fails for all: then each row goes alone
-        if any(p.top_p == 0.5 for p in params):
-            raise FloatingPointError("probabilities are not finite")
-        return real_rows(logits, params, generators)
-
-    real_rows = choice_module.sample_rows
-    monkeypatch.setattr(choice_module, "next_tokens", next_tokens)
-    monkeypatch.setattr(choice_module, "sample_rows", sample_rows)
+    fail_marked_sampling(monkeypatch)  # the request with top_p 0.5
     engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
                          pages=(64, 64))
     engine.eos = ()  # every request runs to max_tokens, so the answers compare token for token
@@ -110,6 +96,33 @@ def test_engine_on_graphs_equals_generate_and_failures_stay_alone(served, monkey
         # the decode step ran compiled and captured (a failure falls back to eager kernels with a warning)
         assert engine.runner.compile_error is None and engine.runner.calls.compiled
         assert engine.runner.graphs.failed is None and len(engine.runner.graphs)
+    finally:
+        engine.stop()
+
+
+def test_choices_sharing_a_prefill_on_graphs_answer_as_alone(served):
+    """The n choices of one prompt with an image (submit_many, one `share`): one prefill, its K/V bound to each
+    choice's slot, then decoded on the graphs: greedy choices give generate's tokens alone, sampled ones run
+    beside them, and the engine counts the shared prefills."""
+    import PIL.Image
+
+    model, processor = served
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
+                         pages=(64, 64))
+    engine.eos = ()
+    engine.start()
+    try:
+        ids, inputs = _request(processor, "Four takes on this", PIL.Image.new("RGB", (40, 70), (90, 20, 200)))
+        collectors = [Collector() for _ in range(4)]
+        engine.submit_many([GenerationRequest(prompt_ids=ids, model_inputs=inputs, emit=c, share="one", seed=j,
+                                              params=SamplingParams(max_new_tokens=12, do_sample=j >= 2))
+                            for j, c in enumerate(collectors)])
+        for c in collectors:
+            assert c.done.wait(300), "a request never got its final event"
+            assert c.events[-1].error is None, c.events[-1].error
+        alone = _alone(model, ids, inputs, 12)
+        assert collectors[0].ids == collectors[1].ids == alone and len(collectors[2].ids) == 12
+        assert engine.stats()["shared_prefills"] == 3 and engine.failed is None
     finally:
         engine.stop()
 

@@ -143,6 +143,7 @@ class BatchEngine:
         self.outcomes: collections.Counter = collections.Counter()
         self.tokens_generated = 0
         self.prompt_tokens = 0
+        self.shared_prefills = 0  # requests whose prompt was prefilled once for another that shares it
         self.steps = 0
         self.ttft = Histogram()
         self.itl = Histogram()
@@ -168,12 +169,22 @@ class BatchEngine:
     def submit(self, request: GenerationRequest) -> None:
         """Queues a request or raises QueueFull / EngineStopped / RequestTooLong at once (ValueError for a
         grammar that does not compile)."""
-        self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
-        if request.grammar is not None:
-            request.constraint = Constraint(self.grammars(), request.grammar)
-        request.images = self.describe_images(request.model_inputs)  # (hashing pixels here, not on the engine)
-        self.check_fits(request)
-        self.scheduler.submit(request)
+        self.submit_many([request])
+
+    def submit_many(self, requests: list[GenerationRequest]) -> None:
+        """Queues requests together, or none of them (as submit raises). Those that share a prompt (`share`:
+        the n choices of one) are admitted together as far as free slots allow, and prefilled once."""
+        images = {}
+        for request in requests:
+            self.check_length(len(request.prompt_ids), request.params.max_new_tokens)
+            if request.grammar is not None:
+                request.constraint = Constraint(self.grammars(), request.grammar)
+            key = request.share if request.share is not None else id(request)
+            if key not in images:  # (hashing pixels here, not on the engine; once for a shared prompt)
+                images[key] = self.describe_images(request.model_inputs)
+            request.images = images[key]
+            self.check_fits(request)
+        self.scheduler.submit_many(requests)
 
     def stop(self, deadline: float = 0.0) -> None:
         """Stops taking requests; lets running and queued ones finish for `deadline` seconds, then aborts
@@ -207,6 +218,12 @@ class BatchEngine:
     def _all_cached(self, r: GenerationRequest) -> bool:
         return bool(r.images) and all(key is not None and entry.ready and self.caches.images.enabled
                                       for key, entry in r.holding.images)
+
+    def _cached(self, group: list[tuple[GenerationRequest, int]]) -> bool:
+        """Whether a group is one prompt (one request, or requests that share it) whose images are all cached."""
+        first = group[0][0]
+        one = len(group) == 1 or (first.share is not None and all(r.share == first.share for r, _ in group))
+        return one and self._all_cached(first)
 
     def _reserve(self, r: GenerationRequest) -> bool:
         r.holding = self.caches.reserve(len(r.prompt_ids) + r.params.max_new_tokens, r.images)
@@ -267,7 +284,7 @@ class BatchEngine:
                 "image_cache": {"hits": images.hits, "misses": images.misses, "evictions": images.evictions,
                                 "images": len(images.entries)},
                 "ttft": self.ttft.snapshot(), "itl": self.itl.snapshot(), "busy_seconds": dict(self.busy),
-                "overlapped_prefills": self.overlapped}
+                "overlapped_prefills": self.overlapped, "shared_prefills": self.shared_prefills}
 
     # -------------------------------------------------------------------------------------------------------
     # Engine thread
@@ -405,7 +422,7 @@ class BatchEngine:
         """Queues the group's vision part on the side stream and returns; _complete_pending does the rest."""
         start = time.perf_counter()
         try:
-            prefill = self.prefiller.prepare(group, cached=len(group) == 1 and self._all_cached(group[0][0]))
+            prefill = self.prefiller.prepare(group, cached=self._cached(group))
             overlapped = self.prefiller.encode(prefill, overlap=True)
         except Exception:  # noqa: BLE001 - the plain path finds the request at fault and fails only that one
             self.busy["prefill"] += time.perf_counter() - start
@@ -458,7 +475,7 @@ class BatchEngine:
     def _prefill(self, group: list[tuple[GenerationRequest, int]]) -> None:
         """One forward of the plain model over the group's prompts, left-padded (real tokens keep positions
         0..L-1, so each row computes what it would alone); then each row's K/V go to its slot."""
-        prefill = self.prefiller.prepare(group, cached=len(group) == 1 and self._all_cached(group[0][0]))
+        prefill = self.prefiller.prepare(group, cached=self._cached(group))
         self.prefiller.encode(prefill, overlap=False, between=self._between_images)
         self._complete(prefill)
 
@@ -469,7 +486,7 @@ class BatchEngine:
         cross_mask = p.inputs.get("cross_attention_mask")
         # [rows, N, T]: what every generated token sees
         last_seen = generated_row(cross_mask)[:, 0].cpu() if cross_mask is not None else None
-        for row, (r, slot) in enumerate(p.group):
+        for (r, slot), row in zip(p.group, p.rows):
             self.prefiller.bind(r, slot, cache, row, p.width - p.lengths[row],
                                 None if last_seen is None else last_seen[row], fill=not p.cached)
             r.slot, r.length = slot, p.lengths[row]
@@ -479,7 +496,35 @@ class BatchEngine:
             self.slots[slot] = r
             self.reserved.discard(slot)
             self.prompt_tokens += p.lengths[row]
-        self._sample_and_emit([r for r, _ in p.group], logits)
+            if r.prompt_logprobs is not None:
+                r.pending_logprobs = self._prompt_entries(r)
+        self.shared_prefills += len(p.group) - len(p.lengths)
+        rows = p.rows if len(p.lengths) < len(p.group) else slice(None)
+        self._sample_and_emit([r for r, _ in p.group], logits[rows])
+
+    PROMPT_LOGPROB_ROWS = 512  # prompt positions turned into logprobs at a time (float32 rows of the vocabulary)
+
+    def _prompt_entries(self, r: GenerationRequest) -> list[dict]:
+        """The logprob entries of a request's prompt tokens ({"id", "logprob", "top", "prompt": True}; the first
+        token's logprob and top are None), from a plain forward of the model over the prompt alone (its images
+        included): what scoring a text (echo with logprobs) asks for."""
+        inputs = {name: value.to(self.device) for name, value in r.model_inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        ids = torch.tensor([r.prompt_ids], device=self.device)
+        logits = self.model(input_ids=ids, **inputs).logits[0]
+        entries = [{"id": r.prompt_ids[0], "logprob": None, "top": None, "prompt": True}]
+        for start in range(0, len(r.prompt_ids) - 1, self.PROMPT_LOGPROB_ROWS):
+            rows = torch.log_softmax(logits[start:start + self.PROMPT_LOGPROB_ROWS].float(), dim=-1)
+            following = ids[0, start + 1:start + 1 + rows.shape[0]]
+            vocab = rows.shape[-1]  # (the image token is past it: the model never predicts it, so it has none)
+            chosen = rows.gather(1, following.clamp(max=vocab - 1)[:, None]).squeeze(1).tolist()
+            top = torch.topk(rows, r.prompt_logprobs, dim=-1) if r.prompt_logprobs else None
+            values, where = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+            for i, token in enumerate(following.tolist()):
+                entries.append({"id": token, "logprob": chosen[i] if token < vocab else None, "prompt": True,
+                                "top": list(zip(where[i], values[i])) if top is not None else []})
+        return entries
 
     def _between_images(self) -> None:
         """A decode step of the running batch between two requests' images of a group prefill."""

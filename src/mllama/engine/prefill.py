@@ -22,8 +22,10 @@ from .requests import GenerationRequest
 
 @dataclass
 class Prefill:
-    """A prefill between its vision part (maybe still running on the side stream) and its text part."""
+    """A prefill between its vision part (maybe still running on the side stream) and its text part. `rows`:
+    each request's row in the batch (requests that share a prompt share a row); `lengths`: each row's."""
     group: list
+    rows: list[int]
     lengths: list[int]
     width: int
     ids: torch.Tensor
@@ -53,7 +55,17 @@ class Prefiller:
 
     def prepare(self, group: list[tuple[GenerationRequest, int]], cached: bool = False) -> Prefill:
         """The group's prompts left-padded to one width (real tokens keep positions 0..L-1, so each row computes
-        what it would alone) and its image inputs, on the device."""
+        what it would alone) and its image inputs, on the device: one row for the requests that share a prompt
+        (GenerationRequest.share)."""
+        rows_of: dict = {}
+        rows = [rows_of.setdefault(r.share if r.share is not None else id(r), len(rows_of)) for r, _ in group]
+        first = {row: i for i, row in reversed(list(enumerate(rows)))}
+        unique = [group[first[row]] for row in range(len(rows_of))]
+        prefill = self._batch(unique, cached)
+        prefill.group, prefill.rows = group, rows
+        return prefill
+
+    def _batch(self, group: list[tuple[GenerationRequest, int]], cached: bool) -> Prefill:
         lengths = [len(r.prompt_ids) for r, _ in group]
         # Widths rounded up (more left padding, exact): attention kernels that build a plan per shape (cuDNN's,
         # 150-1200 ms each on the H200) then meet a few widths again and again, not a new one per prompt length.
@@ -74,7 +86,7 @@ class Prefiller:
         inputs = {name: value.to(self.device) for name, value in inputs.items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return Prefill(group, lengths, width, ids.to(self.device), mask.to(self.device),
+        return Prefill(group, list(range(rows)), lengths, width, ids.to(self.device), mask.to(self.device),
                        positions.to(self.device), inputs, ratio_mask_host=ratio_mask_host, ids_host=ids, cached=cached)
 
     def encode(self, p: Prefill, overlap: bool, between: Callable[[], None] | None = None) -> bool:
@@ -120,7 +132,7 @@ class Prefiller:
     def text_part(self, p: Prefill) -> tuple[torch.Tensor, MllamaCache]:
         """The text part of a prefill (the whole forward if nothing was encoded before): -> (last-row logits,
         the prompts' cache)."""
-        group, width = p.group, p.width
+        group, width, rows = p.group, p.width, len(p.lengths)
         if p.ready is not None:  # encoded on the side stream: this stream waits for it, then owns the tokens
             torch.cuda.current_stream().wait_event(p.ready)
             p.states.record_stream(torch.cuda.current_stream())
@@ -143,10 +155,10 @@ class Prefiller:
             # one-request prefills only: a group's text part as a graph too was measured no faster (its launches
             # overlap the last image's encoder work; bench/results/2026-11-29-h200-serve-load-s5-group-prefill-
             # graphs.json), and its graphs' outputs would hold rows x 210 MB each
-            replayed = self.prefill_graphs(*given) if self.prefill_graphs is not None and len(group) == 1 else None
+            replayed = self.prefill_graphs(*given) if self.prefill_graphs is not None and rows == 1 else None
             logits, cache = replayed if replayed is not None else text_prefill(self.model, *given)
         else:  # inputs the encoder path left alone (a model without a vision encoder): the model's own forward
-            cache = MllamaCache.allocate(self.model.config, len(group), width, self.device, self.dtype)
+            cache = MllamaCache.allocate(self.model.config, rows, width, self.device, self.dtype)
             logits = self.model(input_ids=p.ids, attention_mask=p.mask, position_ids=p.positions, cache=cache,
                                 use_cache=True, logits_to_keep=1, **p.inputs).logits[:, -1]
         return logits, cache

@@ -46,9 +46,14 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
+    # the prompt's tokens' logprobs too (k most likely each; the first token has none), sent before the answer's
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True  # in the text sent (the token ids are sent whole)
     end_tokens: tuple[int, ...] | None = None  # the tokens that end it (None: the engine's end tokens)
     grammar: str | None = None  # what the answer must follow (constraints.Grammars.compile), or None
+    # Requests with the same `share` (not None) have the same prompt and inputs (the n choices of one prompt):
+    # submitted together (submit_many), they are admitted together when the slots allow and prefilled once.
+    share: Any = None
     # --- engine state (engine thread only, except `cancelled`)
     cancelled: bool = False
     slot: int = -1

@@ -3,7 +3,8 @@ and cancellation.
 
 Plain Python, no torch: what the scheduler must know of a request (how many images it has, whether its pages can
 be taken now, whether it needs no vision encoder) the engine passes in as functions, so the rules are tested on
-fake requests (tests/test_scheduler.py). A request needs only `cancelled` (set by any thread) and `slot`.
+fake requests (tests/test_scheduler.py). A request needs only `cancelled` (set by any thread) and `slot` (and
+may have `share`).
 The queue is shared with the threads that submit (under `lock`); the slots belong to the engine thread.
 """
 from __future__ import annotations
@@ -51,6 +52,10 @@ class Scheduler:
 
     def submit(self, request) -> None:
         """Queues a request, or raises EngineStopped / QueueFull at once."""
+        self.submit_many([request])
+
+    def submit_many(self, requests: list) -> None:
+        """Queues requests together (none is taken before the last is queued), or raises for them all."""
         with self.lock:
             if self.failed is not None:
                 raise EngineStopped(f"the engine failed: {self.failed}")
@@ -58,10 +63,12 @@ class Scheduler:
                 raise EngineStopped("the server is shutting down")
             # Requests that a free slot takes at the next step are not queued in any real sense.
             free = sum(r is None for r in self.slots)
-            if len(self.waiting) >= self.max_queue + free:
+            if len(self.waiting) + len(requests) > self.max_queue + free:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting already (--max-queue {self.max_queue})")
-            request.submitted = time.monotonic()
-            self.waiting.append(request)
+            now = time.monotonic()
+            for request in requests:
+                request.submitted = now
+                self.waiting.append(request)
             self.lock.notify()
 
     def wake(self) -> None:
@@ -87,8 +94,10 @@ class Scheduler:
         requests. `reserve` takes a request's pages: a request whose pages are not free ends the group, and
         it and the requests behind it wait, in order. A request `alone` says needs no vision encoder (its
         images are cached) is prefilled on its own: if others are in the group already, `release` gives its
-        pages back and it waits for the next group. The caller sets `admitting` back to 0 once the group is in
-        its slots (or failed)."""
+        pages back and it waits for the next group. Waiting requests that `share` a prompt with one in the group
+        (the n choices of a prompt; the engine prefills them once) join it while free slots and pages last,
+        beyond the group's size. The caller sets `admitting` back to 0 once the group is in its slots (or
+        failed)."""
         with self.lock:
             free = [i for i, r in enumerate(self.slots) if r is None and i not in self.reserved]
             if not free or not self.waiting:
@@ -111,6 +120,14 @@ class Scheduler:
                         group.append(r)
                     break
                 group.append(r)
+            shares = {r.share for r in group if getattr(r, "share", None) is not None}
+            for r in list(self.waiting) if shares else ():
+                if len(group) == len(free):
+                    break
+                if r not in group and getattr(r, "share", None) in shares:
+                    if not reserve(r):
+                        break
+                    group.append(r)
             for r in group:
                 self.waiting.remove(r)
             self.admitting = len(group)

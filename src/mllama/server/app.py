@@ -6,6 +6,8 @@ field at fault (pydantic's 422 lists would not be what OpenAI clients expect).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import json
 import logging
 import multiprocessing
@@ -419,6 +421,7 @@ class Parsed:
     frequency_penalty: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # vLLM's: they end the answer as the end token does
     echo: str | None = ""  # /v1/completions' echo: the prompt text, put before the answer's
+    prompt_logprobs: int | None = None  # echo with logprobs: the prompt tokens' logprobs come first
     response_format: Any = None  # as sent; compiled by constraints.Grammars before the request is submitted
     tools: Tools | None = None  # chat's tools (server.tools), None without them or with tool_choice "none"
     n: int = 1  # choices per prompt
@@ -495,8 +498,6 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
 def parse_common(body: dict, chat: bool) -> Parsed:
     check_fields(body, chat)
     n = _int(body, "n", 1, MAX_CHOICES, 1)
-    if n > 1 and chat and body.get("tools") and body.get("stream"):
-        raise RequestError("n above 1 with tools cannot be streamed yet: send stream false, or n 1", "n")
     if body.get("best_of") not in (None, 1):
         raise RequestError("best_of must be 1", "best_of")
     max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
@@ -542,6 +543,7 @@ def parse_common(body: dict, chat: bool) -> Parsed:
                   presence_penalty=_float(body, "presence_penalty", -2.0, 2.0) or 0.0,
                   frequency_penalty=_float(body, "frequency_penalty", -2.0, 2.0) or 0.0,
                   stop_token_ids=_token_ids(body, "stop_token_ids"), echo=echo, n=n,
+                  prompt_logprobs=logprobs if echo != "" and logprobs is not None else None,
                   response_format=_response_format(body))
 
 
@@ -554,14 +556,17 @@ def _response_format(body: dict) -> Any:
     return None if schema is None else body["response_format"]
 
 
+def _prompt_part(entries: list[dict]) -> tuple[list[dict], list[dict]]:
+    """A first event's logprob entries split into the prompt's (echo with logprobs) and the answer's."""
+    prompt = [e for e in entries if e.get("prompt")]
+    return prompt, entries[len(prompt):]
+
+
 def _echo(body: dict, logprobs: int | None) -> str | None:
     """/v1/completions' echo: the prompt text to put before the answer ("" without echo, None for a prompt of
     token ids: their text, decode_parts fills it in)."""
     if not _flag(body, "echo", False):
         return ""
-    if logprobs is not None:
-        raise RequestError("echo with logprobs is not supported yet (it would need the prompt tokens' logprobs): "
-                           "send one of them", "echo")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):  # one prompt in a list
         prompt = prompt[0]
@@ -910,7 +915,7 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             job = engine.submit(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
                                 seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
                                 skip_special_tokens=parsed.skip_special_tokens, end_tokens=params.eos_token_id,
-                                grammar=grammar)
+                                grammar=grammar, prompt_logprobs=parsed.prompt_logprobs)
         except (QueueFull, EngineStopped, RequestTooLong) as e:
             return submit_refusal(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -932,8 +937,9 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
     async def handle_many(request: Request, chat: bool, parsed: Parsed, ids: list[int], inputs: dict, params,
                           grammar: str | None, arrival: float):
         """Several choices: n per prompt, and on /v1/completions one prompt or several. One engine request per
-        choice (submitted together, refused together), the choices indexed prompt by prompt, n each; with a
-        seed, choice j of a prompt samples with seed + j. Their events come tagged with the choice's index."""
+        choice (submitted together, refused together; a prompt's n choices share its prefill), the choices
+        indexed prompt by prompt, n each; with a seed, choice j of a prompt samples with seed + j. Their events
+        come tagged with the choice's index."""
         queue: asyncio.Queue = asyncio.Queue()
         group = _Jobs()
         first = [True]
@@ -949,16 +955,19 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         prompts = parsed.prompts or [ids]
         echoes = parsed.echoes or [parsed.echo or ""] * len(prompts)
         wanted = [(prompt, echo, j) for prompt, echo in zip(prompts, echoes) for j in range(parsed.n)]
+        share = uuid.uuid4().hex  # the n choices of a prompt share its prefill (BatchEngine.submit_many)
+        choices = []
+        for index, (prompt, _, j) in enumerate(wanted):
+            seed = None if parsed.seed is None else (parsed.seed + j - SEED_RANGE[0]) % SEED_SPAN + SEED_RANGE[0]
+            choices.append(dict(prompt_ids=prompt, params=params, stop=parsed.stop, seed=seed,
+                                model_inputs=inputs if parsed.prompts is None else {}, logprobs=parsed.logprobs,
+                                emit=emitter(index), skip_special_tokens=parsed.skip_special_tokens,
+                                end_tokens=params.eos_token_id, grammar=grammar,
+                                share=f"{share}-{index // parsed.n}" if parsed.n > 1 else None,
+                                prompt_logprobs=parsed.prompt_logprobs))
         try:
-            for index, (prompt, _, j) in enumerate(wanted):
-                seed = None if parsed.seed is None else (parsed.seed + j - SEED_RANGE[0]) % SEED_SPAN + SEED_RANGE[0]
-                group.jobs.append(engine.submit(prompt_ids=prompt, params=params, stop=parsed.stop, seed=seed,
-                                                model_inputs=inputs if parsed.prompts is None else {},
-                                                logprobs=parsed.logprobs, emit=emitter(index),
-                                                skip_special_tokens=parsed.skip_special_tokens,
-                                                end_tokens=params.eos_token_id, grammar=grammar))
+            group.jobs.extend(engine.submit_many(choices))
         except (QueueFull, EngineStopped, RequestTooLong) as e:
-            group.cancel()
             return submit_refusal(e)
         rid, created = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex, int(time.time())
         echoes = [echo for _, echo, _ in wanted]
@@ -1030,19 +1039,43 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
                 payload["usage"] = None
             return f"data: {json.dumps(payload)}\n\n"
 
+        def call_piece(index: int, calls: list[dict]) -> str:
+            deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+            payload = {"id": rid, "object": kind, "created": created, "model": options.model_name,
+                       "choices": [{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None,
+                                    "finish_reason": None}]}
+            if parsed.include_usage:
+                payload["usage"] = None
+            return f"data: {json.dumps(payload)}\n\n"
+
+        # tools: each choice's answer is held until it shows whether it is a call (_HeldAnswer)
+        held = [_HeldAnswer(parsed.tools, functools.partial(piece, index), functools.partial(call_piece, index))
+                for index in range(count)] if chat and parsed.tools is not None else None
         finished = False
         try:
+            scored = parsed.prompt_logprobs is not None  # the echo goes with its logprobs, in the first event
             for index, echo in enumerate(echoes):
-                if chat or echo:
+                if chat or (echo and not scored):
                     yield piece(index, None if chat else echo, None, [])
+            echoed = [not scored] * count
             while any(final is None for final in finals):
                 index, ev = await queue.get()
+                if not echoed[index] and not ev.error:
+                    echoed[index] = True
+                    prompt, rest = _prompt_part(ev.logprobs)
+                    yield piece(index, echoes[index], None, prompt)
+                    offsets[index] += len(echoes[index])
+                    ev = dataclasses.replace(ev, logprobs=rest)
                 if ev.error:
                     error = {"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                        "param": None, "code": None}}
                     yield f"data: {json.dumps(error)}\n\n"
                     break
-                if ev.text or ev.logprobs or ev.finish_reason:
+                if held is not None:
+                    held[index].add(ev)
+                    for chunk in held[index].ready(ev.finish_reason):
+                        yield chunk
+                elif ev.text or ev.logprobs or ev.finish_reason:
                     yield piece(index, ev.text, ev.finish_reason, ev.logprobs)
                     offsets[index] += len(ev.text)
                 if ev.finish_reason:
@@ -1072,11 +1105,12 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             return out
         tokens = [token_text(e["id"]) for e in entries]
         offsets, pos = [], offset
-        for t in tokens:
+        for e in entries:  # where each token's text starts in the choice's text (special tokens add none)
             offsets.append(pos)
-            pos += len(t)
+            pos += len(tokenizer.decode([e["id"]], skip_special_tokens=True))
         return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{token_text(i): lp for i, lp in e["top"]} for e in entries],
+                "top_logprobs": [None if e["top"] is None else {token_text(i): lp for i, lp in e["top"]}
+                                 for e in entries],
                 "text_offset": offsets}
 
     async def collect(request: Request, job, events: asyncio.Queue, rid: str, created: int,
@@ -1173,12 +1207,19 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
         held = _HeldAnswer(parsed.tools, text_chunk, call_chunk) if chat and parsed.tools is not None else None
         finished = False
         try:
+            scored = parsed.prompt_logprobs is not None  # the echo goes with its logprobs, in the first event
             if chat:
                 yield chunk("", None, [], first=True)
-            elif parsed.echo:
+            elif parsed.echo and not scored:
                 yield chunk(parsed.echo, None, [])
             while True:
                 ev = _merge_ready(await events.get(), events)
+                if scored and not ev.error:
+                    scored = False
+                    prompt, rest = _prompt_part(ev.logprobs)
+                    yield chunk(parsed.echo, None, prompt)
+                    offset += len(parsed.echo)
+                    ev = dataclasses.replace(ev, logprobs=rest)
                 if ev.error or ev.finish_reason:
                     request.state.usage = (ev.prompt_tokens, ev.completion_tokens)
                 if ev.error:

@@ -198,20 +198,27 @@ def _engine_main(conn, spec: dict) -> None:
         except (EOFError, OSError):  # the server is gone: nobody to answer
             break
         kind = message[0]
-        if kind == "submit":
-            rid, fields = message[1], message[2]
-            request = GenerationRequest(prompt_ids=fields["prompt_ids"], params=fields["params"],
-                                        model_inputs=unpack_tensors(fields["model_inputs"]), stop=fields["stop"],
-                                        seed=fields["seed"], logprobs=fields["logprobs"], emit=emitter(rid),
-                                        skip_special_tokens=fields["skip_special_tokens"],
-                                        end_tokens=fields["end_tokens"], grammar=fields["grammar"])
-            requests[rid] = request
+        if kind == "submit":  # several requests, queued together (the choices of one request)
+            batch, unpacked = [], {}
+            for rid, fields in message[1]:
+                share = fields["share"]
+                if share is None or share not in unpacked:  # (a shared prompt's inputs unpacked once)
+                    unpacked[share] = unpack_tensors(fields["model_inputs"])
+                request = GenerationRequest(prompt_ids=fields["prompt_ids"], params=fields["params"],
+                                            model_inputs=unpacked[share], stop=fields["stop"],
+                                            seed=fields["seed"], logprobs=fields["logprobs"], emit=emitter(rid),
+                                            skip_special_tokens=fields["skip_special_tokens"],
+                                            end_tokens=fields["end_tokens"], grammar=fields["grammar"], share=share,
+                                            prompt_logprobs=fields["prompt_logprobs"])
+                requests[rid] = request
+                batch.append(request)
             try:
                 if stopper is not None:  # the server sends none after "stop"; were one to come, it would not wait
                     raise EngineStopped("the server is shutting down")
-                engine.submit(request)
+                engine.submit_many(batch)
             except Exception as e:  # noqa: BLE001 - the server checked these first; report, keep serving
-                request.emit(Event(error=f"{type(e).__name__}: {e}"))
+                for request in batch:
+                    request.emit(Event(error=f"{type(e).__name__}: {e}"))
         elif kind == "cancel":
             request = requests.get(message[1])
             if request is not None:
@@ -316,26 +323,42 @@ class EngineProcess:
 
     def submit(self, *, prompt_ids: list[int], params, model_inputs: dict, stop: tuple[str, ...], seed: int | None,
                logprobs: int | None, emit: Callable[[Event], None], skip_special_tokens: bool = True,
-               end_tokens: tuple[int, ...] | None = None, grammar: str | None = None) -> _Handle:
+               end_tokens: tuple[int, ...] | None = None, grammar: str | None = None,
+               prompt_logprobs: int | None = None) -> _Handle:
         """On the event loop. Raises EngineStopped, RequestTooLong or QueueFull at once; `emit` is then called on
         the loop for every event of the request."""
+        return self.submit_many([dict(prompt_ids=prompt_ids, params=params, model_inputs=model_inputs, stop=stop,
+                                      seed=seed, logprobs=logprobs, emit=emit, skip_special_tokens=skip_special_tokens,
+                                      end_tokens=end_tokens, grammar=grammar, prompt_logprobs=prompt_logprobs)])[0]
+
+    def submit_many(self, requests: list[dict]) -> list[_Handle]:
+        """submit's keyword arguments for each of several requests (and `share`: BatchEngine.submit_many), queued
+        together or refused together."""
         if self.failed is not None:
             raise EngineStopped(self.failed)
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
-        self.check_length(len(prompt_ids), params.max_new_tokens)
-        if self.inflight >= self.max_batch + self.max_queue:
+        for fields in requests:
+            self.check_length(len(fields["prompt_ids"]), fields["params"].max_new_tokens)
+        if self.inflight + len(requests) > self.max_batch + self.max_queue:
             raise QueueFull(f"{self.inflight} requests are running or waiting already (--max-batch {self.max_batch}"
                             f" + --max-queue {self.max_queue})")
         self.loop = self.loop or asyncio.get_running_loop()
-        rid = next(self._ids)
-        self.requests[rid] = emit
-        self.inflight += 1
-        self.outgoing.put(("submit", rid, {"prompt_ids": prompt_ids, "params": params, "model_inputs": model_inputs,
-                                           "stop": stop, "seed": seed, "logprobs": logprobs,
-                                           "skip_special_tokens": skip_special_tokens, "end_tokens": end_tokens,
-                                           "grammar": grammar}))
-        return _Handle(self, rid, logprobs)
+        handles, sent, shared = [], [], set()
+        for fields in requests:
+            rid = next(self._ids)
+            fields = dict(fields)
+            self.requests[rid] = fields.pop("emit")
+            fields.setdefault("share", None)
+            fields.setdefault("prompt_logprobs", None)
+            if fields["share"] is not None and fields["share"] in shared:
+                fields["model_inputs"] = {}  # the first request of a shared prompt carries its inputs
+            shared.add(fields["share"])
+            sent.append((rid, fields))
+            handles.append(_Handle(self, rid, fields["logprobs"]))
+        self.inflight += len(requests)
+        self.outgoing.put(("submit", sent))
+        return handles
 
     async def stats(self) -> dict:
         """The engine's counters; the last ones seen if it does not answer within 5 s (or has stopped)."""
@@ -510,15 +533,25 @@ class LocalEngine:
 
     def submit(self, *, prompt_ids, params, model_inputs, stop, seed, logprobs, emit,
                skip_special_tokens: bool = True, end_tokens: tuple[int, ...] | None = None,
-               grammar: str | None = None) -> GenerationRequest:
+               grammar: str | None = None, prompt_logprobs: int | None = None) -> GenerationRequest:
+        return self.submit_many([dict(prompt_ids=prompt_ids, params=params, model_inputs=model_inputs, stop=stop,
+                                      seed=seed, logprobs=logprobs, emit=emit, skip_special_tokens=skip_special_tokens,
+                                      end_tokens=end_tokens, grammar=grammar, prompt_logprobs=prompt_logprobs)])[0]
+
+    def submit_many(self, requests: list[dict]) -> list[GenerationRequest]:
         loop = asyncio.get_running_loop()
         dispatcher = self._dispatchers.setdefault(id(loop), _Dispatcher(loop))
-        request = GenerationRequest(prompt_ids=prompt_ids, params=params, model_inputs=unpack_tensors(model_inputs),
-                                    stop=stop, seed=seed, logprobs=logprobs, skip_special_tokens=skip_special_tokens,
-                                    end_tokens=end_tokens, grammar=grammar,
-                                    emit=lambda event: dispatcher.post(emit, event))
-        self.engine.submit(request)
-        return request
+        made, unpacked = [], {}
+        for fields in requests:
+            fields = dict(fields)
+            emit, share = fields.pop("emit"), fields.pop("share", None)
+            if share is None or share not in unpacked:
+                unpacked[share] = unpack_tensors(fields["model_inputs"])
+            fields["model_inputs"] = unpacked[share]
+            made.append(GenerationRequest(**fields, share=share,
+                                          emit=lambda event, emit=emit: dispatcher.post(emit, event)))
+        self.engine.submit_many(made)
+        return made
 
     async def stats(self) -> dict[str, Any]:
         return self.engine.stats()
