@@ -189,3 +189,34 @@ def test_the_engine_honours_bad_words_ids_as_generate_does(loaded):
         assert c.events[-1].error is None and c.ids == expected
     finally:
         engine.stop()
+
+
+def test_a_failing_grammar_engine_ends_only_the_constrained_requests(loaded, monkeypatch):
+    pytest.importorskip("llguidance")
+    from mllama import constraints
+
+    model, processor = loaded
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=128).start()
+    try:
+        grammar = engine.grammars().compile({"type": "json_object"})
+
+        real, calls = constraints.Masks.fill, []
+
+        def fill(self, *args):  # the prefill's mask is made; the first decode step's fails
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("the mask failed")
+            return real(self, *args)
+
+        monkeypatch.setattr(constraints.Masks, "fill", fill)
+        ids = _prompt(processor, "Two requests")
+        bound, plain = Collector(), Collector()
+        engine.submit_many([GenerationRequest(prompt_ids=ids, emit=bound, grammar=grammar,
+                                              params=SamplingParams(max_new_tokens=6)),
+                            GenerationRequest(prompt_ids=ids, emit=plain, params=SamplingParams(max_new_tokens=6))])
+        _wait([bound, plain])
+        assert "sampling failed: RuntimeError: the mask failed" in bound.events[-1].error
+        assert plain.events[-1].error is None and plain.ids == _greedy_alone(model, ids, 6)[:len(plain.ids)]
+        assert engine.failed is None
+    finally:
+        engine.stop()

@@ -112,7 +112,10 @@ class Chooser:
     def _special(self, requests, special, logits, positions, out, failed) -> None:
         device = logits.device
         scores = logits[on_device([positions[i] for i in special], device)]  # [len(special), vocab]
-        self._mask(requests, special, scores, failed)
+        try:
+            self._mask(requests, special, scores, failed)
+        except Exception as e:  # noqa: BLE001 - the grammar engine failed: its rows end, the batch goes on
+            failed.update((i, e) for i in special if requests[i].constraint is not None)
         kinds = {i: kind_of(requests[i], len(requests[i].generated)) for i in special}
         for kind in ("argmax", "sample"):
             rows = [j for j, i in enumerate(special) if kinds[i] == kind and i not in failed]

@@ -78,6 +78,11 @@ def unsupported(model: nn.Module) -> str | None:
                "attn_implementation is 'eager' (set_attn_implementation('sdpa') allows them)"
     if getattr(text, "rope_parameters", {}).get("rope_type") == "dynamic":
         return "the fast path and the serving engine capture fixed RoPE frequencies, and this model's RoPE is 'dynamic'"
+    adapted = next((name for name, module in model.named_modules() if hasattr(module, "base_layer")), None)
+    if adapted is not None:
+        return f"the fast path and the serving engine fuse the projections' weights, and this model has adapter " \
+               f"layers ({adapted}): generate with fast=False, or merge the adapters into the weights first " \
+               f"(merge_and_unload())"
     return None
 
 

@@ -246,6 +246,36 @@ class MllamaPreTrainedModel(nn.Module):
     def can_generate(cls) -> bool:
         return callable(getattr(cls, "generate", None))
 
+    # Adapters (transformers' PeftAdapterMixin names; mllama.adapters, through peft)
+
+    def load_adapter(self, path, adapter_name: str = "default", is_trainable: bool = False, **hub_kwargs) -> None:
+        from ..adapters import load_adapter
+        load_adapter(self, path, adapter_name, is_trainable, **hub_kwargs)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        from ..adapters import set_adapter
+        set_adapter(self, adapter_name)
+
+    def active_adapters(self) -> list[str]:
+        from ..adapters import active_adapters
+        return active_adapters(self)
+
+    def enable_adapters(self) -> None:
+        from ..adapters import enable_adapters
+        enable_adapters(self, True)
+
+    def disable_adapters(self) -> None:
+        from ..adapters import enable_adapters
+        enable_adapters(self, False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        from ..adapters import delete_adapter
+        delete_adapter(self, adapter_name)
+
+    def merge_and_unload(self) -> "MllamaPreTrainedModel":
+        from ..adapters import merge_and_unload
+        return merge_and_unload(self)
+
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())

@@ -149,6 +149,12 @@ def run_layer(owner: nn.Module, layer: nn.Module, *args, attentions: list | None
     return result[0]
 
 
+def wrapped(projection: nn.Module) -> bool:
+    """Whether an adapter wraps a projection (peft's layers keep the original as `base_layer`): its output is
+    then more than its weight's product, so a fused matrix made of the weights must not stand in for it."""
+    return hasattr(projection, "base_layer")
+
+
 class MllamaTextMLP(nn.Module):
     def __init__(self, config: MllamaTextConfig):
         super().__init__()
@@ -160,7 +166,7 @@ class MllamaTextMLP(nn.Module):
         self.w13_scale: torch.Tensor | None = None  # its per-channel scales when the layers are FP8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
+        if self.w13 is not None and not wrapped(self.gate_proj):
             gate, up = linear(x, self.w13, self.w13_scale).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
@@ -184,7 +190,7 @@ class MllamaTextSelfAttention(nn.Module):
         self.wqkv_scale: torch.Tensor | None = None  # its per-channel scales when the layers are FP8
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.wqkv is None:
+        if self.wqkv is None or wrapped(self.q_proj):
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
         kv = self.num_kv_heads * self.head_dim
         return linear(x, self.wqkv, self.wqkv_scale).split([self.num_heads * self.head_dim, kv, kv], dim=-1)
