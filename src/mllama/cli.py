@@ -498,6 +498,63 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     mode.add_argument("--sample", action="store_true", help="sample (default: the checkpoint's generation config)")
 
 
+def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from .finetune.train import LORA_TARGETS
+    from .training import PARTS
+
+    p.add_argument("model", help="a checkpoint folder or Hub id")
+    p.add_argument("data", help="JSONL: one {\"messages\": [...]} conversation per line (OpenAI's format)")
+    p.add_argument("--output", required=True, help="folder for checkpoints, the adapter (or model) and the loss curve")
+    p.add_argument("--eval-data", help="JSONL for the eval loss (default: --eval-fraction of DATA)")
+    p.add_argument("--eval-fraction", type=float, default=0.0)
+    p.add_argument("--full", action="store_true", help="train all weights (default: LoRA adapters)")
+    p.add_argument("--freeze", default="", help=f"with --full, parts that stay frozen: comma-separated, of "
+                                                f"{', '.join(PARTS)}")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--max-length", type=int, default=2048, help="longer conversations are bad lines")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--save-every", type=int, default=0, help="a checkpoint every N optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--merge", action="store_true", help="write the model with the adapter merged, not the adapter")
+    p.add_argument("--strict", action="store_true", help="a bad line stops the run (default: reported, skipped)")
+    p.add_argument("--allow-image-urls", action="store_true", help="fetch http(s) image URLs in the data")
+    p.add_argument("--log-every", type=int, default=1)
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from .finetune.train import FinetuneError, Options, train
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in text.split(",") if n.strip())
+
+    options = Options(model=args.model, data=args.data, output=args.output, eval_data=args.eval_data,
+                      eval_fraction=args.eval_fraction, full=args.full, freeze=names(args.freeze),
+                      lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      lora_targets=names(args.lora_targets), lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_steps=args.warmup_steps, epochs=args.epochs, max_steps=args.max_steps,
+                      batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+                      dtype=args.dtype, device=args.device, gradient_checkpointing=not args.no_gradient_checkpointing,
+                      save_every=args.save_every, resume=args.resume, seed=args.seed, merge=args.merge,
+                      strict=args.strict, allow_image_urls=args.allow_image_urls, log_every=args.log_every)
+    try:
+        train(options)
+    except FinetuneError as e:
+        raise CliError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision in plain PyTorch")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -536,6 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="Meta's tokenizer.model (default: the one in the llama-models package)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_create_tiny)
+
+    p = sub.add_parser("finetune", help="LoRA (or --full) fine-tuning on JSONL chat conversations")
+    _add_finetune_args(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     try:
