@@ -10,19 +10,25 @@
   uninterrupted run.
 - At the end: DIR/loss_curve.png (train and eval), DIR/history.json, and the adapter (peft's format) or, with
   `merge` or `full`, a plain checkpoint in the published layout with the processor's files.
+- Under torchrun: data parallel. Each rank holds the whole model and takes its share of every micro-batch of
+  batch_size x ranks samples; the gradients are summed across ranks (gloo on the CPU, NCCL on GPUs). The loss
+  of an optimizer step is its label tokens' mean over all its micro-batches and ranks, so a run on N ranks
+  follows the single-process run with N times the batch size. Rank 0 logs, evaluates and writes.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..training import PARTS, set_trainable
+from ..training import IGNORE_INDEX, PARTS, set_trainable
 from .data import collate, read_examples
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,6 +36,29 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class FinetuneError(ValueError):
     """A problem with the options or the data, said in one line."""
+
+
+@dataclass
+class Ranks:
+    """This process's place in a torchrun launch (rank 0 of 1 without one)."""
+    rank: int = 0
+    world: int = 1
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+
+def _ranks() -> Ranks:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Ranks(dist.get_rank(), world)
 
 
 @dataclass
@@ -98,7 +127,7 @@ def _load(options: Options):
     from .. import MllamaForConditionalGeneration
     from ..processing.processor import AutoProcessor
 
-    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = options.device or (f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, options.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     model = MllamaForConditionalGeneration.from_pretrained(options.model, dtype=dtype, device_map=device)
     return model, AutoProcessor.from_pretrained(options.model), torch.device(device)
@@ -155,9 +184,31 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _micro_batches(train: list, options: Options, epoch: int) -> list[list]:
+def _micro_batches(train: list, options: Options, epoch: int, ranks: Ranks) -> list[list]:
+    """This rank's share of each micro-batch of an epoch (batch_size x ranks samples of a seeded permutation;
+    the last ones may leave a rank nothing)."""
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(options.seed * 1000 + epoch)).tolist()
-    return [[train[i] for i in order[k:k + options.batch_size]] for k in range(0, len(order), options.batch_size)]
+    size = options.batch_size * ranks.world
+    return [[train[i] for i in order[k:k + size][ranks.rank::ranks.world]] for k in range(0, len(order), size)]
+
+
+def _optimizer_step(model, group: list[list], processor, device, dtype, params: dict, ranks: Ranks) -> float:
+    """The gradients of one optimizer step's micro-batches (summed over ranks); returns its loss: the mean over
+    every label token of the step, on every rank."""
+    batches = [_to(collate(micro, processor), device, dtype) for micro in group if micro]
+    tokens = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)))
+    total = max(1.0, float(ranks.all_sum(tokens)))
+    loss_sum = torch.zeros(())
+    for batch in batches:
+        loss = model(**batch, num_items_in_batch=total).loss
+        loss.backward()
+        loss_sum += loss.detach().float().cpu()
+    if ranks.world > 1:
+        for p in params.values():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            ranks.all_sum(p.grad)
+    return float(ranks.all_sum(loss_sum))
 
 
 def _to(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -203,16 +254,19 @@ def _evaluate(model, evals: list, processor, options: Options, device, dtype) ->
 def train(options: Options) -> dict:
     """Runs a fine-tuning; returns what it did (steps, losses, where it wrote)."""
     check(options)
+    ranks = _ranks()
+    if ranks.rank:
+        options = replace(options, log=io.StringIO())  # rank 0 speaks for all
     output = Path(options.output)
     output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(options.seed)
+    torch.manual_seed(options.seed)  # (the same adapters' start on every rank)
     model, processor, device = _load(options)
     dtype = model.dtype
     train_set, evals = _examples(options, processor)
     model = _adapt(model, options)
     params = _trainable(model)
     optimizer = torch.optim.AdamW(params.values(), lr=options.lr, weight_decay=options.weight_decay)
-    per_epoch = math.ceil(math.ceil(len(train_set) / options.batch_size) / options.grad_accum)
+    per_epoch = math.ceil(math.ceil(len(train_set) / (options.batch_size * ranks.world)) / options.grad_accum)
     total = options.max_steps or per_epoch * options.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, options.warmup_steps, total))
     step, history = 0, {"train": [], "eval": []}
@@ -234,15 +288,11 @@ def train(options: Options) -> dict:
     started, done_samples, first_step = time.perf_counter(), 0, step
     while step < total:
         epoch, into = divmod(step, per_epoch)
-        batches = _micro_batches(train_set, options, epoch)[into * options.grad_accum:]
+        batches = _micro_batches(train_set, options, epoch, ranks)[into * options.grad_accum:]
         for k in range(0, len(batches), options.grad_accum):
             group = batches[k:k + options.grad_accum]
-            loss_sum = 0.0
-            for micro in group:
-                loss = model(**_to(collate(micro, processor), device, dtype)).loss / len(group)
-                loss.backward()
-                loss_sum += float(loss.detach())
-                done_samples += len(micro)
+            loss_sum = _optimizer_step(model, group, processor, device, dtype, params, ranks)
+            done_samples += sum(len(micro) for micro in group) * ranks.world
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -255,13 +305,23 @@ def train(options: Options) -> dict:
                 _log(options, f"step {step}/{total}  loss {loss_sum:.4f}  lr {scheduler.get_last_lr()[0]:.2e}  "
                               f"{rate:.2f} samples/s  ETA {left:.0f} s")
             if options.save_every and step % options.save_every == 0 and step < total:
-                history["eval"].append([step, _evaluate(model, evals, processor, options, device, dtype)])
-                _save_checkpoint(output / f"checkpoint-{step}", model, optimizer, scheduler, step, history)
+                if not ranks.rank:
+                    history["eval"].append([step, _evaluate(model, evals, processor, options, device, dtype)])
+                    _save_checkpoint(output / f"checkpoint-{step}", model, optimizer, scheduler, step, history)
+                _barrier(ranks)
             if step >= total:
                 break
-    history["eval"].append([step, _evaluate(model, evals, processor, options, device, dtype)])
-    history["eval"] = [e for e in history["eval"] if e[1] is not None]
-    return _finish(model, processor, options, output, history)
+    if not ranks.rank:
+        history["eval"].append([step, _evaluate(model, evals, processor, options, device, dtype)])
+        history["eval"] = [e for e in history["eval"] if e[1] is not None]
+        result = _finish(model, processor, options, output, history)
+    _barrier(ranks)
+    return result if not ranks.rank else {"steps": step, "history": history, "wrote": None}
+
+
+def _barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        torch.distributed.barrier()
 
 
 def _finish(model, processor, options: Options, output: Path, history: dict) -> dict:
