@@ -14,6 +14,7 @@
 #   structured: bench/structured_bench.py on the random 11B (constrained decoding's cost per step; compile times)
 #   tests+structured: both, in one call
 #   engine:  the serving engine's GPU tests alone (CUDA paths, constrained rows, FP8 pages)
+#   finetune: bench/finetune_bench.py (LoRA training, mllama against transformers + peft; needs peft's wheel)
 set -uo pipefail
 what=$1; out=$2; shift 2
 mkdir -p "$out" /tmp/site
@@ -26,6 +27,8 @@ assets() {
 case $what in
 tests+structured)
   bash "$0" tests "$out"; bash "$0" structured "$out" "$@" ;;
+finetune)
+  python3 bench/finetune_bench.py --out "$out" "$@" 2>&1 | grep -v "^INFO\|Warning\|warn" | tail -20 ;;
 structured)
   assets
   python3 bench/structured_bench.py --tokenizer-from /tmp/tiny --out "$out" "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -30 ;;
