@@ -126,8 +126,8 @@ class Masks:
     """Token masks for up to `rows` constrained rows at a time, over a vocabulary of `vocab` logits.
 
     Bits as llguidance packs them: token t is bit t % 32 of int32 word t // 32. The host fills a (pinned) buffer;
-    the device unpacks it. The buffer is refilled only at the next `apply`, after the caller has waited for the
-    step that read it (its chosen tokens), so one buffer serves every step."""
+    the device unpacks it. The engine fills it again only after it has read the tokens of the step whose choice
+    copied it (their copy is queued behind that one), so one buffer serves every step."""
 
     def __init__(self, grammars: Grammars, rows: int, vocab: int, device):
         self.grammars, self.vocab, self.device = grammars, vocab, torch.device(device)

@@ -199,8 +199,8 @@ def _rows(value, rows: int) -> list:
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> torch.Tensor:
     """One sampled token for each row of `logits` [rows, vocab] under its own params (temperature, top-k, top-p,
-    min-p; nothing else) and generator: what next_tokens gives each row alone, with the distributions computed for all
-    rows at once (rows with a generator then draw one by one; the others together, from the global one)."""
+    min-p; nothing else) and generator: what next_tokens gives each row alone, with the distributions computed
+    for all rows at once (rows with a generator then draw one by one; the others together, from the global one)."""
     scores = filter_logits(logits.float(), [p.temperature for p in params], [p.top_k for p in params],
                            [p.top_p for p in params], [p.min_tokens_to_keep for p in params],
                            [p.min_p for p in params])

@@ -62,15 +62,21 @@ def _alone(model, ids, inputs, max_new_tokens) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def _graph_engine(model, processor) -> BatchEngine:
+    """A started engine on CUDA graphs whose requests all run to max_tokens (no end token), so that the answers
+    compare token for token."""
+    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
+                         pages=(64, 64))
+    engine.eos = ()
+    return engine.start()
+
+
 def test_engine_on_graphs_equals_generate_and_failures_stay_alone(served, monkeypatch):
     import PIL.Image
 
     model, processor = served
     fail_marked_sampling(monkeypatch)  # the request with top_p 0.5
-    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
-                         pages=(64, 64))
-    engine.eos = ()  # every request runs to max_tokens, so the answers compare token for token
-    engine.start()
+    engine = _graph_engine(model, processor)
     try:
         image = PIL.Image.new("RGB", (50, 40), (10, 200, 30))
         cases = [_request(processor, "Plain text first"), _request(processor, "An image here", image),
@@ -107,10 +113,7 @@ def test_choices_sharing_a_prefill_on_graphs_answer_as_alone(served):
     import PIL.Image
 
     model, processor = served
-    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
-                         pages=(64, 64))
-    engine.eos = ()
-    engine.start()
+    engine = _graph_engine(model, processor)
     try:
         ids, inputs = _request(processor, "Four takes on this", PIL.Image.new("RGB", (40, 70), (90, 20, 200)))
         collectors = [Collector() for _ in range(4)]
@@ -133,10 +136,7 @@ def test_engine_image_cache_on_graphs(served):
     import PIL.Image
 
     model, processor = served
-    engine = BatchEngine(model, processor.tokenizer, max_batch=4, max_model_len=256, use_graphs=True,
-                         pages=(64, 64))
-    engine.eos = ()
-    engine.start()
+    engine = _graph_engine(model, processor)
     try:
         image = PIL.Image.new("RGB", (60, 30), (200, 20, 30))
         first, again = _request(processor, "What is it?", image), _request(processor, "What is it? Say more.", image)

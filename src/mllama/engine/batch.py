@@ -614,8 +614,7 @@ class BatchEngine:
             step.done.record()
 
     def _land(self, step: _Step) -> tuple[list[GenerationRequest], list[int]]:
-        """Reads a queued step's tokens (waiting for it) and appends them to its requests that still run (not
-        cancelled, failed or ended meanwhile); returns those requests and their tokens, for _texts."""
+        """Reads a queued step's tokens (waiting for it) and appends them (_append); returns what _texts sends."""
         wait = time.perf_counter()
         if step.done is not None:
             step.done.synchronize()
@@ -623,12 +622,7 @@ class BatchEngine:
         self.busy["decode"] += step.launch_seconds + time.perf_counter() - wait
         chosen = [tokens[r.slot] for r in step.requests]
         entries = step.choice.entries(step.requests, chosen) if step.choice is not None else None
-        live = [i for i, r in enumerate(step.requests) if self.slots[r.slot] is r]
-        requests = [step.requests[i] for i in live]
-        chosen = [chosen[i] for i in live]
-        self._append(requests, chosen, None if entries is None else [entries[i] for i in live])
-        keep = [i for i, r in enumerate(requests) if self.slots[r.slot] is r]
-        return [requests[i] for i in keep], [chosen[i] for i in keep]
+        return self._append(step.requests, chosen, entries)
 
     def _sample_and_emit(self, requests: list[GenerationRequest], logits: torch.Tensor) -> None:
         """The first tokens of prefilled requests: chosen, read and sent at once."""
@@ -637,22 +631,20 @@ class BatchEngine:
         for i, e in choice.failed.items():
             self._fail(requests[i], "sampling", e)
         chosen = out.tolist()
-        entries = choice.entries(requests, chosen)
-        live = [i for i, r in enumerate(requests) if self.slots[r.slot] is r]
-        requests, chosen = [requests[i] for i in live], [chosen[i] for i in live]
-        self._append(requests, chosen, [entries[i] for i in live])
-        live = [i for i, r in enumerate(requests) if self.slots[r.slot] is r]
-        self._texts([requests[i] for i in live], [chosen[i] for i in live])
+        self._texts(*self._append(requests, chosen, choice.entries(requests, chosen)))
 
     def _end_tokens(self, r: GenerationRequest) -> tuple[int, ...]:
         return self.eos if r.end_tokens is None else r.end_tokens
 
-    def _append(self, requests: list[GenerationRequest], chosen: list[int], entries: list | None) -> None:
-        """Appends each request's chosen token (and logprob entry), records latencies and moves a grammar past
-        the token (before its next mask is made)."""
+    def _append(self, requests: list[GenerationRequest], chosen: list[int], entries: list | None
+                ) -> tuple[list[GenerationRequest], list[int]]:
+        """Appends each request's chosen token (and logprob entry) to those that still run (not cancelled,
+        failed or ended meanwhile), records latencies and moves a grammar past the token (before its next mask is
+        made); returns those requests and their tokens, for _texts (which skips any that failed here)."""
         now = time.monotonic()
-        for row, r in enumerate(requests):
-            token = chosen[row]
+        live = [row for row, r in enumerate(requests) if self.slots[r.slot] is r]
+        for row in live:
+            r, token = requests[row], chosen[row]
             if r.generated:
                 self.itl.observe(now - r.last_token_time)
             else:
@@ -668,6 +660,7 @@ class BatchEngine:
                     r.constraint.accept(token, self._end_tokens(r))
                 except Exception as e:  # noqa: BLE001
                     self._fail(r, "sampling", e)
+        return [requests[row] for row in live], [chosen[row] for row in live]
 
     def _texts(self, requests: list[GenerationRequest], chosen: list[int]) -> None:
         """Sends each request what its new token adds (or ends the request)."""

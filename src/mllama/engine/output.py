@@ -2,18 +2,7 @@
 ids, logprobs, and the final event. Called by the engine thread for each chosen token."""
 from __future__ import annotations
 
-import torch
-
 from .requests import Event, GenerationRequest
-
-
-def logprob_entry(row: torch.Tensor, token: int, top: int) -> dict:
-    """The chosen token's logprob and the `top` most likely (row: log-softmax over the vocabulary)."""
-    entry = {"id": token, "logprob": float(row[token]), "top": []}
-    if top:
-        values, ids = torch.topk(row, top)
-        entry["top"] = [(int(i), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
-    return entry
 
 
 def advance_text(r: GenerationRequest, token: int, eos: tuple[int, ...]) -> str | None:

@@ -3,8 +3,8 @@ and cancellation.
 
 Plain Python, no torch: what the scheduler must know of a request (how many images it has, whether its pages can
 be taken now, whether it needs no vision encoder) the engine passes in as functions, so the rules are tested on
-fake requests (tests/test_scheduler.py). A request needs only `cancelled` (set by any thread) and `slot` (and
-may have `share`).
+fake requests (tests/test_scheduler.py). A request needs only `cancelled` (set by any thread), `slot` and
+`share`.
 The queue is shared with the threads that submit (under `lock`); the slots belong to the engine thread.
 """
 from __future__ import annotations
@@ -120,11 +120,11 @@ class Scheduler:
                         group.append(r)
                     break
                 group.append(r)
-            shares = {r.share for r in group if getattr(r, "share", None) is not None}
+            shares = {r.share for r in group if r.share is not None}
             for r in list(self.waiting) if shares else ():
                 if len(group) == len(free):
                     break
-                if r not in group and getattr(r, "share", None) in shares:
+                if r not in group and r.share in shares:
                     if not reserve(r):
                         break
                     group.append(r)

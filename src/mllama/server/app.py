@@ -912,10 +912,11 @@ def create_app(processor, engine: "EngineProcess | LocalEngine | BatchEngine",
             events.put_nowait(event)
 
         try:
-            job = engine.submit(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
-                                seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
-                                skip_special_tokens=parsed.skip_special_tokens, end_tokens=params.eos_token_id,
-                                grammar=grammar, prompt_logprobs=parsed.prompt_logprobs)
+            job, = engine.submit_many([dict(prompt_ids=ids, params=params, model_inputs=inputs, stop=parsed.stop,
+                                            seed=parsed.seed, logprobs=parsed.logprobs, emit=emit,
+                                            skip_special_tokens=parsed.skip_special_tokens,
+                                            end_tokens=params.eos_token_id, grammar=grammar,
+                                            prompt_logprobs=parsed.prompt_logprobs)])
         except (QueueFull, EngineStopped, RequestTooLong) as e:
             return submit_refusal(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex

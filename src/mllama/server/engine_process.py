@@ -7,7 +7,7 @@ two slowed each other down: on the H200, the same engine gave 2,804 tok/s alone 
 concurrency 64 (bench/results/2026-11-29-h200-serve-load.json). Apart, each has its own interpreter.
 
 Wire format (a multiprocessing pipe, one writer thread per side):
-  server -> engine: ("submit", rid, fields), ("cancel", rid), ("stats", token), ("stop", deadline)
+  server -> engine: ("submit", [(rid, fields), ...]), ("cancel", rid), ("stats", token), ("stop", deadline)
   engine -> server: ("ready", info) or ("failed", reason) first; then ("events", [(rid, event tuple), ...]),
                     ("stats", token, dict), ("failed", reason) before it exits after a failure, ("stopped",)
 Image tensors travel as numpy arrays (`pack_tensors`), bf16/fp16 as int16 views of the same bytes.
@@ -251,7 +251,7 @@ class _Handle:
 
 class EngineProcess:
     """Starts the engine process (model load, compilation and graph warm-up happen there) and talks to it.
-    submit, stats, stop_soon and the deliveries run on the server's event loop; two threads move the pipe's
+    submit_many, stats, stop_soon and the deliveries run on the server's event loop; two threads move the pipe's
     messages, and only they use the pipe until `stop` has ended them."""
 
     def __init__(self, spec: dict, start_timeout: float | None = None, wait: bool = True):
@@ -321,19 +321,10 @@ class EngineProcess:
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         check_length(prompt_len, max_tokens, self.max_model_len)
 
-    def submit(self, *, prompt_ids: list[int], params, model_inputs: dict, stop: tuple[str, ...], seed: int | None,
-               logprobs: int | None, emit: Callable[[Event], None], skip_special_tokens: bool = True,
-               end_tokens: tuple[int, ...] | None = None, grammar: str | None = None,
-               prompt_logprobs: int | None = None) -> _Handle:
-        """On the event loop. Raises EngineStopped, RequestTooLong or QueueFull at once; `emit` is then called on
-        the loop for every event of the request."""
-        return self.submit_many([dict(prompt_ids=prompt_ids, params=params, model_inputs=model_inputs, stop=stop,
-                                      seed=seed, logprobs=logprobs, emit=emit, skip_special_tokens=skip_special_tokens,
-                                      end_tokens=end_tokens, grammar=grammar, prompt_logprobs=prompt_logprobs)])[0]
-
     def submit_many(self, requests: list[dict]) -> list[_Handle]:
-        """submit's keyword arguments for each of several requests (and `share`: BatchEngine.submit_many), queued
-        together or refused together."""
+        """On the event loop: requests (each GenerationRequest's fields as keywords, with `emit`), queued
+        together or refused together: EngineStopped, RequestTooLong or QueueFull at once. Each `emit` is then
+        called on the loop for every event of its request."""
         if self.failed is not None:
             raise EngineStopped(self.failed)
         if not self._accepting:
@@ -530,13 +521,6 @@ class LocalEngine:
 
     def check_length(self, prompt_len: int, max_tokens: int) -> None:
         self.engine.check_length(prompt_len, max_tokens)
-
-    def submit(self, *, prompt_ids, params, model_inputs, stop, seed, logprobs, emit,
-               skip_special_tokens: bool = True, end_tokens: tuple[int, ...] | None = None,
-               grammar: str | None = None, prompt_logprobs: int | None = None) -> GenerationRequest:
-        return self.submit_many([dict(prompt_ids=prompt_ids, params=params, model_inputs=model_inputs, stop=stop,
-                                      seed=seed, logprobs=logprobs, emit=emit, skip_special_tokens=skip_special_tokens,
-                                      end_tokens=end_tokens, grammar=grammar, prompt_logprobs=prompt_logprobs)])[0]
 
     def submit_many(self, requests: list[dict]) -> list[GenerationRequest]:
         loop = asyncio.get_running_loop()
