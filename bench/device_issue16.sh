@@ -28,7 +28,7 @@ case $what in
 tests+structured)
   bash "$0" tests "$out"; bash "$0" structured "$out" "$@" ;;
 finetune)
-  python3 bench/finetune_bench.py --out "$out" "$@" 2>&1 | grep -v "^INFO\|Warning\|warn" | tail -20 ;;
+  python3 -u bench/finetune_bench.py --out "$out" "$@" 2>&1 | grep --line-buffered -v "^INFO\|Warning\|warn" > "$out/finetune.log"; tail -20 "$out/finetune.log" ;;
 structured)
   assets
   python3 bench/structured_bench.py --tokenizer-from /tmp/tiny --out "$out" "$@" 2>&1 | grep -v "^INFO\|Warning" | tail -30 ;;

@@ -57,6 +57,13 @@ def lora(model):
     return model.train()
 
 
+STARTED = time.perf_counter()
+
+
+def log(*what) -> None:
+    print(f"[{time.perf_counter() - STARTED:7.1f} s]", *what, flush=True)
+
+
 def measure(name: str, model, batch: dict, steps: int, dtype) -> dict:
     device = batch["input_ids"].device
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
@@ -75,12 +82,13 @@ def measure(name: str, model, batch: dict, steps: int, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         first = float(loss) if first is None else first
+        log(name, "step", step, "loss", float(loss))
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     row = {"framework": name, "samples_per_s": steps / seconds, "s_per_step": seconds / steps, "first_loss": first,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-    print(row, flush=True)
+    log(row)
     return row
 
 
@@ -92,6 +100,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--only", choices=["mllama", "transformers"], help="measure one framework alone")
     args = ap.parse_args()
     import oracle
     import transformers
@@ -104,29 +113,40 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        ours = MllamaForConditionalGeneration.from_config(config).to(dtype)
-    batch = sample(config, args.tokens, device)
     res = {"gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "size": "tiny" if args.tiny else args.size,
            "tokens": args.tokens, "steps": args.steps, "rows": []}
-    state = {k: v.detach().cpu() for k, v in ours.state_dict().items()}
-    res["rows"].append(measure("mllama", lora(ours), batch, args.steps, dtype))
+    batch = sample(config, args.tokens, device)
+    if device.type == "cuda":  # on the GPU, in bf16, with the other benches' weights (non-zero gates)
+        from gpu_bench import build_ours
+        ours = build_ours(config).train()
+    else:
+        ours = MllamaForConditionalGeneration.from_config(config, dtype=dtype, device=device)
+    log("mllama model built", next(ours.parameters()).device)
+    state = {k: v.detach().cpu() for k, v in ours.state_dict().items()} if args.only is None else None
+    if args.only != "transformers":
+        res["rows"].append(measure("mllama", lora(ours), batch, args.steps, dtype))
     del ours
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    with torch.device(device):
-        theirs = transformers.MllamaForConditionalGeneration._from_config(oracle.hf_config(config), dtype=dtype)
-    theirs.load_state_dict(state, strict=False)
-    del state
-    res["rows"].append(measure("transformers", lora(theirs), batch, args.steps, dtype))
+    if args.only != "mllama":
+        with torch.device(device):
+            theirs = transformers.MllamaForConditionalGeneration._from_config(oracle.hf_config(config), dtype=dtype)
+        log("transformers model built", next(theirs.parameters()).device)
+        if state is not None:
+            theirs.load_state_dict(state, strict=False)
+        del state
+        res["rows"].append(measure("transformers", lora(theirs), batch, args.steps, dtype))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "finetune-bench.json").write_text(json.dumps(res, indent=1))
+    if len(res["rows"]) < 2:
+        return
     mine, other = res["rows"]
     res["speed_ratio"] = mine["samples_per_s"] / other["samples_per_s"]
     if mine["peak_gib"] is not None:
         res["memory_ratio"] = mine["peak_gib"] / other["peak_gib"]
-    print({k: v for k, v in res.items() if k.endswith("ratio")}, flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    log({k: v for k, v in res.items() if k.endswith("ratio")})
     (Path(args.out) / "finetune-bench.json").write_text(json.dumps(res, indent=1))
 
 
